@@ -1,0 +1,148 @@
+"""The embedded driving simulator: highway-env's racetrack (curves, two lanes, IDM traffic) with
+continuous steering and throttle/brake, seen by an 84x84 grayscale top-down camera.
+
+The route is the lane the ego vehicle starts in, followed around the track; lateral offset,
+heading error, progress and look-ahead points are measured against it, as the CARLA backend
+measures them against its waypoint route.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from highway_env.envs.racetrack_env import RacetrackEnv
+
+from actors.envs.render import TopDownCamera
+from common.config import EnvConfig
+from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, to_ego_frame, wrap_angle
+
+LaneIndex = tuple[str, str, int]
+VIDEO_SIZE = 256
+VIDEO_SCALING = 4.0
+
+
+class HighwayBackend:
+    """`DrivingBackend` over highway-env's RacetrackEnv."""
+
+    def __init__(self, cfg: EnvConfig) -> None:
+        emb = cfg.embedded
+        self.cfg = cfg
+        self.dt = 1.0 / emb.policy_frequency
+        self._env = RacetrackEnv(
+            config={
+                # Observations come from our camera; this one costs nothing.
+                "observation": {"type": "AttributesObservation", "attributes": ["time"]},
+                "action": {"type": "ContinuousAction", "longitudinal": True, "lateral": True},
+                "other_vehicles": emb.traffic[cfg.scenario],
+                "simulation_frequency": emb.simulation_frequency,
+                "policy_frequency": emb.policy_frequency,
+                # Termination and truncation are ours (common.driving), not highway-env's.
+                "duration": 1e9,
+                "terminate_off_road": False,
+            }
+        )
+        self._camera: TopDownCamera | None = None
+        self._video: TopDownCamera | None = None
+        self._route: LaneIndex = ("a", "b", 0)
+        self._s = 0.0
+        self._progress = 0.0
+        self._speed = 0.0
+        self._lane_id = 0
+
+    # -- route geometry ------------------------------------------------------------------
+    def _next_on_route(self, index: LaneIndex) -> LaneIndex:
+        graph = self._env.road.network.graph
+        _from, _to, lane_id = index
+        next_to = next(iter(graph[_to]))  # the racetrack is one loop: one successor per node
+        return _to, next_to, min(lane_id, len(graph[_to][next_to]) - 1)
+
+    def _advance_route(self, position: np.ndarray) -> tuple[float, float, float]:
+        """Moves the route pointer to the segment the vehicle is on.
+
+        Returns (s, lateral, passed): the position on that segment and the length of the
+        segments left behind, so progress stays continuous across segment boundaries.
+        """
+        network = self._env.road.network
+        lane = network.get_lane(self._route)
+        s, lat = lane.local_coordinates(position)
+        passed = 0.0
+        while s > lane.length:
+            passed += lane.length
+            self._route = self._next_on_route(self._route)
+            lane = network.get_lane(self._route)
+            s, lat = lane.local_coordinates(position)
+        return s, lat, passed
+
+    def _lookahead(self, s: float) -> np.ndarray:
+        network = self._env.road.network
+        index, lane = self._route, network.get_lane(self._route)
+        points = np.empty((LOOKAHEAD_POINTS, 2))
+        target = s
+        for k in range(LOOKAHEAD_POINTS):
+            target += self.cfg.lookahead_spacing_m
+            while target > lane.length:
+                target -= lane.length
+                index = self._next_on_route(index)
+                lane = network.get_lane(index)
+            points[k] = lane.position(target, 0.0)
+        return points
+
+    # -- the backend ---------------------------------------------------------------------
+    def _state(self, s: float, lat: float, acceleration: float, lane_invasion: bool) -> DrivingState:
+        ego = self._env.vehicle
+        lane = self._env.road.network.get_lane(self._route)
+        ego_points = to_ego_frame(self._lookahead(s), ego.position, ego.heading)
+        # highway-env's y axis points right of the direction of travel (screen coordinates),
+        # ours points left: flip every lateral quantity.
+        ego_points[:, 1] *= -1.0
+        return DrivingState(
+            speed=float(ego.speed),
+            lateral_offset=float(-lat),
+            heading_error=float(-wrap_angle(ego.heading - lane.heading_at(s))),
+            acceleration=float(acceleration),
+            collision=bool(ego.crashed),
+            off_road=not bool(ego.on_road),
+            lane_invasion=lane_invasion,
+            progress=float(self._progress),
+            lookahead=ego_points.astype(np.float32),
+        )
+
+    def _frame(self) -> np.ndarray:
+        road = self._env.road
+        if self._camera is None:
+            # The racetrack geometry is the same every episode: draw it once.
+            self._camera = TopDownCamera(road, FRAME_SIZE, self.cfg.embedded.render_scaling)
+        return self._camera.gray(road, self._env.vehicle.position)
+
+    def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
+        self._env.reset(seed=seed)
+        ego = self._env.vehicle
+        self._route = ego.lane_index
+        self._lane_id = ego.lane_index[2]
+        self._progress = 0.0
+        self._speed = float(ego.speed)
+        self._s, lat, _ = self._advance_route(ego.position)
+        return self._frame(), self._state(self._s, lat, 0.0, False)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
+        steer, throttle_brake = float(action[0]), float(action[1])
+        self._env.step(np.array([throttle_brake, steer], dtype=np.float32))
+        ego = self._env.vehicle
+        s, lat, passed = self._advance_route(ego.position)
+        self._progress += passed + s - self._s
+        self._s = s
+        acceleration = (float(ego.speed) - self._speed) / self.dt
+        self._speed = float(ego.speed)
+        lane_id = ego.lane_index[2]
+        lane_invasion = lane_id != self._lane_id
+        self._lane_id = lane_id
+        return self._frame(), self._state(s, lat, acceleration, lane_invasion)
+
+    def render_rgb(self) -> np.ndarray:
+        road = self._env.road
+        if self._video is None:
+            self._video = TopDownCamera(road, VIDEO_SIZE, VIDEO_SCALING)
+        return self._video.rgb(road, self._env.vehicle.position)
+
+    def close(self) -> None:
+        self._env.close()
+

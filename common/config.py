@@ -1,0 +1,439 @@
+"""The one configuration tree shared by every role.
+
+Each section is a dataclass whose fields carry a docstring; sections compose into `Config`.
+Values come from the defaults, then a YAML file (`--config`), then `--set a.b=c` overrides,
+in that order. Every key and value is checked at start: an unknown key or an impossible value
+raises `ConfigError` naming the key and what would have been valid, so a typo can never be
+silently ignored (the old system's config drift). `tests/test_config.py` fails when a field is
+never read by the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it."""
+
+
+@dataclass
+class RewardConfig:
+    """Weights and scales of the five reward components (shared by every backend)."""
+
+    target_speed: float = 8.0
+    """Speed in m/s at which the efficiency component is maximal."""
+    w_efficiency: float = 2.0
+    """Weight of the efficiency component (speed toward `target_speed`)."""
+    w_lane_keeping: float = 2.0
+    """Weight of the lane-keeping component (lateral offset and heading error)."""
+    w_comfort: float = 1.0
+    """Weight of the comfort component (longitudinal jerk)."""
+    w_safety: float = 1.0
+    """Weight of the safety component (collision, off-road, lane invasion)."""
+    w_progress: float = 3.0
+    """Weight of the progress component (metres gained along the route)."""
+    collision_penalty: float = 10.0
+    """Safety penalty on the step of a collision."""
+    off_road_penalty: float = 10.0
+    """Safety penalty on a step spent off the drivable road."""
+    lane_invasion_penalty: float = 1.0
+    """Safety penalty on the step a lane marking is crossed (counted once, in safety only)."""
+    jerk_scale: float = 10.0
+    """Jerk in m/s^3 at which the comfort penalty reaches -1."""
+    progress_scale: float = 1.0
+    """Metres of route progress worth one unit of the progress component."""
+    completion_bonus: float = 10.0
+    """Progress-component bonus on the step the route is completed."""
+
+
+@dataclass
+class EmbeddedConfig:
+    """The embedded simulator (highway-env racetrack with traffic)."""
+
+    policy_frequency: int = 10
+    """Decisions per simulated second (one env step = 1/policy_frequency s)."""
+    simulation_frequency: int = 10
+    """Physics steps per simulated second; a multiple of policy_frequency."""
+    traffic: list[int] = field(default_factory=lambda: [3, 8, 16])
+    """Upper bound on other vehicles for scenario 0/1/2 (light/medium/heavy traffic)."""
+    render_scaling: float = 1.75
+    """Pixels per metre of the top-down 84x84 camera (1.75 shows about 48 m)."""
+
+
+@dataclass
+class EnvConfig:
+    """The driving task, identical for every backend."""
+
+    backend: Literal["embedded", "carla"] = "embedded"
+    """Simulator behind the env contract: the embedded highway-env or a CARLA server."""
+    scenario: Literal[0, 1, 2] = 0
+    """Traffic density: 0 light, 1 medium, 2 heavy."""
+    max_episode_steps: int = 1000
+    """Steps after which an episode is truncated (termination reason 'timeout')."""
+    route_length_m: float = 300.0
+    """Metres along the route after which the episode ends as 'route_completed'."""
+    max_lateral_deviation_m: float = 2.5
+    """Lateral distance from the route centre that ends the episode as 'lane_departure'."""
+    lookahead_spacing_m: float = 2.0
+    """Spacing of the 25 look-ahead route points in the vector features."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward weights and scales."""
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    """Settings of the embedded simulator."""
+
+
+@dataclass
+class CarlaConfig:
+    """A CARLA server to connect to (the CARLA backend itself arrives with issue #5)."""
+
+    host: str = "127.0.0.1"
+    """Address of the CARLA server."""
+    port: int = 2000
+    """RPC port of the CARLA server."""
+    town: str = "Town01"
+    """Map to load."""
+    timeout_s: float = 10.0
+    """Client time-out; a tick slower than this counts as a hung server."""
+
+
+@dataclass
+class CnnConfig:
+    """The NatureCNN feature extractor."""
+
+    norm: Literal["layernorm", "none"] = "layernorm"
+    """LayerNorm before each LeakyReLU (the seeds' fix), or none for the ablation."""
+
+
+@dataclass
+class TD3Config:
+    """The TD3 (or DDPG) update."""
+
+    algo: Literal["td3", "ddpg"] = "td3"
+    """td3: twin critics, target smoothing, delayed policy; ddpg: one critic, none of these."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Polyak factor of the target networks (CNNs included)."""
+    policy_noise: float = 0.2
+    """Std of the Gaussian noise on the target action (TD3 target smoothing)."""
+    noise_clip: float = 0.5
+    """Clip of the target-action noise."""
+    policy_delay: int = 2
+    """Critic updates per actor and target update."""
+    batch_size: int = 256
+    """Transitions per update."""
+    learning_starts: int = 5000
+    """Env steps of uniform random actions before the first update."""
+    cnn_lr: float = 1e-4
+    """Initial Adam learning rate of the CNN parameter groups."""
+    mlp_lr: float = 3e-4
+    """Adam learning rate of the MLP parameter groups."""
+    cnn_weight_decay: float = 1e-4
+    """L2 penalty (Adam weight_decay) on CNN parameters only."""
+    actor_grad_clip: float = 1.0
+    """Max gradient norm of the actor CNN and of the actor MLP (each clipped separately)."""
+    critic_grad_clip: float = 10.0
+    """Max gradient norm of the critic CNN and of the critic MLPs (each clipped separately)."""
+
+
+@dataclass
+class LearnerConfig:
+    """The learner process: device, budget, monitoring, checkpoints."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner trains; auto picks cuda when available."""
+    max_timesteps: int = 1_000_000
+    """Env-step budget of the run."""
+    updates_per_step: float = 1.0
+    """Learner updates per env step once learning has started (0.5 = one update every 2 steps)."""
+    checkpoint_freq: int = 50_000
+    """Env steps between checkpoints (one is also written at the end)."""
+    feature_l2_threshold: float = 50.0
+    """Mean per-sample CNN feature L2 norm above which the CNN learning rate is halved."""
+    lr_cooldown_updates: int = 1000
+    """Minimum updates between two adaptive halvings of the CNN learning rate."""
+    min_cnn_lr: float = 1e-6
+    """Floor of the adaptive CNN learning rate."""
+    grad_warning_norm: float = 100.0
+    """Pre-clip gradient norm that raises alerts/gradient_explosion_warning."""
+    grad_critical_norm: float = 1000.0
+    """Pre-clip gradient norm that raises alerts/gradient_explosion_critical."""
+    amp: bool = True
+    """bf16 autocast for forward passes on CUDA (ignored on CPU)."""
+    channels_last: bool = True
+    """channels_last memory format for the CNNs on CUDA (ignored on CPU)."""
+
+
+@dataclass
+class ReplayConfig:
+    """The replay memory."""
+
+    capacity: int = 100_000
+    """Transitions kept; the oldest are evicted first (FIFO)."""
+    save_with_checkpoint: bool = True
+    """Serial mode: save the local replay beside each checkpoint so a resume continues with it."""
+
+
+@dataclass
+class ActorsConfig:
+    """Acting in the environment: exploration."""
+
+    expl_noise_start: float = 0.3
+    """Std of the Gaussian exploration noise when learning starts."""
+    expl_noise_end: float = 0.1
+    """Std of the exploration noise after the decay."""
+    expl_noise_decay_steps: int = 100_000
+    """Env steps after learning_starts over which the noise decays linearly."""
+    action_scaling: bool = False
+    """The seeds' temporary safety limit on actions; off by default, warns every episode when on."""
+    action_scaling_limit: float = 0.6
+    """Absolute action limit applied when action_scaling is on."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic deterministic evaluation."""
+
+    freq: int = 10_000
+    """Env steps between evaluations (0 disables them)."""
+    num_episodes: int = 5
+    """Deterministic episodes per evaluation."""
+    seed_offset: int = 10_000
+    """Added to the run seed for the evaluation env, so eval episodes differ from training ones."""
+
+
+@dataclass
+class LoggingConfig:
+    """TensorBoard and console output."""
+
+    logdir: str = "runs"
+    """Directory under which each run gets its own folder."""
+    debug: bool = False
+    """Log learner diagnostics every 10 updates instead of every `log_interval` and print debug lines."""
+    log_interval: int = 100
+    """Updates between learner diagnostics in TensorBoard."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    seed: int = 42
+    """Seed of every random generator of the run."""
+    mode: Literal["serial", "distributed"] = "serial"
+    """serial: one process (env, replay and learner); distributed arrives with issue #4."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The driving task."""
+    carla: CarlaConfig = field(default_factory=CarlaConfig)
+    """The CARLA server."""
+    cnn: CnnConfig = field(default_factory=CnnConfig)
+    """The CNN feature extractor."""
+    td3: TD3Config = field(default_factory=TD3Config)
+    """The TD3 update."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The learner process."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """The replay memory."""
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    """Acting and exploration."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from YAML and overrides, with checked types.
+
+
+def _section_fields(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+    where = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{where}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _coerce(path: str, hint: Any, value: Any) -> Any:
+    """Checks `value` against the annotation `hint`; returns it in the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or type(value) is not type(choices[0]):
+            raise ConfigError(f"{path}={value!r} is not valid; choose one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, args[0], value)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={value!r} is not valid; expected a list of {item.__name__}")
+        return [_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} is not valid; expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}={value!r} is not valid; expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r} is not valid; expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} is not valid; expected a string")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {hint!r}")
+
+
+def _merge(obj: Any, data: dict[str, Any], path: str = "") -> None:
+    """Writes a nested dict into the dataclass tree `obj`, checking every key and value."""
+    fields = _section_fields(obj)
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                sub = list(_section_fields(current))
+                raise ConfigError(f"'{where}' is a section; set one of its keys: {', '.join(sub)}")
+            _merge(current, value, where)
+        else:
+            setattr(obj, key, _coerce(where, fields[key], value))
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Splits `a.b=c` into ('a.b', c) with c parsed as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `overrides` (`a.b=c`), all checked."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections")
+        _merge(cfg, data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        nested: dict[str, Any] = {}
+        _set_path(nested, key, value)
+        _merge(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Rejects values that type-check but cannot work together."""
+    t, r, e = cfg.td3, cfg.replay, cfg.env
+    _require(0.0 < t.gamma <= 1.0, f"td3.gamma={t.gamma} must be in (0, 1]")
+    _require(0.0 < t.tau <= 1.0, f"td3.tau={t.tau} must be in (0, 1]")
+    _require(t.policy_delay >= 1, f"td3.policy_delay={t.policy_delay} must be >= 1")
+    _require(t.batch_size >= 1, f"td3.batch_size={t.batch_size} must be >= 1")
+    _require(t.policy_noise >= 0 and t.noise_clip >= 0, "td3.policy_noise and td3.noise_clip must be >= 0")
+    _require(t.cnn_lr > 0 and t.mlp_lr > 0, "td3.cnn_lr and td3.mlp_lr must be > 0")
+    _require(t.cnn_weight_decay >= 0, f"td3.cnn_weight_decay={t.cnn_weight_decay} must be >= 0")
+    _require(t.actor_grad_clip > 0 and t.critic_grad_clip > 0, "td3.*_grad_clip must be > 0")
+    _require(t.learning_starts >= 0, f"td3.learning_starts={t.learning_starts} must be >= 0")
+    _require(r.capacity >= t.batch_size, f"replay.capacity={r.capacity} must be >= td3.batch_size={t.batch_size}")
+    _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")
+    _require(cfg.learner.updates_per_step > 0, "learner.updates_per_step must be > 0")
+    _require(cfg.learner.checkpoint_freq > 0, "learner.checkpoint_freq must be > 0")
+    _require(cfg.learner.min_cnn_lr > 0, "learner.min_cnn_lr must be > 0")
+    _require(cfg.eval.freq >= 0 and cfg.eval.num_episodes >= 1, "eval.freq must be >= 0 and eval.num_episodes >= 1")
+    _require(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+    _require(e.max_episode_steps >= 1, "env.max_episode_steps must be >= 1")
+    _require(e.route_length_m > 0, "env.route_length_m must be > 0")
+    _require(e.max_lateral_deviation_m > 0, "env.max_lateral_deviation_m must be > 0")
+    _require(e.lookahead_spacing_m > 0, "env.lookahead_spacing_m must be > 0")
+    emb = e.embedded
+    _require(len(emb.traffic) == 3 and min(emb.traffic) >= 0,
+             f"env.embedded.traffic={emb.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")
+    _require(emb.policy_frequency >= 1 and emb.simulation_frequency % emb.policy_frequency == 0,
+             "env.embedded.simulation_frequency must be a positive multiple of env.embedded.policy_frequency")
+    _require(emb.render_scaling > 0, "env.embedded.render_scaling must be > 0")
+    a = cfg.actors
+    _require(a.expl_noise_start >= 0 and a.expl_noise_end >= 0, "actors.expl_noise_* must be >= 0")
+    _require(a.expl_noise_decay_steps >= 1, "actors.expl_noise_decay_steps must be >= 1")
+    _require(0 < a.action_scaling_limit <= 1, "actors.action_scaling_limit must be in (0, 1]")
+    _require(e.reward.target_speed > 0, "env.reward.target_speed must be > 0")
+    _require(e.reward.jerk_scale > 0 and e.reward.progress_scale > 0,
+             "env.reward.jerk_scale and env.reward.progress_scale must be > 0")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuilds a Config from `to_dict` output (a checkpoint's), with the same checks."""
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def iter_fields(obj: Any = None, prefix: str = "") -> typing.Iterator[str]:
+    """Dotted paths of every leaf field, e.g. 'td3.gamma'."""
+    obj = Config() if obj is None else obj
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, path + ".")
+        else:
+            yield path

@@ -1,0 +1,131 @@
+"""The driving state every backend fills, and the shared code that turns it into features,
+reward and termination. CARLA and the embedded simulator both go through here, so the two
+cannot drift apart.
+
+Conventions: metres, seconds, radians. The ego frame has x forward and y to the left of the
+vehicle; a positive lateral offset means the vehicle is left of the route centre; a positive
+heading error means the vehicle points left of the route direction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.config import EnvConfig, RewardConfig
+
+FRAME_SIZE = 84
+FRAME_STACK = 4
+LOOKAHEAD_POINTS = 25
+VECTOR_DIM = 3 + 2 * LOOKAHEAD_POINTS  # speed, lateral offset, heading error, look-ahead (x, y)
+ACTION_DIM = 2  # [steer, throttle_brake], both in [-1, 1]; throttle_brake > 0 accelerates
+
+SPEED_NORM = 30.0
+LATERAL_NORM = 3.5
+LOOKAHEAD_NORM = 50.0
+
+TERMINATIONS = ("collision", "off_road", "lane_departure", "route_completed", "timeout")
+REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
+
+
+@dataclass
+class DrivingState:
+    """What a backend measures after each tick."""
+
+    speed: float
+    """Forward speed, m/s."""
+    lateral_offset: float
+    """Signed distance from the route centre, m (positive = left)."""
+    heading_error: float
+    """Vehicle heading minus route heading, wrapped to [-pi, pi] (positive = pointing left)."""
+    acceleration: float
+    """Longitudinal acceleration, m/s^2."""
+    collision: bool
+    """A collision happened during the last tick."""
+    off_road: bool
+    """The vehicle is outside the drivable road."""
+    lane_invasion: bool
+    """A lane marking was crossed during the last tick (an event, not a state)."""
+    progress: float
+    """Metres driven along the route since the episode started."""
+    lookahead: np.ndarray = field(default_factory=lambda: np.zeros((LOOKAHEAD_POINTS, 2), np.float32))
+    """(25, 2) route centre points ahead, in the ego frame (x forward, y left), m."""
+
+
+def wrap_angle(angle: float) -> float:
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+def to_ego_frame(points: np.ndarray, position: np.ndarray, heading: float) -> np.ndarray:
+    """World points (N, 2) into the ego frame of a vehicle at `position` facing `heading`."""
+    c, s = math.cos(heading), math.sin(heading)
+    d = np.asarray(points, dtype=np.float64) - np.asarray(position, dtype=np.float64)
+    return np.stack([d[:, 0] * c + d[:, 1] * s, -d[:, 0] * s + d[:, 1] * c], axis=1)
+
+
+def vector_features(state: DrivingState) -> np.ndarray:
+    """The (53,) float32 vector observation."""
+    head = [state.speed / SPEED_NORM, state.lateral_offset / LATERAL_NORM, state.heading_error / math.pi]
+    look = np.asarray(state.lookahead, dtype=np.float32).reshape(-1) / LOOKAHEAD_NORM
+    return np.concatenate([np.asarray(head, dtype=np.float32), look]).astype(np.float32)
+
+
+def termination(state: DrivingState, step: int, cfg: EnvConfig) -> tuple[bool, bool, str | None]:
+    """(terminated, truncated, reason). Only a timeout truncates, so only it bootstraps."""
+    if state.collision:
+        return True, False, "collision"
+    if state.off_road:
+        return True, False, "off_road"
+    if abs(state.lateral_offset) > cfg.max_lateral_deviation_m:
+        return True, False, "lane_departure"
+    if state.progress >= cfg.route_length_m:
+        return True, False, "route_completed"
+    if step >= cfg.max_episode_steps:
+        return False, True, "timeout"
+    return False, False, None
+
+
+def reward_components(
+    state: DrivingState, prev: DrivingState, dt: float, reason: str | None, cfg: EnvConfig
+) -> dict[str, float]:
+    """The five unweighted components for the transition prev -> state.
+
+    Jerk uses the acceleration stored in `prev`, the same state the previous step was scored
+    on, so it is consistent across steps (the old system mixed two sources). A lane invasion is
+    penalised once, in safety; lane keeping only sees the continuous offset and heading.
+    """
+    r = cfg.reward
+    efficiency = float(np.clip(1.0 - abs(state.speed - r.target_speed) / r.target_speed, -1.0, 1.0))
+    offset_term = 1.0 - min(abs(state.lateral_offset) / cfg.max_lateral_deviation_m, 1.0)
+    heading_term = 1.0 - min(abs(state.heading_error) / (math.pi / 2), 1.0)
+    lane_keeping = offset_term * heading_term
+    jerk = (state.acceleration - prev.acceleration) / dt
+    comfort = -min(abs(jerk) / r.jerk_scale, 1.0)
+    safety = -(
+        r.collision_penalty * state.collision
+        + r.off_road_penalty * state.off_road
+        + r.lane_invasion_penalty * state.lane_invasion
+    )
+    progress = (state.progress - prev.progress) / r.progress_scale
+    if reason == "route_completed":
+        progress += r.completion_bonus
+    return {
+        "efficiency": efficiency,
+        "lane_keeping": lane_keeping,
+        "comfort": comfort,
+        "safety": float(safety),
+        "progress": float(progress),
+    }
+
+
+def total_reward(components: dict[str, float], r: RewardConfig) -> float:
+    weights = {
+        "efficiency": r.w_efficiency,
+        "lane_keeping": r.w_lane_keeping,
+        "comfort": r.w_comfort,
+        "safety": r.w_safety,
+        "progress": r.w_progress,
+    }
+    return float(sum(weights[k] * components[k] for k in REWARD_COMPONENTS))
