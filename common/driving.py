@@ -120,7 +120,8 @@ def reward_components(
     }
 
 
-def total_reward(components: dict[str, float], r: RewardConfig) -> float:
+def weighted_components(components: dict[str, float], r: RewardConfig) -> dict[str, float]:
+    """Each component times its weight; the step reward is their sum."""
     weights = {
         "efficiency": r.w_efficiency,
         "lane_keeping": r.w_lane_keeping,
@@ -128,4 +129,4 @@ def total_reward(components: dict[str, float], r: RewardConfig) -> float:
         "safety": r.w_safety,
         "progress": r.w_progress,
     }
-    return float(sum(weights[k] * components[k] for k in REWARD_COMPONENTS))
+    return {k: float(weights[k] * components[k]) for k in REWARD_COMPONENTS}

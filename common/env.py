@@ -5,10 +5,10 @@ turns that into the gymnasium env every role uses:
 
 - observation: {"image": uint8 (4, 84, 84) grayscale frames, oldest first,
                 "vector": float32 (53,)}; at reset the stack is the first frame repeated;
-- action: float32 [steer, throttle_brake] in [-1, 1]^2 (positive throttle_brake accelerates,
-  negative brakes);
+- action: float32 [steer, throttle_brake] in [-1, 1]^2 (positive steer turns right, as in
+  CARLA; positive throttle_brake accelerates, negative brakes);
 - info: "termination" (one of `TERMINATIONS`, or None while the episode runs), "rewards"
-  (the five unweighted components), "lane_invasion", "collision", "speed", "progress".
+  (the five weighted components; the reward is their sum), "lane_invasion", "collision", "speed", "progress".
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from common.driving import (
     DrivingState,
     reward_components,
     termination,
-    total_reward,
     vector_features,
+    weighted_components,
 )
 
 
@@ -97,8 +97,10 @@ class DrivingEnv(gym.Env):
         self._frames = np.roll(self._frames, -1, axis=0)
         self._frames[-1] = frame
         terminated, truncated, reason = termination(state, self._steps, self.cfg)
-        components = reward_components(state, self._state, self.backend.dt, reason, self.cfg)
-        reward = total_reward(components, self.cfg.reward)
+        components = weighted_components(
+            reward_components(state, self._state, self.backend.dt, reason, self.cfg), self.cfg.reward
+        )
+        reward = float(sum(components.values()))
         self._state = state
         info = {
             "termination": reason,

@@ -59,17 +59,21 @@ class HighwayBackend:
         """Moves the route pointer to the segment the vehicle is on.
 
         Returns (s, lateral, passed): the position on that segment and the length of the
-        segments left behind, so progress stays continuous across segment boundaries.
+        segments left behind, so progress stays continuous across segment boundaries. The test
+        is "the next segment is nearer" rather than "s > length" because a circular lane's s
+        wraps around to negative values past its end.
         """
         network = self._env.road.network
         lane = network.get_lane(self._route)
-        s, lat = lane.local_coordinates(position)
         passed = 0.0
-        while s > lane.length:
+        while True:
+            nxt = self._next_on_route(self._route)
+            next_lane = network.get_lane(nxt)
+            if next_lane.distance(position) >= lane.distance(position):
+                break
             passed += lane.length
-            self._route = self._next_on_route(self._route)
-            lane = network.get_lane(self._route)
-            s, lat = lane.local_coordinates(position)
+            self._route, lane = nxt, next_lane
+        s, lat = lane.local_coordinates(position)
         return s, lat, passed
 
     def _lookahead(self, s: float) -> np.ndarray:

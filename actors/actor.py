@@ -1,0 +1,58 @@
+"""Acting in one env: policy inference plus exploration, feeding an adder (Acme's Actor)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from common.config import Config
+from common.driving import ACTION_DIM
+from common.networks import Policy
+
+log = logging.getLogger(__name__)
+
+
+class Actor:
+    """Uniform random actions for `learning_starts` steps, then the policy plus Gaussian noise
+    whose std decays linearly from `expl_noise_start` to `expl_noise_end`."""
+
+    def __init__(self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device) -> None:
+        self.policy = policy
+        self.cfg = cfg.actors
+        self.learning_starts = cfg.td3.learning_starts
+        self.rng = rng
+        self.device = device
+
+    def noise_std(self, env_step: int) -> float:
+        c = self.cfg
+        frac = min(max(env_step - self.learning_starts, 0) / c.expl_noise_decay_steps, 1.0)
+        return c.expl_noise_start + frac * (c.expl_noise_end - c.expl_noise_start)
+
+    @torch.no_grad()
+    def policy_action(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        """The deterministic action of the current policy."""
+        image = torch.from_numpy(observation["image"]).unsqueeze(0).to(self.device)
+        vector = torch.from_numpy(observation["vector"]).unsqueeze(0).to(self.device)
+        return self.policy(image, vector).float().squeeze(0).cpu().numpy()
+
+    def select_action(self, observation: dict[str, np.ndarray], env_step: int) -> np.ndarray:
+        if env_step < self.learning_starts:
+            action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
+        else:
+            action = self.policy_action(observation) + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
+        return self.limit(np.clip(action, -1.0, 1.0).astype(np.float32))
+
+    def limit(self, action: np.ndarray) -> np.ndarray:
+        if not self.cfg.action_scaling:
+            return action
+        lim = self.cfg.action_scaling_limit
+        return np.clip(action, -lim, lim)
+
+    def on_episode_start(self) -> None:
+        if self.cfg.action_scaling:
+            log.warning(
+                "actors.action_scaling is on: actions are limited to +/-%.2f. This is the seeds' temporary "
+                "safety measure; turn it off once CNN features are stable.", self.cfg.action_scaling_limit
+            )

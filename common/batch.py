@@ -1,0 +1,39 @@
+"""The batch contract between a replay memory and the learner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """B transitions. Images stay uint8 until they are inside the networks."""
+
+    image: torch.Tensor
+    """(B, 4, 84, 84) uint8 frame stacks of the observations."""
+    vector: torch.Tensor
+    """(B, 53) float32 vector features of the observations."""
+    action: torch.Tensor
+    """(B, 2) float32 actions taken."""
+    reward: torch.Tensor
+    """(B,) float32 rewards."""
+    next_image: torch.Tensor
+    """(B, 4, 84, 84) uint8 frame stacks of the next observations."""
+    next_vector: torch.Tensor
+    """(B, 53) float32 vector features of the next observations."""
+    done: torch.Tensor
+    """(B,) float32: 1 where the episode terminated (no bootstrap); 0 for time-limit truncation."""
+
+    @classmethod
+    def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device) -> "Batch":
+        """Moves numpy arrays to `device`, through pinned memory on CUDA."""
+        pin = device.type == "cuda"
+
+        def move(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
+
+        return cls(**{f.name: move(arrays[f.name]) for f in fields(cls)})

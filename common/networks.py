@@ -1,0 +1,108 @@
+"""The normalized NatureCNN and the TD3 actor/critic heads.
+
+NatureCNN: conv 32@8x8/4 -> 64@4x4/2 -> 64@3x3/1 -> FC 512, each followed by
+LayerNorm (over [C, H, W] for convs) *before* LeakyReLU(0.01), as the seeds prescribe
+(`norm="none"` drops the LayerNorms for the ablation). Frames arrive as uint8 and are scaled to
+[-1, 1] inside the model, on whatever device it lives, so replay and transport never hold floats.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM
+
+FEATURE_DIM = 512
+HIDDEN_DIM = 256
+LEAKY_SLOPE = 0.01
+CONV_SHAPES = ((32, 20, 20), (64, 9, 9), (64, 7, 7))
+FLAT_DIM = 64 * 7 * 7  # 3136
+
+
+def frames_to_float(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return frames.float().mul_(1.0 / 127.5).sub_(1.0)
+
+
+class NatureCNN(nn.Module):
+    """(B, 4, 84, 84) uint8 or float in [-1, 1] -> (B, 512) features."""
+
+    def __init__(self, norm: str = "layernorm") -> None:
+        super().__init__()
+        if norm not in ("layernorm", "none"):
+            raise ValueError(f"cnn norm must be 'layernorm' or 'none', got {norm!r}")
+        self.conv1 = nn.Conv2d(FRAME_STACK, 32, kernel_size=8, stride=4)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=4, stride=2)
+        self.conv3 = nn.Conv2d(64, 64, kernel_size=3, stride=1)
+        self.fc = nn.Linear(FLAT_DIM, FEATURE_DIM)
+
+        def make_norm(shape: tuple[int, ...] | int) -> nn.Module:
+            return nn.LayerNorm(shape) if norm == "layernorm" else nn.Identity()
+
+        self.ln1, self.ln2, self.ln3 = (make_norm(list(s)) for s in CONV_SHAPES)
+        self.ln4 = make_norm(FEATURE_DIM)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames_to_float(frames) if frames.dtype == torch.uint8 else frames
+        if x.shape[1:] != (FRAME_STACK, FRAME_SIZE, FRAME_SIZE):
+            raise ValueError(f"expected (B, {FRAME_STACK}, {FRAME_SIZE}, {FRAME_SIZE}) frames, got {tuple(x.shape)}")
+        x = F.leaky_relu(self.ln1(self.conv1(x)), LEAKY_SLOPE)
+        x = F.leaky_relu(self.ln2(self.conv2(x)), LEAKY_SLOPE)
+        x = F.leaky_relu(self.ln3(self.conv3(x)), LEAKY_SLOPE)
+        x = torch.flatten(x, 1)
+        return F.leaky_relu(self.ln4(self.fc(x)), LEAKY_SLOPE)
+
+
+def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, HIDDEN_DIM), nn.ReLU(), nn.Linear(HIDDEN_DIM, HIDDEN_DIM), nn.ReLU(), nn.Linear(HIDDEN_DIM, out_dim)
+    )
+
+
+class ActorHead(nn.Module):
+    """[CNN features (512), vector (53)] = 565 -> 256 -> 256 -> 2, tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp(FEATURE_DIM + VECTOR_DIM, ACTION_DIM)
+
+    def forward(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(torch.cat([features, vector], dim=1)))
+
+
+class CriticHeads(nn.Module):
+    """One or two Q heads, each [features, vector, action] = 567 -> 256 -> 256 -> 1."""
+
+    def __init__(self, num_q: int = 2) -> None:
+        super().__init__()
+        self.qs = nn.ModuleList(_mlp(FEATURE_DIM + VECTOR_DIM + ACTION_DIM, 1) for _ in range(num_q))
+
+    def forward(self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
+        x = torch.cat([features, vector, action], dim=1)
+        return [q(x).squeeze(1) for q in self.qs]
+
+
+class Policy(nn.Module):
+    """Actor CNN + actor head: what actors run and what the learner publishes."""
+
+    def __init__(self, norm: str = "layernorm") -> None:
+        super().__init__()
+        self.cnn = NatureCNN(norm)
+        self.head = ActorHead()
+
+    def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return self.head(self.cnn(image), vector)
+
+
+class Critic(nn.Module):
+    """Critic CNN shared by the Q heads."""
+
+    def __init__(self, norm: str = "layernorm", num_q: int = 2) -> None:
+        super().__init__()
+        self.cnn = NatureCNN(norm)
+        self.heads = CriticHeads(num_q)
+
+    def forward(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
+        return self.heads(self.cnn(image), vector, action)

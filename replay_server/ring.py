@@ -1,0 +1,146 @@
+"""The learner-side replay ring: each 84x84 uint8 frame stored once, transitions as frame ids.
+
+Frame-index arithmetic (the classic off-by-one lives here):
+
+- Every frame gets a global, monotonically increasing id; it lives at `frames[id % F]`.
+- An episode contributes its reset frame f0, then one new frame per step: step t (t = 1, 2, ...)
+  adds f_t, the newest frame of the next observation.
+- The observation before step t stacks frames f_{t-4} .. f_{t-1}, the next observation
+  f_{t-3} .. f_t, where any f_k with k < 0 is f_0 (the env repeats the reset frame, and so do
+  we). A transition therefore stores 5 ids `[f_{t-4}, f_{t-3}, f_{t-2}, f_{t-1}, f_t]`:
+  observation = ids[0:4], next observation = ids[1:5]. Stacks never cross episodes because ids
+  are only ever taken from one episode's own history.
+- FIFO: transitions leave in insertion order, and before a frame slot is overwritten every
+  transition that still refers to the old frame is evicted first, so a sample can never mix
+  frames of different ages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM
+
+IDS_PER_TRANSITION = FRAME_STACK + 1
+
+
+class FrameRing:
+    """Fixed-capacity FIFO replay of transitions over a shared frame store."""
+
+    def __init__(self, capacity: int, frame_capacity: int | None = None) -> None:
+        self.capacity = int(capacity)
+        # One new frame per transition plus one per episode start; a quarter of slack covers
+        # episodes down to 4 steps before eviction is driven by frames rather than transitions.
+        self.frame_capacity = int(frame_capacity or capacity + capacity // 4 + IDS_PER_TRANSITION)
+        self.frames = np.zeros((self.frame_capacity, FRAME_SIZE, FRAME_SIZE), np.uint8)
+        n = self.capacity
+        self.frame_ids = np.zeros((n, IDS_PER_TRANSITION), np.int64)
+        self.vector = np.zeros((n, VECTOR_DIM), np.float32)
+        self.next_vector = np.zeros((n, VECTOR_DIM), np.float32)
+        self.action = np.zeros((n, ACTION_DIM), np.float32)
+        self.reward = np.zeros((n,), np.float32)
+        self.done = np.zeros((n,), np.float32)
+        self.frames_added = 0  # next frame id
+        self.head = 0  # transitions ever added
+        self.tail = 0  # oldest live transition (global index)
+
+    def __len__(self) -> int:
+        return self.head - self.tail
+
+    def add_frame(self, frame: np.ndarray) -> int:
+        """Stores a frame and returns its id, first evicting transitions that refer to the slot's old frame."""
+        fid = self.frames_added
+        overwritten = fid - self.frame_capacity
+        while self.tail < self.head and self.frame_ids[self.tail % self.capacity, 0] <= overwritten:
+            self.tail += 1
+        self.frames[fid % self.frame_capacity] = frame
+        self.frames_added += 1
+        return fid
+
+    def add_transition(
+        self, frame_ids: np.ndarray, vector: np.ndarray, action: np.ndarray, reward: float, next_vector: np.ndarray, done: bool
+    ) -> None:
+        if len(self) == self.capacity:
+            self.tail += 1
+        i = self.head % self.capacity
+        self.frame_ids[i] = frame_ids
+        self.vector[i] = vector
+        self.action[i] = action
+        self.reward[i] = reward
+        self.next_vector[i] = next_vector
+        self.done[i] = float(done)
+        self.head += 1
+
+    def sample_indices(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        if len(self) == 0:
+            raise ValueError("cannot sample from an empty replay")
+        return (rng.integers(self.tail, self.head, size=batch_size)) % self.capacity
+
+    def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Rebuilds stacked observations for ring slots `idx`."""
+        stacks = self.frames[self.frame_ids[idx] % self.frame_capacity]  # (B, 5, 84, 84)
+        return {
+            "image": stacks[:, :FRAME_STACK],
+            "vector": self.vector[idx],
+            "action": self.action[idx],
+            "reward": self.reward[idx],
+            "next_image": stacks[:, 1:],
+            "next_vector": self.next_vector[idx],
+            "done": self.done[idx],
+        }
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.gather(self.sample_indices(batch_size, rng))
+
+    # -- persistence (numpy arrays only; loaded with allow_pickle=False) --------------------
+    _FRAME_ARRAYS = ("frames",)
+    _TRANSITION_ARRAYS = ("frame_ids", "vector", "next_vector", "action", "reward", "done")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The filled part of every array (a fresh ring saves small) plus the counters."""
+        counters = np.array([self.capacity, self.frame_capacity, self.frames_added, self.head, self.tail], np.int64)
+        nf, nt = min(self.frames_added, self.frame_capacity), min(self.head, self.capacity)
+        return {
+            "counters": counters,
+            **{k: getattr(self, k)[:nf] for k in self._FRAME_ARRAYS},
+            **{k: getattr(self, k)[:nt] for k in self._TRANSITION_ARRAYS},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "FrameRing":
+        capacity, frame_capacity, frames_added, head, tail = (int(v) for v in state["counters"])
+        ring = cls(capacity, frame_capacity)
+        filled = {k: min(frames_added, frame_capacity) for k in cls._FRAME_ARRAYS}
+        filled |= {k: min(head, capacity) for k in cls._TRANSITION_ARRAYS}
+        for k, n in filled.items():
+            target = getattr(ring, k)[:n]
+            if state[k].shape != target.shape or state[k].dtype != target.dtype:
+                raise ValueError(f"replay state array '{k}' is {state[k].shape} {state[k].dtype}, "
+                                 f"expected {target.shape} {target.dtype}")
+            target[...] = state[k]
+        ring.frames_added, ring.head, ring.tail = frames_added, head, tail
+        return ring
+
+
+class EpisodeAdder:
+    """Feeds one env's steps into a `FrameRing`, storing each new frame once (Acme's Adder)."""
+
+    def __init__(self, ring: FrameRing) -> None:
+        self.ring = ring
+        self._history: list[int] = []
+        self._vector: np.ndarray | None = None
+
+    def reset(self, observation: dict[str, np.ndarray]) -> None:
+        fid = self.ring.add_frame(observation["image"][-1])
+        self._history = [fid] * FRAME_STACK
+        self._vector = observation["vector"]
+
+    def add(self, action: np.ndarray, reward: float, next_observation: dict[str, np.ndarray], terminated: bool) -> None:
+        """One step; `terminated` (not a time-limit truncation) stops bootstrapping."""
+        if self._vector is None:
+            raise RuntimeError("EpisodeAdder.add() before reset()")
+        fid = self.ring.add_frame(next_observation["image"][-1])
+        ids = np.array(self._history[-FRAME_STACK:] + [fid], np.int64)
+        self.ring.add_transition(ids, self._vector, action, reward, next_observation["vector"], terminated)
+        self._history = self._history[-(FRAME_STACK - 1):] + [fid]
+        self._vector = next_observation["vector"]

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+
+from common.config import Config, load_config  # noqa: E402
+
+
+@pytest.fixture
+def small_cfg() -> Config:
+    """A config that trains in seconds on CPU: short episodes, small batches."""
+    return load_config(
+        overrides=[
+            "td3.batch_size=16",
+            "td3.learning_starts=100",
+            "replay.capacity=2000",
+            "env.max_episode_steps=60",
+            "eval.num_episodes=1",
+            "eval.freq=0",
+            "learner.device=cpu",
+            "learner.updates_per_step=0.5",
+            "logging.log_interval=10",
+        ]
+    )
+
+
+def follow_route(observation: dict[str, np.ndarray], target_speed: float = 8.0) -> np.ndarray:
+    """A simple route follower over the vector features (steer toward the 5th look-ahead point)."""
+    look = observation["vector"][3:].reshape(25, 2) * 50.0
+    x, y = look[4]
+    speed = observation["vector"][0] * 30.0
+    return np.array([-1.5 * math.atan2(y, x), np.clip(0.5 * (target_speed - speed), -1, 1)], np.float32)
