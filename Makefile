@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-all tensorboard clean
+.PHONY: venv run test test-all tensorboard bench clean
 
 venv: $(STAMP)
 
@@ -31,3 +31,6 @@ tensorboard: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench: $(STAMP)
+	$(PY) -m tests.bench.foundation

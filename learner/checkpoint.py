@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from learner.td3 import TD3
@@ -110,7 +111,7 @@ def load(path: Path, agent: TD3) -> tuple[dict[str, Any], dict[str, np.ndarray] 
     try:
         meta = json.loads((ckpt / "state.json").read_text())
         tensors = load_file(str(ckpt / "tensors.safetensors"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint '{ckpt}' cannot be read: {exc}") from exc
     for mod_name, module in agent.modules().items():
         prefix = f"{mod_name}/"

@@ -17,13 +17,18 @@ class AdaptiveCnnLr:
     def __init__(
         self, optimizers: list[torch.optim.Optimizer], threshold: float, cooldown: int, floor: float, factor: float = 0.5
     ) -> None:
-        self.groups = [g for opt in optimizers for g in opt.param_groups if g.get("name") == "cnn"]
+        self.optimizers = optimizers
         self.threshold = threshold
         self.cooldown = cooldown
         self.floor = floor
         self.factor = factor
         self.last_halving: int | None = None
         self.halvings = 0
+
+    @property
+    def groups(self) -> list[dict]:
+        # Looked up each time: Optimizer.load_state_dict replaces the group dicts.
+        return [g for opt in self.optimizers for g in opt.param_groups if g.get("name") == "cnn"]
 
     @property
     def lr(self) -> float:

@@ -1,0 +1,109 @@
+"""`make bench`: embedded-env step rate (one core), learner updates/s and replay bytes per
+transition. Writes results/bench.json and results/bench.md; timings live here, never in tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.envs import make_env
+from common.batch import Batch
+from common.config import load_config
+from learner.td3 import TD3
+from replay_server.ring import EpisodeAdder, FrameRing
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def env_rate(scenario: int, steps: int = 2000) -> float:
+    env = make_env(load_config(overrides=[f"env.scenario={scenario}"]))
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(rng.uniform(-0.3, 0.3, 2).astype(np.float32) + [0, 0.3])
+        if terminated or truncated:
+            env.reset()
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def update_rate(batch_size: int, device: torch.device, n: int = 5) -> float:
+    cfg = load_config(overrides=[f"td3.batch_size={batch_size}"])
+    agent = TD3(cfg, device)
+    rng = np.random.default_rng(0)
+    b = batch_size
+    arrays = {
+        "image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
+        "next_image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
+        "vector": rng.normal(size=(b, 53)).astype(np.float32),
+        "next_vector": rng.normal(size=(b, 53)).astype(np.float32),
+        "action": rng.uniform(-1, 1, (b, 2)).astype(np.float32),
+        "reward": rng.normal(size=b).astype(np.float32),
+        "done": np.zeros(b, np.float32),
+    }
+    batch = Batch.from_numpy(arrays, device)
+    for _ in range(2):
+        agent.update(batch)
+    start = time.perf_counter()
+    for _ in range(n):
+        agent.update(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def ring_bytes_per_transition(steps: int = 1000) -> float:
+    env = make_env(load_config())
+    ring = FrameRing(capacity=steps)
+    adder = EpisodeAdder(ring)
+    obs, _ = env.reset(seed=0)
+    adder.reset(obs)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        action = rng.uniform(-0.3, 0.3, 2).astype(np.float32)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        adder.add(action, reward, obs, terminated)
+        if terminated or truncated:
+            obs, _ = env.reset()
+            adder.reset(obs)
+    env.close()
+    used_frames = min(ring.frames_added, ring.frame_capacity)
+    per_transition_arrays = sum(a.nbytes / ring.capacity for a in (ring.frame_ids, ring.vector, ring.next_vector, ring.action, ring.reward, ring.done))
+    return used_frames * ring.frames[0].nbytes / len(ring) + per_transition_arrays
+
+
+def main() -> None:
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    results: dict[str, float | str] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # the env target is per core
+    torch.set_num_threads(1)
+    for scenario in (0, 1, 2):
+        results[f"env_steps_per_s_scenario{scenario}_1core"] = env_rate(scenario)
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    torch.set_num_threads(os.cpu_count() or 1)
+    results["replay_ring_bytes_per_transition"] = ring_bytes_per_transition()
+    results["old_system_bytes_per_transition"] = 2 * 4 * 84 * 84 * 4  # float32 s and s' stacks
+    results["learner_updates_per_s_b256_cpu"] = update_rate(256, torch.device("cpu"))
+    if torch.cuda.is_available():
+        results["learner_updates_per_s_b256_cuda"] = update_rate(256, torch.device("cuda"), n=50)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    rows = ["| figure | value |", "|---|---|"] + [
+        f"| {k} | {v:,.1f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()
+    ]
+    (out / "bench.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+
+from actors.envs import make_env
+from common.config import load_config
+from replay_server.ring import EpisodeAdder, FrameRing
+
+
+def record(steps: int, max_episode_steps: int = 15, seed: int = 0):
+    """Drives the real embedded env and returns (transitions, episodes)."""
+    env = make_env(load_config(overrides=[f"env.max_episode_steps={max_episode_steps}"]))
+    rng = np.random.default_rng(seed)
+    transitions, episodes = [], 0
+    obs, _ = env.reset(seed=seed)
+    episodes += 1
+    resets = [obs]
+    for _ in range(steps):
+        action = rng.uniform(-1, 1, 2).astype(np.float32)
+        nxt, reward, terminated, truncated, _ = env.step(action)
+        transitions.append((obs, action, np.float32(reward), nxt, terminated, truncated))
+        obs = nxt
+        if terminated or truncated:
+            obs, _ = env.reset(seed=seed + episodes)
+            episodes += 1
+            resets.append(obs)
+    env.close()
+    return transitions, resets
+
+
+def fill(ring: FrameRing, transitions, resets) -> None:
+    adder = EpisodeAdder(ring)
+    resets = iter(resets)
+    adder.reset(next(resets))
+    for obs, action, reward, nxt, terminated, truncated in transitions:
+        adder.add(action, float(reward), nxt, terminated)
+        if terminated or truncated:
+            adder.reset(next(resets))
+
+
+def assert_same(got: dict, expected: tuple) -> None:
+    obs, action, reward, nxt, terminated, _ = expected
+    np.testing.assert_array_equal(got["image"], obs["image"])
+    np.testing.assert_array_equal(got["next_image"], nxt["image"])
+    np.testing.assert_array_equal(got["vector"], obs["vector"])
+    np.testing.assert_array_equal(got["next_vector"], nxt["vector"])
+    np.testing.assert_array_equal(got["action"], action)
+    assert got["reward"] == reward and got["done"] == float(terminated)
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return record(120)
+
+
+def test_every_transition_round_trips_bit_for_bit(recorded):
+    transitions, resets = recorded
+    ring = FrameRing(capacity=1000)
+    fill(ring, transitions, resets)
+    assert len(ring) == len(transitions)
+    # each frame stored once: one per step plus one per episode start
+    assert ring.frames_added == len(transitions) + len(resets)
+    for i, expected in enumerate(transitions):
+        got = {k: v[0] for k, v in ring.gather(np.array([i])).items()}
+        assert_same(got, expected)
+
+
+def test_truncation_bootstraps_and_termination_does_not(recorded):
+    transitions, resets = recorded
+    ring = FrameRing(capacity=1000)
+    fill(ring, transitions, resets)
+    truncated = [i for i, t in enumerate(transitions) if t[5]]
+    assert truncated, "the recording should contain time-limit truncations"
+    assert all(ring.done[i] == 0.0 for i in truncated)
+
+
+def test_fifo_eviction_keeps_the_newest(recorded):
+    transitions, resets = recorded
+    ring = FrameRing(capacity=50)
+    fill(ring, transitions, resets)
+    assert len(ring) == 50
+    live = range(ring.tail, ring.head)
+    for g in live:
+        got = {k: v[0] for k, v in ring.gather(np.array([g % ring.capacity])).items()}
+        assert_same(got, transitions[g])
+    idx = ring.sample_indices(500, np.random.default_rng(0))
+    assert set(idx) <= {g % 50 for g in live}
+
+
+def test_frame_pressure_evicts_transitions_before_their_frames_are_overwritten(recorded):
+    transitions, resets = recorded
+    ring = FrameRing(capacity=100, frame_capacity=40)
+    fill(ring, transitions, resets)
+    assert 0 < len(ring) <= 40
+    oldest_frame = ring.frames_added - ring.frame_capacity
+    assert ring.frame_ids[ring.tail % ring.capacity, 0] >= oldest_frame
+    for g in range(ring.tail, ring.head):
+        got = {k: v[0] for k, v in ring.gather(np.array([g % ring.capacity])).items()}
+        assert_same(got, transitions[g])
+
+
+def test_state_round_trip(recorded, tmp_path):
+    transitions, resets = recorded
+    ring = FrameRing(capacity=80)
+    fill(ring, transitions, resets)
+    np.savez(tmp_path / "r.npz", **ring.state())
+    with np.load(tmp_path / "r.npz", allow_pickle=False) as data:
+        again = FrameRing.from_state({k: data[k] for k in data.files})
+    idx = np.arange(80)
+    for k, v in ring.gather(idx).items():
+        np.testing.assert_array_equal(again.gather(idx)[k], v)
+    assert (again.head, again.tail, again.frames_added) == (ring.head, ring.tail, ring.frames_added)
+
+
+def test_empty_ring_refuses_to_sample():
+    with pytest.raises(ValueError, match="empty"):
+        FrameRing(10).sample(4, np.random.default_rng(0))

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from learner.cli import main
+
+SMOKE = [
+    "--mode", "serial", "--device", "cpu", "--seed", "3", "--num-eval-episodes", "1",
+    "--set", "td3.batch_size=16", "--set", "td3.learning_starts=100", "--set", "replay.capacity=2000",
+    "--set", "env.max_episode_steps=60", "--set", "learner.updates_per_step=0.5",
+    "--set", "logging.log_interval=10",
+]
+
+SEED_TAGS = [
+    "debug/cnn_features_l2_norm", "debug/cnn_feature_mean", "debug/cnn_feature_std", "debug/cnn_feature_min",
+    "debug/cnn_feature_max", "train/critic_loss", "train/actor_loss", "debug/q1_mean", "debug/q2_mean",
+    "debug/td_error_q1", "debug/td_error_q2",
+    *(f"gradients/{who}_{part}_norm{when}" for who in ("actor", "critic") for part in ("cnn", "mlp") for when in ("", "_before_clip")),
+    "alerts/gradient_explosion_warning", "alerts/gradient_explosion_critical", "alerts/feature_explosion",
+    "agent/cnn_lr", "agent/mlp_lr", "train/episode_reward", "train/episode_length", "train/collisions_per_episode",
+    "train/lane_invasions_per_episode",
+    *(f"rewards/{c}" for c in ("efficiency", "lane_keeping", "comfort", "safety", "progress")),
+    "eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/avg_episode_length", "eval/avg_lane_invasions",
+    "perf/updates_per_s", "perf/env_steps_per_s",
+]
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_serial_smoke_run_logs_the_seed_tags_and_checkpoints(tmp_path):
+    assert main([*SMOKE, "--max-timesteps", "300", "--logdir", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    acc = events(run_dir)
+    missing = [t for t in SEED_TAGS if t not in acc.Tags()["scalars"]]
+    assert not missing, missing
+    assert any("config" in t for t in acc.Tags()["tensors"])  # the resolved config as text
+    # env steps are the x-axis
+    assert max(e.step for e in acc.Scalars("train/critic_loss")) <= 300
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000000300"
+    l2 = [e.value for e in acc.Scalars("debug/cnn_features_l2_norm")]
+    assert max(l2) < 100
+
+
+def test_resume_latest_continues_the_run(tmp_path):
+    assert main([*SMOKE, "--max-timesteps", "200", "--checkpoint-freq", "200", "--logdir", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    assert main(["--resume", "latest", "--max-timesteps", "300", "--logdir", str(tmp_path)]) == 0
+    assert list(tmp_path.iterdir()) == [run_dir]  # same run directory
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_000000200", "step_000000300"]
+    # 50 updates per 100 steps after learning starts, logged every 10: 5 logs before the resume and
+    # 5 after it. A restart from step 0 would have logged 10 after it.
+    steps = sorted(e.step for e in events(run_dir).Scalars("train/critic_loss"))
+    assert len(steps) == 10 and steps[5] > 200
+
+
+def test_bad_flags_exit_with_a_message(tmp_path, capsys):
+    assert main(["--set", "td3.gama=0.9", "--logdir", str(tmp_path)]) == 2
+    assert "unknown config key 'td3.gama'" in capsys.readouterr().err
+    assert main(["--resume", "latest", "--logdir", str(tmp_path)]) == 2
+    assert "no run with a checkpoint" in capsys.readouterr().err
+    assert main(["--mode", "distributed", "--logdir", str(tmp_path)]) == 2
