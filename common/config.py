@@ -181,6 +181,25 @@ class ReplayConfig:
     """Transitions kept; the oldest are evicted first (FIFO)."""
     save_with_checkpoint: bool = True
     """Serial mode: save the local replay beside each checkpoint so a resume continues with it."""
+    redis_url: str = ""
+    """Redis holding the replay stream, e.g. redis://:password@host:6379/0; empty launches a
+    local redis-server in the run directory. A password may also come from REDIS_PASSWORD."""
+    stream_key: str = "avtd3:replay"
+    """Redis stream the chunks are appended to."""
+    chunk_steps: int = 32
+    """Steps per chunk an actor sends (a chunk is also flushed at the end of an episode)."""
+    aof: bool = True
+    """Append-only-file persistence (appendfsync everysec) for the redis-server we launch."""
+    client_buffer_chunks: int = 1024
+    """Chunks an actor keeps while Redis is unreachable; older ones beyond this are dropped and counted."""
+    max_chunk_bytes: int = 4 * 1024 * 1024
+    """Stream entries larger than this are skipped (and counted) by the learner."""
+    min_size_to_sample: int = 1000
+    """Transitions the learner's ring must hold before it samples (Reverb's min_size_to_sample)."""
+    samples_per_insert: float = 0.0
+    """Sampled transitions per inserted transition the learner may not exceed; 0 turns the limit off."""
+    error_buffer: float = 10_000.0
+    """Slack, in sampled transitions, around samples_per_insert before the learner waits."""
 
 
 @dataclass
@@ -392,6 +411,10 @@ def validate(cfg: Config) -> None:
     _require(t.actor_grad_clip > 0 and t.critic_grad_clip > 0, "td3.*_grad_clip must be > 0")
     _require(t.learning_starts >= 0, f"td3.learning_starts={t.learning_starts} must be >= 0")
     _require(r.capacity >= t.batch_size, f"replay.capacity={r.capacity} must be >= td3.batch_size={t.batch_size}")
+    _require(r.chunk_steps >= 1 and r.client_buffer_chunks >= 1, "replay.chunk_steps and replay.client_buffer_chunks must be >= 1")
+    _require(r.max_chunk_bytes >= 1024, "replay.max_chunk_bytes must be >= 1024")
+    _require(r.min_size_to_sample >= 1, "replay.min_size_to_sample must be >= 1")
+    _require(r.samples_per_insert >= 0 and r.error_buffer >= 0, "replay.samples_per_insert and replay.error_buffer must be >= 0")
     _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")
     _require(cfg.learner.updates_per_step > 0, "learner.updates_per_step must be > 0")
     _require(cfg.learner.checkpoint_freq > 0, "learner.checkpoint_freq must be > 0")

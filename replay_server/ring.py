@@ -17,8 +17,11 @@ Frame-index arithmetic (the classic off-by-one lives here):
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
+from common.chunk import Chunk
 from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM
 
 IDS_PER_TRANSITION = FRAME_STACK + 1
@@ -43,6 +46,10 @@ class FrameRing:
         self.frames_added = 0  # next frame id
         self.head = 0  # transitions ever added
         self.tail = 0  # oldest live transition (global index)
+        # (actor, episode) -> (next start step, ids of its last frames): consecutive chunks of an
+        # episode share up to 4 frames, which are then stored once here too, and a chunk resent
+        # after a lost acknowledgement is recognised.
+        self._episodes: OrderedDict[tuple[int, int], tuple[int, list[int]]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.head - self.tail
@@ -70,6 +77,32 @@ class FrameRing:
         self.next_vector[i] = next_vector
         self.done[i] = float(done)
         self.head += 1
+
+    def add_chunk(self, chunk: Chunk) -> bool:
+        """Stores a decoded chunk: its new frames once, its transitions as frame ids.
+
+        Returns False, storing nothing, for a chunk of an episode that already went past its
+        start step (a resend after a lost acknowledgement).
+        """
+        key = (chunk.actor_id, chunk.episode_id)
+        known = self._episodes.pop(key, None)
+        if known is not None and chunk.start_step < known[0]:
+            self._episodes[key] = known
+            return False
+        ids: list[int] = []
+        if known is not None and known[0] == chunk.start_step:
+            shared = known[1][-(min(chunk.start_step, FRAME_STACK - 1) + 1):]
+            if shared[0] >= self.frames_added - self.frame_capacity:  # not overwritten yet
+                ids = list(shared)
+        ids += [self.add_frame(f) for f in chunk.frames[len(ids):]]
+        stacks = np.asarray(ids, np.int64)[chunk.stack_rows()]
+        for i in range(chunk.steps):
+            self.add_transition(stacks[i], chunk.vectors[i], chunk.actions[i], float(chunk.rewards[i]),
+                                chunk.vectors[i + 1], bool(chunk.terminated[i]))
+        self._episodes[key] = (chunk.start_step + chunk.steps, ids[-FRAME_STACK:])
+        while len(self._episodes) > 4096:
+            self._episodes.popitem(last=False)
+        return True
 
     def sample_indices(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         if len(self) == 0:

@@ -1,0 +1,191 @@
+import pickle
+import struct
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from actors.adder import ChunkAdder
+from common.chunk import HEADER, MAGIC, Chunk, ChunkError, decode, encode
+from replay_server.client import ReplayClient, connect
+from replay_server.ingest import RateLimiter, RedisReplay
+from replay_server.ring import FrameRing
+from replay_server.server import RedisServer
+from tests.test_replay_ring import assert_same, record
+
+KEY = "test:replay"
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return record(150, max_episode_steps=40, seed=5)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with RedisServer(tmp_path / "redis") as s:
+        yield s
+
+
+def send(transitions, resets, sink, chunk_steps: int = 8, actor_id: int = 7) -> None:
+    """Replays a recording through a ChunkAdder into `sink` (e.g. ReplayClient.insert)."""
+    adder = ChunkAdder(actor_id=actor_id, chunk_steps=chunk_steps, sink=sink)
+    resets = iter(resets)
+    episode = 0
+    adder.reset(next(resets), episode_id=episode)
+    for obs, action, reward, nxt, terminated, truncated in transitions:
+        adder.add(action, float(reward), nxt, terminated, truncated, policy_version=3)
+        if terminated or truncated:
+            episode += 1
+            adder.reset(next(resets), episode_id=episode)
+    adder.flush()
+
+
+def test_chunks_round_trip_through_redis_bit_for_bit(server, recorded):
+    transitions, resets = recorded
+    r = connect(server.url)
+    client = ReplayClient(r, KEY, max_chunks=10_000)
+    send(transitions, resets, client.insert)
+    assert client.counters.transitions_inserted == len(transitions)
+    ring = FrameRing(capacity=1000)
+    replay = RedisReplay(r, KEY, ring, max_chunk_bytes=1 << 22)
+    assert replay.warm_start() == len(transitions)
+    # every frame once: one per step plus one per episode start, though chunks overlap
+    episodes = sum(1 for t in transitions if t[4] or t[5]) + 1
+    assert ring.frames_added == len(transitions) + episodes
+    for i, expected in enumerate(transitions):
+        assert_same({k: v[0] for k, v in ring.gather(np.array([i])).items()}, expected)
+    # a learner restart reads it all again
+    again = FrameRing(capacity=1000)
+    assert RedisReplay(r, KEY, again, 1 << 22).warm_start() == len(transitions)
+    # and poll() picks up only what is new
+    assert replay.poll() == 0
+    send(transitions[:5], resets, client.insert, actor_id=8)
+    assert replay.poll() == 5
+    # a chunk sent twice (an acknowledgement lost in a crash) enters the ring once
+    send(transitions[:5], resets, client.insert, actor_id=8)
+    assert replay.poll() == 0 and replay.counters.duplicates == 1
+
+
+def test_fifo_capacity_in_redis(server, recorded):
+    transitions, resets = recorded
+    r = connect(server.url)
+    client = ReplayClient(r, KEY, max_chunks=6)
+    send(transitions, resets, client.insert)
+    assert r.xlen(KEY) == 6
+    ring = FrameRing(capacity=1000)
+    RedisReplay(r, KEY, ring, 1 << 22).warm_start()
+    # the survivors are the newest transitions, intact
+    n = len(ring)
+    for j, g in enumerate(range(ring.tail, ring.head)):
+        assert_same({k: v[0] for k, v in ring.gather(np.array([g])).items()}, transitions[len(transitions) - n + j])
+
+
+def test_data_survives_a_redis_crash_with_aof(tmp_path, recorded):
+    transitions, resets = recorded
+    s = RedisServer(tmp_path / "redis").start()
+    client = ReplayClient(connect(s.url), KEY, max_chunks=10_000)
+    send(transitions, resets, client.insert)
+    time.sleep(1.5)  # appendfsync everysec
+    s.kill()
+    s2 = RedisServer(tmp_path / "redis", port=s.port).start()
+    try:
+        ring = FrameRing(capacity=1000)
+        assert RedisReplay(connect(s2.url), KEY, ring, 1 << 22).warm_start() == len(transitions)
+    finally:
+        s2.stop()
+
+
+def test_bad_entries_are_skipped_and_counted(server, recorded):
+    transitions, resets = recorded
+    r = connect(server.url)
+    good = []
+    adder = ChunkAdder(1, 8, good.append)
+    adder.reset(resets[0], 0)
+    for obs, action, reward, nxt, terminated, truncated in transitions[:8]:
+        adder.add(action, reward, nxt, terminated, truncated)
+    payload = encode(good[0])
+    r.xadd(KEY, {"c": b"garbage"})
+    r.xadd(KEY, {"other": b"field"})
+    r.xadd(KEY, {"c": payload[:-10]})  # truncated
+    r.xadd(KEY, {"c": payload[:4] + struct.pack("<H", 99) + payload[6:]})  # future schema version
+    r.xadd(KEY, {"c": pickle.dumps({"evil": object.__reduce__})})  # crafted for unpickling
+    r.xadd(KEY, {"c": payload + b"\0" * 5000})  # oversized for this reader, and length mismatch
+    r.xadd(KEY, {"c": payload})
+    ring = FrameRing(capacity=100)
+    replay = RedisReplay(r, KEY, ring, max_chunk_bytes=len(payload) + 100)
+    assert replay.warm_start() == 8
+    c = replay.counters
+    assert (c.skipped_undecodable, c.skipped_foreign, c.skipped_oversized, c.chunks) == (4, 1, 1, 1)
+
+
+def test_decode_rejects_with_a_reason():
+    with pytest.raises(ChunkError, match="shorter than its"):
+        decode(b"AVT3")
+    with pytest.raises(ChunkError, match="not an av-td3 chunk"):
+        decode(b"X" * HEADER.size)
+    header = HEADER.pack(MAGIC, 1, 0, 0, 0, 10_000, 10_004, 0, 0)
+    with pytest.raises(ChunkError, match="inconsistent"):
+        decode(header)
+    header = HEADER.pack(MAGIC, 1, 0, 0, 0, 1, 2, 0, 8)  # claims an 8-byte lz4 block
+    body = b"\x00" * 8 + b"\x00" * (2 * 53 * 4 + 8 + 4 + 1)
+    with pytest.raises(ChunkError, match="do not decompress|decompress to"):
+        decode(header + body)
+
+
+def test_chunk_stack_rows():
+    def rows(start, steps):
+        n = steps + 1 + min(start, 3)
+        return Chunk(0, 0, start, 0, np.zeros((n, 84, 84), np.uint8), np.zeros((steps + 1, 53), np.float32),
+                     np.zeros((steps, 2), np.float32), np.zeros(steps, np.float32),
+                     np.zeros(steps, bool), np.zeros(steps, bool)).stack_rows()
+    assert rows(0, 2).tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 1, 2]]
+    assert rows(2, 1).tolist() == [[0, 0, 1, 2, 3]]  # frames f0..f3; transition 2 sees f_-1 = f0
+    assert rows(32, 1).tolist() == [[0, 1, 2, 3, 4]]  # frames f29..f33
+
+
+def test_password_protected_redis_refuses_a_client_without_it(tmp_path, recorded, monkeypatch):
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    with RedisServer(tmp_path / "redis", password="s3cret") as s:
+        url_without = f"redis://127.0.0.1:{s.port}/0"
+        client = ReplayClient(connect(url_without), KEY, max_chunks=100)
+        transitions, resets = recorded
+        with pytest.raises(RuntimeError, match="credentials"):
+            send(transitions[:8], resets, client.insert)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            connect(url_without).xlen(KEY)
+        monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+        ok = ReplayClient(connect(url_without), KEY, max_chunks=100)
+        send(transitions[:8], resets, ok.insert)
+        assert connect(s.url).xlen(KEY) == 1
+
+
+def test_client_buffers_while_redis_is_down_and_flushes_when_it_returns(tmp_path, recorded):
+    transitions, resets = recorded
+    s = RedisServer(tmp_path / "redis", aof=False).start()
+    client = ReplayClient(connect(s.url, timeout_s=0.5), KEY, max_chunks=10_000, buffer_chunks=5, backoff_s=(0.05, 0.2))
+    s.kill()
+    chunks: list[Chunk] = []
+    send(transitions[:80], resets, chunks.append)
+    send(transitions[:80], resets, client.insert)
+    assert client.counters.send_failures >= 1
+    assert client.counters.chunks_dropped == len(chunks) - 5 > 0 and len(client.pending) == 5
+    s2 = RedisServer(tmp_path / "redis", port=s.port, aof=False).start()
+    try:
+        time.sleep(0.25)
+        assert client.flush()
+        assert client.counters.chunks_inserted == 5 and not client.pending
+        assert connect(s2.url).xlen(KEY) == 5
+    finally:
+        s2.stop()
+
+
+def test_rate_limiter_semantics():
+    lim = RateLimiter(min_size=100, samples_per_insert=2.0, error_buffer=50)
+    assert not lim.can_sample(size=99, inserted=99, batch_size=10)
+    assert lim.can_sample(size=100, inserted=100, batch_size=10)
+    lim.sampled = 240
+    assert lim.can_sample(size=100, inserted=100, batch_size=10)  # 250 - 200 <= 50
+    assert not lim.can_sample(size=100, inserted=100, batch_size=11)
+    assert RateLimiter(1, 0.0, 0.0).can_sample(size=5, inserted=0, batch_size=10**6)
