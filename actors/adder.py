@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Callable
 
 import numpy as np
@@ -12,12 +13,17 @@ from common.driving import FRAME_STACK
 
 class ChunkAdder:
     """Collects steps of the current episode and hands a `Chunk` to `sink` every `chunk_steps`
-    steps and when the episode ends."""
+    steps and when the episode ends.
+
+    Episode ids start at a random 62-bit base, so an actor restarted after a crash never reuses
+    an id whose chunks are still in the replay (which would make its new chunks look like resends).
+    """
 
     def __init__(self, actor_id: int, chunk_steps: int, sink: Callable[[Chunk], None]) -> None:
         self.actor_id = actor_id
         self.chunk_steps = chunk_steps
         self.sink = sink
+        self._next_episode = secrets.randbits(62)
         self.episode_id = -1
         self.policy_version = 0
         self._start = 0  # k0 of the chunk being built
@@ -28,9 +34,10 @@ class ChunkAdder:
         self._terminated: list[bool] = []
         self._truncated: list[bool] = []
 
-    def reset(self, observation: dict[str, np.ndarray], episode_id: int) -> None:
+    def reset(self, observation: dict[str, np.ndarray]) -> None:
         self.flush()
-        self.episode_id = episode_id
+        self.episode_id = self._next_episode
+        self._next_episode += 1
         self._start = 0
         self._frames = [observation["image"][-1].copy()]
         self._vectors = [observation["vector"].copy()]

@@ -181,6 +181,9 @@ class ReplayConfig:
     """Transitions kept; the oldest are evicted first (FIFO)."""
     save_with_checkpoint: bool = True
     """Serial mode: save the local replay beside each checkpoint so a resume continues with it."""
+    via_redis: bool = False
+    """Serial mode: send chunks through the Redis replay service, as the distributed mode does,
+    instead of straight into the learner's ring."""
     redis_url: str = ""
     """Redis holding the replay stream, e.g. redis://:password@host:6379/0; empty launches a
     local redis-server in the run directory. A password may also come from REDIS_PASSWORD."""
@@ -194,7 +197,7 @@ class ReplayConfig:
     """Chunks an actor keeps while Redis is unreachable; older ones beyond this are dropped and counted."""
     max_chunk_bytes: int = 4 * 1024 * 1024
     """Stream entries larger than this are skipped (and counted) by the learner."""
-    min_size_to_sample: int = 1000
+    min_size_to_sample: int = 256
     """Transitions the learner's ring must hold before it samples (Reverb's min_size_to_sample)."""
     samples_per_insert: float = 0.0
     """Sampled transitions per inserted transition the learner may not exceed; 0 turns the limit off."""

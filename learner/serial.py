@@ -1,5 +1,7 @@
-"""Serial mode: one process wires env -> actor -> adder -> replay ring -> TD3 learner, the
-same objects the distributed mode spreads over processes. For laptops, tests and debugging.
+"""Serial mode: one process wires env -> actor -> chunk adder -> replay -> ring -> TD3
+learner, the same objects the distributed mode spreads over processes. Chunks go straight into
+the ring, or through the Redis replay service with `replay.via_redis`. For laptops, tests and
+debugging.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from actors.actor import Actor
+from actors.adder import ChunkAdder
 from actors.envs import make_env
 from actors.evaluator import evaluate
 from common.batch import Batch
@@ -22,7 +25,9 @@ from common.driving import REWARD_COMPONENTS
 from common.metrics import MetricLogger
 from learner import checkpoint
 from learner.td3 import TD3
-from replay_server.ring import EpisodeAdder, FrameRing
+from replay_server.ingest import RateLimiter
+from replay_server.ring import FrameRing
+from replay_server.service import open_replay
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,10 @@ class SerialRun:
         self.last_eval: dict[str, float] = {}
         if self.resume is not None:
             self._restore(self.resume)
-        self.adder = EpisodeAdder(self.ring)
+        self.replay = open_replay(cfg, self.run_dir, self.ring)
+        self.adder = ChunkAdder(actor_id=0, chunk_steps=cfg.replay.chunk_steps, sink=self.replay.insert)
+        r = cfg.replay
+        self.limiter = RateLimiter(max(r.min_size_to_sample, cfg.td3.batch_size), r.samples_per_insert, r.error_buffer)
         self.logger = MetricLogger(self.run_dir)
         self.logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
         log.info("run directory: %s (device %s)", self.run_dir, self.device)
@@ -111,11 +119,15 @@ class SerialRun:
         while self.env_step < cfg.learner.max_timesteps:
             action = self.actor.select_action(obs, self.env_step)
             next_obs, reward, terminated, truncated, info = self.env.step(action)
-            self.adder.add(action, reward, next_obs, terminated)
+            self.adder.add(action, reward, next_obs, terminated, truncated)
             stats.add(reward, info)
             obs = next_obs
             self.env_step += 1
-            if self.env_step > cfg.td3.learning_starts and len(self.ring) >= cfg.td3.batch_size:
+            if self.env_step % cfg.replay.chunk_steps == 0:
+                self.replay.poll()
+            if self.env_step > cfg.td3.learning_starts and self.limiter.can_sample(
+                len(self.ring), self.ring.head, cfg.td3.batch_size
+            ):
                 update_credit += cfg.learner.updates_per_step
                 while update_credit >= 1.0:
                     update_credit -= 1.0
@@ -131,6 +143,7 @@ class SerialRun:
                 self._evaluate()
             if self.env_step % cfg.learner.checkpoint_freq == 0:
                 self._checkpoint()
+        self._drain()
         self._log_perf(window)
         if not (cfg.eval.freq and self.env_step % cfg.eval.freq == 0):
             self._evaluate()  # every run ends with an evaluation, however short its budget
@@ -146,7 +159,7 @@ class SerialRun:
         return obs
 
     def _learn(self) -> None:
-        batch = Batch.from_numpy(self.ring.sample(self.cfg.td3.batch_size, self.sample_rng), self.device)
+        batch = Batch.from_numpy(self.limiter.sample(self.ring, self.cfg.td3.batch_size, self.sample_rng), self.device)
         metrics = self.agent.update(batch)
         interval = 10 if self.cfg.logging.debug else self.cfg.logging.log_interval
         if self.agent.updates % interval == 0:
@@ -161,7 +174,7 @@ class SerialRun:
         perf = {
             "perf/env_steps_per_s": (self.env_step - window["steps"]) / dt,
             "perf/updates_per_s": (self.agent.updates - window["updates"]) / dt,
-            "replay/size": len(self.ring),
+            **self.replay.metrics(),
         }
         self.logger.log(perf, self.env_step)
         window.update(t=now, steps=self.env_step, updates=self.agent.updates)
@@ -186,18 +199,27 @@ class SerialRun:
         log.info("eval at step %d: %s", self.env_step, {k: round(v, 3) for k, v in metrics.items()})
         return metrics
 
+    def _drain(self) -> None:
+        """Sends the episode's partial chunk and reads everything sent into the ring."""
+        self.adder.flush()  # a chunk may end mid-episode; the next one continues it
+        self.replay.poll()
+
     def _checkpoint(self) -> Path:
+        self._drain()
         state = {
             "episodes": self.episodes,
             "rng": {"sample": self.sample_rng.bit_generator.state, "actor": self.actor.rng.bit_generator.state},
             "config": to_dict(self.cfg),
         }
-        replay = self.ring.state() if self.cfg.replay.save_with_checkpoint else None
+        # Through Redis, the replay survives in Redis (AOF) and is read back at start instead.
+        keep = self.cfg.replay.save_with_checkpoint and not self.cfg.replay.via_redis
+        replay = self.ring.state() if keep else None
         path = checkpoint.save(self.run_dir, self.env_step, self.agent, state, replay)
         log.info("checkpoint: %s", path)
         return path
 
     def close(self) -> None:
+        self.replay.close()
         self.logger.close()
         self.env.close()
         self.eval_env.close()

@@ -153,27 +153,3 @@ class FrameRing:
             target[...] = state[k]
         ring.frames_added, ring.head, ring.tail = frames_added, head, tail
         return ring
-
-
-class EpisodeAdder:
-    """Feeds one env's steps into a `FrameRing`, storing each new frame once (Acme's Adder)."""
-
-    def __init__(self, ring: FrameRing) -> None:
-        self.ring = ring
-        self._history: list[int] = []
-        self._vector: np.ndarray | None = None
-
-    def reset(self, observation: dict[str, np.ndarray]) -> None:
-        fid = self.ring.add_frame(observation["image"][-1])
-        self._history = [fid] * FRAME_STACK
-        self._vector = observation["vector"]
-
-    def add(self, action: np.ndarray, reward: float, next_observation: dict[str, np.ndarray], terminated: bool) -> None:
-        """One step; `terminated` (not a time-limit truncation) stops bootstrapping."""
-        if self._vector is None:
-            raise RuntimeError("EpisodeAdder.add() before reset()")
-        fid = self.ring.add_frame(next_observation["image"][-1])
-        ids = np.array(self._history[-FRAME_STACK:] + [fid], np.int64)
-        self.ring.add_transition(ids, self._vector, action, reward, next_observation["vector"], terminated)
-        self._history = self._history[-(FRAME_STACK - 1):] + [fid]
-        self._vector = next_observation["vector"]

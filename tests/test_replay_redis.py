@@ -28,18 +28,17 @@ def server(tmp_path):
         yield s
 
 
-def send(transitions, resets, sink, chunk_steps: int = 8, actor_id: int = 7) -> None:
+def send(transitions, resets, sink, chunk_steps: int = 8, actor_id: int = 7) -> ChunkAdder:
     """Replays a recording through a ChunkAdder into `sink` (e.g. ReplayClient.insert)."""
     adder = ChunkAdder(actor_id=actor_id, chunk_steps=chunk_steps, sink=sink)
     resets = iter(resets)
-    episode = 0
-    adder.reset(next(resets), episode_id=episode)
+    adder.reset(next(resets))
     for obs, action, reward, nxt, terminated, truncated in transitions:
         adder.add(action, float(reward), nxt, terminated, truncated, policy_version=3)
         if terminated or truncated:
-            episode += 1
-            adder.reset(next(resets), episode_id=episode)
+            adder.reset(next(resets))
     adder.flush()
+    return adder
 
 
 def test_chunks_round_trip_through_redis_bit_for_bit(server, recorded):
@@ -61,10 +60,12 @@ def test_chunks_round_trip_through_redis_bit_for_bit(server, recorded):
     assert RedisReplay(r, KEY, again, 1 << 22).warm_start() == len(transitions)
     # and poll() picks up only what is new
     assert replay.poll() == 0
-    send(transitions[:5], resets, client.insert, actor_id=8)
+    sent: list[Chunk] = []
+    send(transitions[:5], resets, sent.append, actor_id=8)
+    client.insert(sent[0])
     assert replay.poll() == 5
     # a chunk sent twice (an acknowledgement lost in a crash) enters the ring once
-    send(transitions[:5], resets, client.insert, actor_id=8)
+    client.insert(sent[0])
     assert replay.poll() == 0 and replay.counters.duplicates == 1
 
 
@@ -100,11 +101,8 @@ def test_data_survives_a_redis_crash_with_aof(tmp_path, recorded):
 def test_bad_entries_are_skipped_and_counted(server, recorded):
     transitions, resets = recorded
     r = connect(server.url)
-    good = []
-    adder = ChunkAdder(1, 8, good.append)
-    adder.reset(resets[0], 0)
-    for obs, action, reward, nxt, terminated, truncated in transitions[:8]:
-        adder.add(action, reward, nxt, terminated, truncated)
+    good: list[Chunk] = []
+    send(transitions[:8], resets, good.append)
     payload = encode(good[0])
     r.xadd(KEY, {"c": b"garbage"})
     r.xadd(KEY, {"other": b"field"})

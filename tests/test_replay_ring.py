@@ -3,7 +3,8 @@ import pytest
 
 from actors.envs import make_env
 from common.config import load_config
-from replay_server.ring import EpisodeAdder, FrameRing
+from actors.adder import ChunkAdder
+from replay_server.ring import FrameRing
 
 
 def record(steps: int, max_episode_steps: int = 15, seed: int = 0):
@@ -27,14 +28,16 @@ def record(steps: int, max_episode_steps: int = 15, seed: int = 0):
     return transitions, resets
 
 
-def fill(ring: FrameRing, transitions, resets) -> None:
-    adder = EpisodeAdder(ring)
+def fill(ring: FrameRing, transitions, resets, chunk_steps: int = 8) -> None:
+    """The serial path: a ChunkAdder feeding the ring directly."""
+    adder = ChunkAdder(actor_id=0, chunk_steps=chunk_steps, sink=ring.add_chunk)
     resets = iter(resets)
     adder.reset(next(resets))
     for obs, action, reward, nxt, terminated, truncated in transitions:
-        adder.add(action, float(reward), nxt, terminated)
+        adder.add(action, float(reward), nxt, terminated, truncated)
         if terminated or truncated:
             adder.reset(next(resets))
+    adder.flush()
 
 
 def assert_same(got: dict, expected: tuple) -> None:

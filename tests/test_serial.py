@@ -7,6 +7,7 @@ from learner.cli import main
 SMOKE = [
     "--mode", "serial", "--device", "cpu", "--seed", "3", "--num-eval-episodes", "1",
     "--set", "td3.batch_size=16", "--set", "td3.learning_starts=100", "--set", "replay.capacity=2000",
+    "--set", "replay.min_size_to_sample=16",
     "--set", "env.max_episode_steps=60", "--set", "learner.updates_per_step=0.5",
     "--set", "logging.log_interval=10",
 ]
@@ -64,3 +65,16 @@ def test_bad_flags_exit_with_a_message(tmp_path, capsys):
     assert main(["--resume", "latest", "--logdir", str(tmp_path)]) == 2
     assert "no run with a checkpoint" in capsys.readouterr().err
     assert main(["--mode", "distributed", "--logdir", str(tmp_path)]) == 2
+
+
+def test_serial_run_through_the_redis_replay_service_resumes_from_redis(tmp_path):
+    args = [*SMOKE, "--set", "replay.via_redis=true", "--logdir", str(tmp_path)]
+    assert main([*args, "--max-timesteps", "200"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    ckpt = run_dir / "checkpoints" / "step_000000200"
+    assert not (ckpt / "replay.npz").exists()  # the replay lives in Redis, persisted by its AOF
+    assert (run_dir / "redis" / "appendonly.aof").exists()
+    assert main(["--resume", "latest", "--max-timesteps", "260", "--logdir", str(tmp_path)]) == 0
+    acc = events(run_dir)
+    sizes = [e.value for e in acc.Scalars("replay/size")]
+    assert sizes[-1] == 260  # 200 read back from Redis at restart + 60 new

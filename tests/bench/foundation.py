@@ -16,7 +16,8 @@ from actors.envs import make_env
 from common.batch import Batch
 from common.config import load_config
 from learner.td3 import TD3
-from replay_server.ring import EpisodeAdder, FrameRing
+from actors.adder import ChunkAdder
+from replay_server.ring import FrameRing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,14 +64,14 @@ def update_rate(batch_size: int, device: torch.device, n: int = 5) -> float:
 def ring_bytes_per_transition(steps: int = 1000) -> float:
     env = make_env(load_config())
     ring = FrameRing(capacity=steps)
-    adder = EpisodeAdder(ring)
+    adder = ChunkAdder(0, 32, ring.add_chunk)
     obs, _ = env.reset(seed=0)
     adder.reset(obs)
     rng = np.random.default_rng(0)
     for _ in range(steps):
         action = rng.uniform(-0.3, 0.3, 2).astype(np.float32)
         obs, reward, terminated, truncated, _ = env.step(action)
-        adder.add(action, reward, obs, terminated)
+        adder.add(action, reward, obs, terminated, truncated)
         if terminated or truncated:
             obs, _ = env.reset()
             adder.reset(obs)
