@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-all tensorboard bench clean
+.PHONY: venv run test test-all tensorboard bench bench-foundation bench-replay clean
 
 venv: $(STAMP)
 
@@ -32,5 +32,10 @@ tensorboard: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-bench: $(STAMP)
+bench: bench-foundation bench-replay
+
+bench-foundation: $(STAMP)
 	$(PY) -m tests.bench.foundation
+
+bench-replay: $(STAMP)
+	$(PY) -m tests.bench.replay

@@ -1,5 +1,8 @@
 import pickle
+import signal
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,6 +15,7 @@ from replay_server.client import ReplayClient, connect
 from replay_server.ingest import RateLimiter, RedisReplay
 from replay_server.ring import FrameRing
 from replay_server.server import RedisServer
+from tests.conftest import ROOT
 from tests.test_replay_ring import assert_same, record
 
 KEY = "test:replay"
@@ -187,3 +191,38 @@ def test_rate_limiter_semantics():
     assert lim.can_sample(size=100, inserted=100, batch_size=10)  # 250 - 200 <= 50
     assert not lim.can_sample(size=100, inserted=100, batch_size=11)
     assert RateLimiter(1, 0.0, 0.0).can_sample(size=5, inserted=0, batch_size=10**6)
+
+
+def _refuses(port: int, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis(port=port, socket_connect_timeout=0.2).ping()
+        except redis.exceptions.ConnectionError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _start(args: list[str]) -> tuple["subprocess.Popen", int]:
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    port = int(line.strip().rsplit(":", 1)[-1].split("/")[0])
+    redis.Redis(port=port).ping()
+    return proc, port
+
+
+def test_serve_stops_redis_on_ctrl_c(tmp_path):
+    proc, port = _start(["-m", "replay_server", "serve", "--dir", str(tmp_path / "r")])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 0
+    assert _refuses(port)
+
+
+def test_redis_dies_with_a_killed_parent(tmp_path):
+    code = ("import time; from replay_server.server import RedisServer; "
+            f"s = RedisServer({str(tmp_path / 'r')!r}).start(); print(s.url, flush=True); time.sleep(60)")
+    proc, port = _start(["-c", code])
+    proc.kill()
+    proc.wait()
+    assert _refuses(port)

@@ -1,13 +1,10 @@
-"""`make bench`: embedded-env step rate (one core), learner updates/s and replay bytes per
-transition. Writes results/bench.json and results/bench.md; timings live here, never in tests."""
+"""Embedded-env step rate (one core), learner updates/s and ring bytes per transition.
+Timings live in benches, never in tests."""
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,8 +15,7 @@ from common.config import load_config
 from learner.td3 import TD3
 from actors.adder import ChunkAdder
 from replay_server.ring import FrameRing
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.report import write_report
 
 
 def env_rate(scenario: int, steps: int = 2000) -> float:
@@ -81,30 +77,20 @@ def ring_bytes_per_transition(steps: int = 1000) -> float:
     return used_frames * ring.frames[0].nbytes / len(ring) + per_transition_arrays
 
 
-def main() -> None:
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    results: dict[str, float | str] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-    }
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # the env target is per core
-    torch.set_num_threads(1)
+def run() -> dict[str, float]:
+    results: dict[str, float] = {}
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # the env target is per core
     for scenario in (0, 1, 2):
         results[f"env_steps_per_s_scenario{scenario}_1core"] = env_rate(scenario)
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    torch.set_num_threads(os.cpu_count() or 1)
+    os.sched_setaffinity(0, cores)
     results["replay_ring_bytes_per_transition"] = ring_bytes_per_transition()
     results["old_system_bytes_per_transition"] = 2 * 4 * 84 * 84 * 4  # float32 s and s' stacks
     results["learner_updates_per_s_b256_cpu"] = update_rate(256, torch.device("cpu"))
     if torch.cuda.is_available():
         results["learner_updates_per_s_b256_cuda"] = update_rate(256, torch.device("cuda"), n=50)
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
-    rows = ["| figure | value |", "|---|---|"] + [
-        f"| {k} | {v:,.1f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()
-    ]
-    (out / "bench.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    write_report("foundation", run())
