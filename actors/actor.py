@@ -16,19 +16,23 @@ log = logging.getLogger(__name__)
 
 class Actor:
     """Uniform random actions for `learning_starts` steps, then the policy plus Gaussian noise
-    whose std decays linearly from `expl_noise_start` to `expl_noise_end`."""
+    whose std decays linearly from `expl_noise_start` to `expl_noise_end`, times `noise_scale`
+    (distributed actors spread their scales, Ape-X style)."""
 
-    def __init__(self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device) -> None:
+    def __init__(
+        self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device, noise_scale: float = 1.0
+    ) -> None:
         self.policy = policy
         self.cfg = cfg.actors
         self.learning_starts = cfg.td3.learning_starts
         self.rng = rng
         self.device = device
+        self.noise_scale = noise_scale
 
     def noise_std(self, env_step: int) -> float:
         c = self.cfg
         frac = min(max(env_step - self.learning_starts, 0) / c.expl_noise_decay_steps, 1.0)
-        return c.expl_noise_start + frac * (c.expl_noise_end - c.expl_noise_start)
+        return self.noise_scale * (c.expl_noise_start + frac * (c.expl_noise_end - c.expl_noise_start))
 
     @torch.no_grad()
     def policy_action(self, observation: dict[str, np.ndarray]) -> np.ndarray:

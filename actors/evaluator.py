@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from common.env import DrivingEnv
 
 PolicyFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+MAX_VIDEO_FRAMES = 300
 
 
-def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int) -> dict[str, float | str | None]:
+def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None) -> dict[str, float | str | None]:
+    """One deterministic episode; with `frames`, appends a picture of every other step to it."""
     obs, _ = env.reset(seed=seed)
     total, steps, invasions, done = 0.0, 0, 0, False
     info: dict = {}
     while not done:
+        if frames is not None and steps % 2 == 0 and len(frames) < MAX_VIDEO_FRAMES:
+            frames.append(env.render())
         obs, reward, terminated, truncated, info = env.step(policy(obs))
         total += reward
         steps += 1
@@ -24,9 +28,10 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int) -> dict[str, float
     return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"]}
 
 
-def evaluate(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int) -> dict[str, float]:
-    """`episodes` episodes with seeds seed, seed+1, ...; success = route completed."""
-    results = [run_episode(env, policy, seed + i) for i in range(episodes)]
+def evaluate(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int, frames: list | None = None) -> dict[str, float]:
+    """`episodes` episodes with seeds seed, seed+1, ...; success = route completed. With
+    `frames`, the first episode is recorded into it."""
+    results = [run_episode(env, policy, seed + i, frames if i == 0 else None) for i in range(episodes)]
     reasons = [r["termination"] for r in results]
     return {
         "eval/mean_reward": float(np.mean([r["reward"] for r in results])),
@@ -35,3 +40,33 @@ def evaluate(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int) -> dic
         "eval/avg_lane_invasions": float(np.mean([r["lane_invasions"] for r in results])),
         "eval/avg_episode_length": float(np.mean([r["length"] for r in results])),
     }
+
+
+class EvalWorker:
+    """The evaluator process (a Ray actor in distributed mode): its own env and CPU policy."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        import torch
+
+        from actors.actor import Actor
+        from actors.envs import make_env
+        from common.config import from_dict
+        from common.networks import Policy
+
+        torch.set_num_threads(1)
+        self.cfg = from_dict(cfg_dict)
+        self.env = make_env(self.cfg)
+        self.actor = Actor(Policy(self.cfg.cnn.norm).eval(), self.cfg, np.random.default_rng(0), torch.device("cpu"))
+
+    def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:
+        """Metrics of `eval.num_episodes` deterministic episodes under `weights`, and a GIF of the first."""
+        from common.metrics import encode_gif
+        from common.weights import load_policy_bytes
+
+        load_policy_bytes(self.actor.policy, weights)
+        frames: list | None = [] if video else None
+        metrics = evaluate(self.env, lambda o: self.actor.limit(self.actor.policy_action(o)),
+                           self.cfg.eval.num_episodes, seed, frames)
+        if not frames:
+            return metrics, None, (0, 0)
+        return metrics, encode_gif(frames), frames[0].shape[:2]

@@ -169,6 +169,12 @@ class LearnerConfig:
     """Pre-clip gradient norm that raises alerts/gradient_explosion_critical."""
     amp: bool = True
     """bf16 autocast for forward passes on CUDA (ignored on CPU)."""
+    weight_sync_interval: int = 100
+    """Distributed mode: learner updates between two publications of the policy weights."""
+    ray_address: str = ""
+    """Ray cluster to join ('auto' or HOST:PORT); empty starts a local one."""
+    ray_dashboard: bool = True
+    """Start the Ray dashboard (bound to 127.0.0.1:8265) with a local Ray cluster."""
     channels_last: bool = True
     """channels_last memory format for the CNNs (faster convolutions on CUDA and on x86 CPUs)."""
 
@@ -219,6 +225,22 @@ class ActorsConfig:
     """The seeds' temporary safety limit on actions; off by default, warns every episode when on."""
     action_scaling_limit: float = 0.6
     """Absolute action limit applied when action_scaling is on."""
+    num_actors: int = 2
+    """Rollout actors in distributed mode, one env each."""
+    noise_scale_min: float = 0.5
+    """Distributed mode: exploration-noise multiplier of the first actor (Ape-X style spread)."""
+    noise_scale_max: float = 2.0
+    """Exploration-noise multiplier of the last actor; the others are spaced geometrically between."""
+    weight_sync_steps: int = 100
+    """Env steps between an actor's (non-blocking) checks for newer policy weights."""
+    steps_per_report: int = 200
+    """Env steps an actor runs between two reports to the learner (episode stats, speed)."""
+    num_cpus: float = 0.5
+    """CPUs each rollout actor and the evaluator reserve in Ray (fractions let 2 actors fit 2 cores)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each rollout actor needs, e.g. {carla: 1} to land on CARLA nodes."""
+    restart_backoff_s: float = 1.0
+    """First delay before restarting a dead actor; doubles per consecutive death of that actor, up to 60 s."""
 
 
 @dataclass
@@ -231,6 +253,8 @@ class EvalConfig:
     """Deterministic episodes per evaluation."""
     seed_offset: int = 10_000
     """Added to the run seed for the evaluation env, so eval episodes differ from training ones."""
+    video: bool = True
+    """Distributed mode: record the first evaluation episode as an animated eval/video."""
 
 
 @dataclass
@@ -243,6 +267,8 @@ class LoggingConfig:
     """Log learner diagnostics every 10 updates instead of every `log_interval` and print debug lines."""
     log_interval: int = 100
     """Updates between learner diagnostics in TensorBoard."""
+    quiet: bool = False
+    """Plain log lines instead of the live status line."""
 
 
 @dataclass
@@ -251,8 +277,9 @@ class Config:
 
     seed: int = 42
     """Seed of every random generator of the run."""
-    mode: Literal["serial", "distributed"] = "serial"
-    """serial: one process (env, replay and learner); distributed arrives with issue #4."""
+    mode: Literal["serial", "distributed"] = "distributed"
+    """distributed: Ray rollout actors, an evaluator and the Redis replay feed this learner;
+    serial: one process (env, replay and learner)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     """The driving task."""
     carla: CarlaConfig = field(default_factory=CarlaConfig)
@@ -302,6 +329,11 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
         if value is None:
             return None
         return _coerce(path, args[0], value)
+    if origin is dict:
+        key_t, value_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r} is not valid; expected a mapping like {{name: 1}}")
+        return {_coerce(f"{path} key", key_t, k): _coerce(f"{path}.{k}", value_t, v) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from common.config import Config, ConfigError, from_dict, load_config
+from actors.envs import check_backend
 from learner import checkpoint
 
 # The old system's flags, kept so its users' scripts keep working: flag -> config key.
@@ -23,6 +24,9 @@ ALIASES = {
     "device": "learner.device",
     "logdir": "logging.logdir",
     "mode": "mode",
+    "num_actors": "actors.num_actors",
+    "ray_address": "learner.ray_address",
+    "redis_url": "replay.redis_url",
 }
 
 
@@ -40,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="frequent diagnostics and debug log lines (logging.debug)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="learner device (learner.device)")
     p.add_argument("--logdir", help="directory of run folders, default runs/ (logging.logdir)")
-    p.add_argument("--mode", choices=["serial", "distributed"], help="serial: one process (mode)")
+    p.add_argument("--mode", choices=["serial", "distributed"],
+                   help="distributed (default): Ray actors + evaluator + Redis replay; serial: one process (mode)")
+    p.add_argument("--num-actors", type=int, help="rollout actors in distributed mode (actors.num_actors)")
+    p.add_argument("--ray-address", help="join a Ray cluster: auto or HOST:PORT (learner.ray_address)")
+    p.add_argument("--redis-url", help="use this Redis for the replay instead of launching one (replay.redis_url)")
+    p.add_argument("--quiet", action="store_true", help="plain log lines instead of a live status line (logging.quiet)")
     p.add_argument("--resume", metavar="latest|PATH",
                    help="continue the newest run under --logdir, or the run/checkpoint at PATH")
     return p
@@ -54,6 +63,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
             out.append(f"{key}={value}")
     if args.debug:
         out.append("logging.debug=true")
+    if args.quiet:
+        out.append("logging.quiet=true")
     return out
 
 
@@ -86,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, ckpt = resolve_config(args)
+        check_backend(cfg)
     except (ConfigError, checkpoint.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -93,14 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if cfg.logging.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if cfg.mode != "serial":
-        print("error: mode=distributed is not available yet (issue #4); use --mode serial", file=sys.stderr)
-        return 2
-    from learner.serial import SerialRun
+    if cfg.mode == "serial":
+        from learner.serial import SerialRun as Run
+    else:
+        from learner.distributed import DistributedRun as Run
 
     if ckpt is not None:
         run_dir = ckpt.parent.parent
     else:
         run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.env.backend}_s{cfg.seed}"
-    SerialRun(cfg, run_dir, resume=ckpt).init().run()
+    print(f"run directory: {run_dir}\nwatch it:      tensorboard --logdir {run_dir.parent} --host 127.0.0.1 "
+          "(or: make tensorboard)", flush=True)
+    Run(cfg, run_dir, resume=ckpt).init().run()
     return 0

@@ -66,6 +66,7 @@ class RedisReplayService:
             self.server = RedisServer(run_dir / "redis", aof=r.aof).start()
             url = self.server.url
             log.info("replay service: redis-server on %s (data in %s)", url, self.server.directory)
+        self.url = url
         self.redis = connect(url)
         self.ring = ring
         self.client = ReplayClient(
@@ -101,5 +102,5 @@ class RedisReplayService:
             self.server.stop()
 
 
-def open_replay(cfg: Config, run_dir: Path, ring: FrameRing) -> Replay:
-    return RedisReplayService(cfg, run_dir, ring) if cfg.replay.via_redis else LocalReplay(ring)
+def open_replay(cfg: Config, run_dir: Path, ring: FrameRing, via_redis: bool) -> Replay:
+    return RedisReplayService(cfg, run_dir, ring) if via_redis else LocalReplay(ring)

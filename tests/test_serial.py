@@ -64,7 +64,8 @@ def test_bad_flags_exit_with_a_message(tmp_path, capsys):
     assert "unknown config key 'td3.gama'" in capsys.readouterr().err
     assert main(["--resume", "latest", "--logdir", str(tmp_path)]) == 2
     assert "no run with a checkpoint" in capsys.readouterr().err
-    assert main(["--mode", "distributed", "--logdir", str(tmp_path)]) == 2
+    assert main(["--set", "env.backend=carla", "--mode", "serial", "--logdir", str(tmp_path)]) == 2
+    assert "issue #5" in capsys.readouterr().err
 
 
 def test_serial_run_through_the_redis_replay_service_resumes_from_redis(tmp_path):

@@ -1,0 +1,107 @@
+"""What every run has, serial or distributed: the agent, the ring and the replay feeding it, the
+learner step, the logger, the counters, checkpoints and the perf window."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import Config, to_dict, to_yaml
+from common.metrics import MetricLogger
+from learner import checkpoint
+from learner.learner import Learner, rss_and_gpu_metrics
+from learner.td3 import TD3
+from replay_server.ring import FrameRing
+from replay_server.service import open_replay
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("learner.device=cuda but torch sees no CUDA device; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TrainingCore:
+    """Builds (or restores) the learner side of a run. `saved` holds the role-specific state the
+    checkpoint carried (for example the serial actor's RNG)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: Path | None, via_redis: bool) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        torch.manual_seed(cfg.seed)
+        self.device = pick_device(cfg.learner.device)
+        self.agent = TD3(cfg, self.device)
+        self.ring = FrameRing(cfg.replay.capacity)
+        self.sample_rng = np.random.default_rng([cfg.seed, 1])
+        self.env_step = 0
+        self.episodes = 0
+        self.last_eval: dict[str, float] = {}
+        self.saved: dict[str, Any] = {}
+        self.via_redis = via_redis
+        if resume is not None:
+            self._restore(resume)
+        self.replay = open_replay(cfg, run_dir, self.ring, via_redis)
+        self.logger = MetricLogger(run_dir)
+        self.logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
+        self.learner = Learner(self.agent, self.ring, cfg, self.logger, self.sample_rng)
+        self._window = (time.perf_counter(), self.env_step, self.agent.updates)
+        log.info("run directory: %s (learner on %s)", run_dir, self.device)
+        log.info("watch it: tensorboard --logdir %s --host 127.0.0.1", run_dir.parent)
+
+    def _restore(self, path: Path) -> None:
+        state, replay = checkpoint.load(path, self.agent)
+        self.env_step = int(state["env_step"])
+        self.episodes = int(state["episodes"])
+        self.sample_rng.bit_generator.state = state["rng"]["sample"]
+        self.saved = state.get("role", {})
+        if replay is not None:
+            self.ring = FrameRing.from_state(replay)
+        log.info("resumed from %s at env step %d (%d transitions in the saved replay)", path, self.env_step, len(self.ring))
+
+    def log_perf(self, extra: dict[str, float] | None = None) -> dict[str, float]:
+        now = time.perf_counter()
+        t0, steps0, updates0 = self._window
+        dt = max(now - t0, 1e-9)
+        perf = {
+            "perf/env_steps_per_s": (self.env_step - steps0) / dt,
+            "perf/updates_per_s": (self.agent.updates - updates0) / dt,
+            **self.replay.metrics(),
+            **rss_and_gpu_metrics(self.device),
+            **(extra or {}),
+        }
+        self.logger.log(perf, self.env_step)
+        self._window = (now, self.env_step, self.agent.updates)
+        return perf
+
+    def log_eval(self, metrics: dict[str, float]) -> None:
+        self.logger.log(metrics, self.env_step)
+        self.last_eval = metrics
+        log.info("eval at step %d: %s", self.env_step, {k: round(v, 3) for k, v in metrics.items()})
+
+    def checkpoint(self, role_state: dict[str, Any]) -> Path:
+        """Writes a checkpoint; `role_state` (JSON) comes back as `saved` on resume."""
+        self.replay.poll()
+        state = {
+            "episodes": self.episodes,
+            "rng": {"sample": self.sample_rng.bit_generator.state},
+            "config": to_dict(self.cfg),
+            "role": role_state,
+        }
+        # Through Redis, the replay survives in Redis (AOF) and is read back at start instead.
+        keep = self.cfg.replay.save_with_checkpoint and not self.via_redis
+        path = checkpoint.save(self.run_dir, self.env_step, self.agent, state, self.ring.state() if keep else None)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def close(self) -> None:
+        self.replay.close()
+        self.logger.close()

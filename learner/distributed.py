@@ -1,0 +1,244 @@
+"""Distributed mode: Ray rollout actors and an evaluator feed this learner through the Redis
+replay service; the learner publishes versioned weights through Ray's object store.
+
+    actors (Ray, CPU) --chunks--> Redis stream --poll--> ring --batches--> TD3 (learner device)
+        ^                                                                     |
+        +---------------- weights (safetensors bytes, one put, many gets) ----+
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.evaluator import EvalWorker
+from actors.rollout import RolloutWorker, noise_scales
+from common.config import Config
+from common.weights import WeightStore, policy_to_bytes
+from learner.core import TrainingCore
+from learner.supervisor import ActorSupervisor
+
+log = logging.getLogger(__name__)
+
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # weights are ~13 MB a version; the default 30% of RAM is waste
+PERF_EVERY_S = 5.0
+
+
+def start_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.learner.ray_address:
+        ray.init(address=cfg.learner.ray_address, log_to_driver=True)
+        return
+    # On a local cluster the learner shares the cores with the actors: leave them theirs.
+    reserved = (cfg.actors.num_actors + 1) * cfg.actors.num_cpus
+    torch.set_num_threads(max(1, int((os.cpu_count() or 1) - reserved)))
+    ray.init(
+        include_dashboard=cfg.learner.ray_dashboard,
+        dashboard_host="127.0.0.1",
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        log_to_driver=True,
+    )
+
+
+class DistributedRun:
+    """`init()` starts Ray, the replay service, the actors and the evaluator; `run()` trains."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: Path | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.resume = resume
+        self.stop_requested = False
+
+    def init(self) -> "DistributedRun":
+        cfg = self.cfg
+        start_ray(cfg)
+        self.core = TrainingCore(cfg, self.run_dir, self.resume, via_redis=True)
+        cfg_dict = dataclasses.asdict(cfg)
+        self.store = ray.remote(WeightStore).options(num_cpus=0).remote()
+        self.version = int(self.core.saved.get("weights_version", 0))
+        self._publish()
+        a = cfg.actors
+        scales = noise_scales(a.num_actors, a.noise_scale_min, a.noise_scale_max)
+        remote_worker = ray.remote(RolloutWorker).options(num_cpus=a.num_cpus, resources=a.resources or None)
+        url = self.core.replay.url
+
+        def make(index: int, incarnation: int) -> Any:
+            return remote_worker.remote(cfg_dict, index, incarnation, scales[index], url, self.store)
+
+        self.actors = ActorSupervisor(make, a.num_actors, a.restart_backoff_s)
+        self.evaluator = ray.remote(EvalWorker).options(num_cpus=a.num_cpus).remote(cfg_dict)
+        self.eval_future: Any = None
+        self.eval_step = 0
+        self.actor_speed: dict[int, float] = {}
+        self.actor_versions: dict[int, int] = {}
+        self.weight_fetches: dict[int, int] = {}
+        self.dropped: dict[int, int] = {}
+        dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
+            "http://127.0.0.1:8265" if cfg.learner.ray_dashboard else "off")
+        log.info("%d rollout actors + 1 evaluator on Ray (dashboard: %s)", a.num_actors, dashboard)
+        return self
+
+    def _publish(self) -> None:
+        start = time.perf_counter()
+        ref = ray.put(policy_to_bytes(self.core.agent.actor))
+        self.weights_ref = ref
+        self.store.publish.remote(self.version, [ref])
+        self.core.logger.log({"perf/weight_broadcast_ms": 1000 * (time.perf_counter() - start)}, self.core.env_step)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        cfg, core = self.cfg, self.core
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        credit = 0.0
+        next_eval = self._next_multiple(cfg.eval.freq)
+        next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
+        last_perf = time.monotonic()
+        try:
+            while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
+                new_steps = self._collect_reports()
+                if core.env_step > cfg.td3.learning_starts:
+                    credit += new_steps * cfg.learner.updates_per_step
+                core.replay.poll()
+                credit = self._train(credit)
+                if cfg.eval.freq and core.env_step >= next_eval:
+                    if self._launch_eval():
+                        next_eval = self._next_multiple(cfg.eval.freq)
+                self._collect_eval(wait=False)
+                if core.env_step >= next_ckpt:
+                    self._checkpoint()
+                    next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
+                if time.monotonic() - last_perf > PERF_EVERY_S:
+                    self._log_perf()
+                    last_perf = time.monotonic()
+                if new_steps == 0 and credit < 1:
+                    time.sleep(0.005)
+            self._finish()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.close()
+        return core.last_eval
+
+    def _request_stop(self, *_: Any) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        log.warning("stopping: finishing the current step, writing a checkpoint (Ctrl-C again to abort)")
+
+    def _next_multiple(self, every: int) -> int:
+        return (self.core.env_step // every + 1) * every if every else sys.maxsize
+
+    def _collect_reports(self) -> int:
+        core, actors = self.core, self.actors
+        new_steps = 0
+        for index, report in actors.collect():
+            new_steps += report["steps"]
+            core.env_step += report["steps"]
+            for episode in report["episodes"]:
+                core.logger.log(episode, core.env_step)
+                core.episodes += 1
+            self.actor_speed[index] = report["steps_per_s"]
+            self.actor_versions[index] = report["policy_version"]
+            self.weight_fetches[index] = report["weight_fetches"]
+            self.dropped[index] = report["transitions_dropped"]
+        actors.restart_due()
+        for index in actors.idle():
+            actors.launch(index, self.cfg.actors.steps_per_report, core.env_step)
+        return new_steps
+
+    def _train(self, credit: float) -> float:
+        """Up to a short burst of updates, so reports and the replay keep being read."""
+        core = self.core
+        burst = 0
+        while credit >= 1.0 and burst < 8 and core.learner.ready(core.env_step):
+            core.learner.step(core.env_step)
+            credit -= 1.0
+            burst += 1
+            if core.agent.updates % self.cfg.learner.weight_sync_interval == 0:
+                self.version += 1
+                self._publish()
+        return credit
+
+    def _launch_eval(self) -> bool:
+        if self.eval_future is not None:
+            return False
+        seed = self.cfg.seed + self.cfg.eval.seed_offset
+        self.eval_future = self.evaluator.evaluate.remote(self.weights_ref, seed, self.cfg.eval.video)
+        self.eval_step = self.core.env_step
+        return True
+
+    def _collect_eval(self, wait: bool) -> None:
+        if self.eval_future is None:
+            return
+        ready, _ = ray.wait([self.eval_future], timeout=None if wait else 0)
+        if not ready:
+            return
+        future, self.eval_future = self.eval_future, None
+        try:
+            metrics, gif, size = ray.get(future)
+        except ray.exceptions.RayError as exc:
+            log.warning("evaluation failed (%s); restarting the evaluator", str(exc).splitlines()[0][:300])
+            ray.kill(self.evaluator, no_restart=True)
+            self.evaluator = ray.remote(EvalWorker).options(num_cpus=self.cfg.actors.num_cpus).remote(
+                dataclasses.asdict(self.cfg))
+            return
+        self.core.logger.log(metrics, self.eval_step)
+        self.core.last_eval = metrics
+        if gif:
+            self.core.logger.video("eval/video", gif, size, self.eval_step)
+        log.info("eval at step %d: %s", self.eval_step, {k: round(v, 3) for k, v in metrics.items()})
+
+    def _log_perf(self) -> None:
+        core, actors = self.core, self.actors
+        lag = [self.version - v for v in self.actor_versions.values()]
+        extra = {
+            "actors/alive": actors.alive,
+            "actors/restarts": actors.restarts,
+            "actors/policy_lag": max(lag) if lag else 0.0,
+            "actors/weight_fetches": sum(self.weight_fetches.values()),
+            "replay/dropped": sum(self.dropped.values()),
+            **{f"perf/env_steps_per_s_actor{i}": v for i, v in self.actor_speed.items()},
+        }
+        perf = core.log_perf(extra)
+        status = (
+            f"step {core.env_step}/{self.cfg.learner.max_timesteps} | {perf['perf/updates_per_s']:.1f} upd/s | "
+            f"{perf['perf/env_steps_per_s']:.0f} steps/s | return {core.logger.latest.get('train/episode_reward', math.nan):.1f} | "
+            f"eval success {core.last_eval.get('eval/success_rate', math.nan):.2f} | actors {actors.alive}/{self.cfg.actors.num_actors}"
+        )
+        if self.cfg.logging.quiet or not sys.stdout.isatty():
+            log.info(status)
+        else:
+            sys.stdout.write("\r" + status.ljust(120))
+            sys.stdout.flush()
+
+    def _checkpoint(self) -> None:
+        self.core.checkpoint({"weights_version": self.version})
+
+    def _finish(self) -> None:
+        """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint."""
+        self.actors.shutdown()
+        self.core.replay.poll()
+        self._log_perf()
+        if not self.stop_requested:
+            self._collect_eval(wait=True)
+            if self.core.env_step != self.eval_step or not self.core.last_eval:
+                self._launch_eval()
+                self._collect_eval(wait=True)
+        if sys.stdout.isatty() and not self.cfg.logging.quiet:
+            sys.stdout.write("\n")
+        self._checkpoint()
+
+    def close(self) -> None:
+        self.actors.shutdown()
+        self.core.close()
+        ray.shutdown()

@@ -1,0 +1,58 @@
+"""The learner step shared by the serial and distributed runs (Acme's `Learner.step`)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from common.batch import Batch
+from common.config import Config
+from common.metrics import MetricLogger
+from learner.td3 import TD3
+from replay_server.ingest import RateLimiter
+from replay_server.ring import FrameRing
+
+log = logging.getLogger(__name__)
+
+
+class Learner:
+    """Samples batches from the ring under the rate limiter and updates the agent."""
+
+    def __init__(self, agent: TD3, ring: FrameRing, cfg: Config, logger: MetricLogger, rng: np.random.Generator) -> None:
+        r = cfg.replay
+        self.agent = agent
+        self.ring = ring
+        self.cfg = cfg
+        self.logger = logger
+        self.rng = rng
+        self.limiter = RateLimiter(max(r.min_size_to_sample, cfg.td3.batch_size), r.samples_per_insert, r.error_buffer)
+        self.interval = 10 if cfg.logging.debug else cfg.logging.log_interval
+
+    def ready(self, env_step: int) -> bool:
+        """Learning has started and the rate limiter lets the learner sample."""
+        return env_step > self.cfg.td3.learning_starts and self.limiter.can_sample(
+            len(self.ring), self.ring.head, self.cfg.td3.batch_size
+        )
+
+    def step(self, env_step: int) -> dict[str, float]:
+        arrays = self.limiter.sample(self.ring, self.cfg.td3.batch_size, self.rng)
+        metrics = self.agent.update(Batch.from_numpy(arrays, self.agent.device))
+        if self.agent.updates % self.interval == 0:
+            self.logger.log(metrics, env_step)
+            if self.cfg.logging.debug:
+                log.debug("update %d: %s", self.agent.updates,
+                          {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/", "debug/cnn"))})
+        return metrics
+
+
+def rss_and_gpu_metrics(device: torch.device) -> dict[str, float]:
+    """Learner process memory: RSS, and GPU memory on CUDA."""
+    import psutil
+
+    out = {"perf/learner_rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if device.type == "cuda":
+        out["perf/gpu_memory_allocated_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        out["perf/gpu_memory_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return out

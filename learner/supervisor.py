@@ -1,0 +1,88 @@
+"""Keeps rollout actors running: launches their reports, notices deaths, restarts with back-off.
+
+An actor counts as dead when its process dies (`RayActorError`) or when its code raises (the
+env or simulator is then in an unknown state): it is killed, and recreated after
+`backoff * 2^(consecutive deaths - 1)` seconds (at most 60), while the others keep going. The
+learner only ever polls with `ray.wait(timeout=0)`, so a dead actor cannot hang it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import RayError
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+
+
+class ActorSupervisor:
+    """`make(index, incarnation)` returns a new actor handle."""
+
+    def __init__(self, make: Callable[[int, int], Any], count: int, backoff_s: float) -> None:
+        self.make = make
+        self.backoff_s = backoff_s
+        self.incarnation = dict.fromkeys(range(count), 0)
+        self.handles: dict[int, Any] = {i: make(i, 0) for i in range(count)}
+        self.futures: dict[Any, int] = {}
+        self.consecutive_deaths = dict.fromkeys(range(count), 0)
+        self.restart_at: dict[int, float] = {}
+        self.restarts = 0
+
+    @property
+    def alive(self) -> int:
+        return len(self.handles)
+
+    def launch(self, index: int, *args: Any) -> None:
+        self.futures[self.handles[index].run.remote(*args)] = index
+
+    def idle(self) -> list[int]:
+        """Live actors with no report in flight."""
+        busy = set(self.futures.values())
+        return [i for i in self.handles if i not in busy]
+
+    def collect(self) -> list[tuple[int, dict[str, Any]]]:
+        """Reports that are ready now; deaths are handled on the way."""
+        if not self.futures:
+            return []
+        ready, _ = ray.wait(list(self.futures), num_returns=len(self.futures), timeout=0)
+        reports = []
+        for future in ready:
+            index = self.futures.pop(future)
+            try:
+                reports.append((index, ray.get(future)))
+                self.consecutive_deaths[index] = 0
+            except RayError as exc:
+                self._bury(index, exc)
+        return reports
+
+    def _bury(self, index: int, exc: Exception) -> None:
+        handle = self.handles.pop(index, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+        self.consecutive_deaths[index] += 1
+        delay = min(self.backoff_s * 2 ** (self.consecutive_deaths[index] - 1), MAX_BACKOFF_S)
+        self.restart_at[index] = time.monotonic() + delay
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("rollout actor %d died (%s); restarting in %.1fs", index, first_line[:300], delay)
+
+    def restart_due(self) -> list[int]:
+        """Recreates the actors whose back-off has passed; returns their indices."""
+        now = time.monotonic()
+        due = [i for i, t in self.restart_at.items() if t <= now]
+        for index in due:
+            del self.restart_at[index]
+            self.incarnation[index] += 1
+            self.handles[index] = self.make(index, self.incarnation[index])
+            self.restarts += 1
+        return due
+
+    def shutdown(self) -> None:
+        for handle in self.handles.values():
+            ray.kill(handle, no_restart=True)
+        self.handles.clear()
+        self.futures.clear()

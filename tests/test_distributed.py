@@ -1,0 +1,93 @@
+"""The distributed runtime on a real local Ray cluster (and a two-node one)."""
+
+import os
+import signal
+
+import pytest
+import ray
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from common.config import load_config
+from learner.distributed import DistributedRun
+
+FAST = [
+    "td3.batch_size=16", "td3.learning_starts=100", "replay.capacity=5000", "replay.min_size_to_sample=16",
+    "replay.chunk_steps=16", "env.max_episode_steps=50", "eval.num_episodes=1", "eval.freq=200",
+    "learner.device=cpu", "learner.updates_per_step=0.25", "learner.ray_dashboard=false",
+    "learner.weight_sync_interval=5", "logging.log_interval=5", "logging.quiet=true",
+    "actors.steps_per_report=50", "actors.weight_sync_steps=10", "actors.num_cpus=0.25",
+    "actors.restart_backoff_s=0.2",
+]
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc, [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
+    cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=400"])
+    run = DistributedRun(cfg, tmp_path / "run").init()
+    final = run.run()
+    assert final["eval/avg_episode_length"] > 0
+    ring = run.core.ring
+    # transitions from both actors reached the learner
+    assert {k[0] for k in ring._episodes} == {0, 1}
+    acc, lag = scalars(tmp_path / "run", "actors/policy_lag")
+    _, fetches = scalars(tmp_path / "run", "actors/weight_fetches")
+    assert fetches and fetches[-1][1] >= 2  # weight versions reached the actors
+    for tag in ("eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/avg_lane_invasions",
+                "eval/avg_episode_length", "perf/env_steps_per_s", "perf/updates_per_s", "replay/size",
+                "replay/dropped", "actors/alive", "actors/restarts", "perf/weight_broadcast_ms", "perf/learner_rss_mb",
+                "perf/env_steps_per_s_actor0", "train/critic_loss", "train/episode_reward"):
+        assert tag in acc.Tags()["scalars"], tag
+    assert "eval/video" in acc.Tags()["images"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_a_killed_actor_is_restarted_and_the_run_finishes(tmp_path):
+    cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=800", "eval.freq=0"])
+    run = DistributedRun(cfg, tmp_path / "run").init()
+    victim = ray.get(run.actors.handles[1].pid.remote())
+    collect = run._collect_reports
+    killed = []
+
+    def collect_then_kill() -> int:
+        new_steps = collect()
+        if not killed and run.core.env_step >= 200:  # mid-run, mid-episode for the victim
+            os.kill(victim, signal.SIGKILL)
+            killed.append(run.core.env_step)
+        return new_steps
+
+    run._collect_reports = collect_then_kill
+    run.run()
+    assert killed and run.core.env_step >= 800
+    assert run.actors.restarts >= 1
+    _, restarts = scalars(tmp_path / "run", "actors/restarts")
+    assert restarts[-1][1] >= 1
+
+
+def test_actors_are_placed_on_the_node_with_the_simulator_resource(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    sim_node = cluster.add_node(num_cpus=2, resources={"sim": 2})
+    try:
+        cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=200", "eval.freq=0",
+                                     f"learner.ray_address={cluster.address}", "actors.resources={sim: 1}"])
+        run = DistributedRun(cfg, tmp_path / "run").init()
+        nodes = {ray.get(h.node_id.remote()) for h in run.actors.handles.values()}
+        assert nodes == {sim_node.node_id}
+        run.run()
+        assert run.core.env_step >= 200
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
