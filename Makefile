@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-all tensorboard bench bench-foundation bench-replay clean
+.PHONY: venv run test test-all tensorboard bench bench-foundation bench-replay bench-scaling clean
 
 venv: $(STAMP)
 
@@ -32,10 +32,13 @@ tensorboard: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-bench: bench-foundation bench-replay
+bench: bench-foundation bench-replay bench-scaling
 
 bench-foundation: $(STAMP)
 	$(PY) -m tests.bench.foundation
 
 bench-replay: $(STAMP)
 	$(PY) -m tests.bench.replay
+
+bench-scaling: $(STAMP)
+	$(PY) -m tests.bench.scaling

@@ -1,0 +1,69 @@
+"""`make bench-scaling`: rollout actors on a local Ray cluster against the raw env.
+
+- raw env steps/s (random actions, one process, no replay);
+- one actor's loop with random actions (env + chunking + Redis inserts) and with the CNN policy
+  (env + CPU inference + inserts), as fractions of the raw rate;
+- aggregate env steps/s of 1 and 2 policy-driven actors, and their ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from actors.rollout import RolloutWorker
+from common.config import load_config
+from common.networks import Policy
+from common.weights import WeightStore, policy_to_bytes
+from replay_server.server import RedisServer
+from tests.bench.foundation import env_rate
+from tests.bench.report import write_report
+
+STEPS = 400
+ROUNDS = 3
+
+
+def actors_rate(url: str, store: object, num_actors: int, policy: bool) -> float:
+    overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0"]
+    cfg = dataclasses.asdict(load_config(overrides=overrides))
+    worker = ray.remote(RolloutWorker).options(num_cpus=1)
+    actors = [worker.remote(cfg, i, 0, 1.0, url, store) for i in range(num_actors)]
+    ray.get([a.run.remote(50, 10**6) for a in actors])  # warm-up: imports, first weights
+    start = time.perf_counter()
+    for _ in range(ROUNDS):
+        ray.get([a.run.remote(STEPS, 10**6) for a in actors])
+    rate = num_actors * STEPS * ROUNDS / (time.perf_counter() - start)
+    for a in actors:
+        ray.kill(a)
+    return rate
+
+
+def run() -> dict[str, float]:
+    raw = env_rate(0)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=False) as server:
+            store = ray.remote(WeightStore).options(num_cpus=0).remote()
+            store.publish.remote(0, [ray.put(policy_to_bytes(Policy()))])
+            random_loop = actors_rate(server.url, store, 1, policy=False)
+            one = actors_rate(server.url, store, 1, policy=True)
+            two = actors_rate(server.url, store, 2, policy=True)
+    finally:
+        ray.shutdown()
+    return {
+        "raw_env_steps_per_s": raw,
+        "actor_loop_random_actions_steps_per_s": random_loop,
+        "actor_loop_random_vs_raw": random_loop / raw,
+        "actor_loop_policy_steps_per_s": one,
+        "actor_loop_policy_vs_raw": one / raw,
+        "two_actors_policy_steps_per_s": two,
+        "two_vs_one_actor_ratio": two / one,
+    }
+
+
+if __name__ == "__main__":
+    write_report("scaling", run())
