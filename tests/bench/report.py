@@ -32,6 +32,7 @@ def write_report(name: str, figures: dict[str, float | str]) -> None:
     (RESULTS / f"bench_{name}.json").write_text(json.dumps(figures, indent=1))
     merged_path = RESULTS / "bench.json"
     merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
+    merged = {k: v for k, v in merged.items() if isinstance(v, dict)}  # one section per bench
     merged[name] = figures
     merged_path.write_text(json.dumps(merged, indent=1))
     (RESULTS / "bench.md").write_text("".join(f"## {n}\n\n{_table(f)}\n" for n, f in merged.items()))
