@@ -52,7 +52,7 @@ class RedisServer:
     """A redis-server child process; `url` is where it listens."""
 
     def __init__(self, directory: Path, port: int | None = None, password: str | None = None, aof: bool = True) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()  # redis-server chdirs into it before opening its log
         self.port = port or free_port()
         self.password = password
         self.aof = aof

@@ -33,6 +33,20 @@ def small_cfg() -> Config:
     )
 
 
+def random_batch_arrays(b: int, seed: int = 0, reward_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """A batch of random transitions in the replay's layout; the second one is terminal."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
+        "next_image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
+        "vector": rng.normal(size=(b, 53)).astype(np.float32),
+        "next_vector": rng.normal(size=(b, 53)).astype(np.float32),
+        "action": rng.uniform(-1, 1, (b, 2)).astype(np.float32),
+        "reward": (rng.normal(size=b) * reward_scale).astype(np.float32),
+        "done": (np.arange(b) == 1).astype(np.float32),
+    }
+
+
 def follow_route(observation: dict[str, np.ndarray], target_speed: float = 8.0) -> np.ndarray:
     """A simple route follower over the vector features (steer toward the 5th look-ahead point)."""
     look = observation["vector"][3:].reshape(25, 2) * 50.0

@@ -4,6 +4,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,10 @@ def test_redis_dies_with_a_killed_parent(tmp_path):
     proc.kill()
     proc.wait()
     assert _refuses(port)
+
+
+def test_server_accepts_a_relative_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with RedisServer(Path("runs/x/redis")) as s:
+        assert connect(s.url).ping()
+    assert (tmp_path / "runs/x/redis/redis.log").is_file()

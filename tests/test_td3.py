@@ -7,6 +7,7 @@ from common.batch import Batch
 from common.config import load_config
 from learner.monitor import AdaptiveCnnLr
 from learner.td3 import TD3
+from tests.conftest import random_batch_arrays
 
 CPU = torch.device("cpu")
 
@@ -17,17 +18,7 @@ def make_agent(*overrides: str) -> TD3:
 
 
 def tiny_batch(b: int = 4, seed: int = 0, reward_scale: float = 1.0) -> Batch:
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
-        "next_image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
-        "vector": rng.normal(size=(b, 53)).astype(np.float32),
-        "next_vector": rng.normal(size=(b, 53)).astype(np.float32),
-        "action": rng.uniform(-1, 1, (b, 2)).astype(np.float32),
-        "reward": (rng.normal(size=b) * reward_scale).astype(np.float32),
-        "done": np.array([0, 1, 0, 0][:b], np.float32),
-    }
-    return Batch.from_numpy(arrays, CPU)
+    return Batch.from_numpy(random_batch_arrays(b, seed, reward_scale), CPU)
 
 
 def reference_target(agent: TD3, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:

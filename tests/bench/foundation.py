@@ -16,6 +16,7 @@ from learner.td3 import TD3
 from actors.adder import ChunkAdder
 from replay_server.ring import FrameRing
 from tests.bench.report import write_report
+from tests.conftest import random_batch_arrays
 
 
 def env_rate(scenario: int, steps: int = 2000) -> float:
@@ -35,18 +36,7 @@ def env_rate(scenario: int, steps: int = 2000) -> float:
 def update_rate(batch_size: int, device: torch.device, n: int = 5) -> float:
     cfg = load_config(overrides=[f"td3.batch_size={batch_size}"])
     agent = TD3(cfg, device)
-    rng = np.random.default_rng(0)
-    b = batch_size
-    arrays = {
-        "image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
-        "next_image": rng.integers(0, 256, (b, 4, 84, 84), dtype=np.uint8),
-        "vector": rng.normal(size=(b, 53)).astype(np.float32),
-        "next_vector": rng.normal(size=(b, 53)).astype(np.float32),
-        "action": rng.uniform(-1, 1, (b, 2)).astype(np.float32),
-        "reward": rng.normal(size=b).astype(np.float32),
-        "done": np.zeros(b, np.float32),
-    }
-    batch = Batch.from_numpy(arrays, device)
+    batch = Batch.from_numpy(random_batch_arrays(batch_size), device)
     for _ in range(2):
         agent.update(batch)
     start = time.perf_counter()
