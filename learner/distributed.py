@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20  # weights are ~13 MB a version; the default 30% of RAM is waste
 PERF_EVERY_S = 5.0
+TRAIN_SLICE_S = 0.25
 
 
 def start_ray(cfg: Config) -> None:
@@ -157,13 +158,12 @@ class DistributedRun:
         return new_steps
 
     def _train(self, credit: float) -> float:
-        """Up to a short burst of updates, so reports and the replay keep being read."""
+        """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read."""
         core = self.core
-        burst = 0
-        while credit >= 1.0 and burst < 8 and core.learner.ready(core.env_step):
+        start = time.perf_counter()
+        while credit >= 1.0 and time.perf_counter() - start < TRAIN_SLICE_S and core.learner.ready(core.env_step):
             core.learner.step(core.env_step)
             credit -= 1.0
-            burst += 1
             if core.agent.updates % self.cfg.learner.weight_sync_interval == 0:
                 self.version += 1
                 self._publish()
@@ -226,9 +226,9 @@ class DistributedRun:
 
     def _finish(self) -> None:
         """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint."""
-        self.actors.shutdown()
         self.core.replay.poll()
         self._log_perf()
+        self.actors.shutdown()
         if not self.stop_requested:
             self._collect_eval(wait=True)
             if self.core.env_step != self.eval_step or not self.core.last_eval:

@@ -18,6 +18,7 @@ from ray.exceptions import RayError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+QUEUED = 2
 
 
 class ActorSupervisor:
@@ -41,9 +42,10 @@ class ActorSupervisor:
         self.futures[self.handles[index].run.remote(*args)] = index
 
     def idle(self) -> list[int]:
-        """Live actors with no report in flight."""
-        busy = set(self.futures.values())
-        return [i for i in self.handles if i not in busy]
+        """Live actors with fewer than `QUEUED` reports in flight (one queued behind the running
+        one keeps an actor stepping while the learner is busy updating)."""
+        in_flight = list(self.futures.values())
+        return [i for i in self.handles for _ in range(QUEUED - in_flight.count(i))]
 
     def collect(self) -> list[tuple[int, dict[str, Any]]]:
         """Reports that are ready now; deaths are handled on the way."""
@@ -52,7 +54,9 @@ class ActorSupervisor:
         ready, _ = ray.wait(list(self.futures), num_returns=len(self.futures), timeout=0)
         reports = []
         for future in ready:
-            index = self.futures.pop(future)
+            index = self.futures.pop(future, None)
+            if index is None:  # a queued report of an actor buried a moment ago
+                continue
             try:
                 reports.append((index, ray.get(future)))
                 self.consecutive_deaths[index] = 0
@@ -62,6 +66,8 @@ class ActorSupervisor:
 
     def _bury(self, index: int, exc: Exception) -> None:
         handle = self.handles.pop(index, None)
+        for future in [f for f, i in self.futures.items() if i == index]:
+            del self.futures[future]  # the queued report dies with the actor
         if handle is not None:
             ray.kill(handle, no_restart=True)
         self.consecutive_deaths[index] += 1

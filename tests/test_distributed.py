@@ -91,3 +91,39 @@ def test_actors_are_placed_on_the_node_with_the_simulator_resource(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_ctrl_c_stops_everything_and_leaves_a_resumable_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    import redis as redis_lib
+
+    from tests.conftest import ROOT
+
+    sets = [arg for o in FAST if o != "eval.freq=200" for arg in ("--set", o)]
+    cmd = [sys.executable, "-m", "learner", "--max-timesteps", "100000", "--logdir", str(tmp_path),
+           "--set", "eval.freq=0", *sets]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step " in line and "/100000" in line and not line.split("step ")[1].startswith("0/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + out
+    (run_dir,) = tmp_path.iterdir()
+    (ckpt,) = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    port = int(next(l for l in lines if "replay service: redis-server on" in l).split(":")[-1].split("/")[0])
+    with pytest.raises(redis_lib.exceptions.ConnectionError):
+        redis_lib.Redis(port=port, socket_connect_timeout=0.5).ping()
+    assert not [l for l in out.splitlines() if "Traceback" in l]
+    stopped_at = int(ckpt.name.split("_")[1])
+    # the run resumes from its checkpoint, with its replay read back from Redis's AOF
+    resumed = subprocess.run([sys.executable, "-m", "learner", "--resume", "latest", "--logdir", str(tmp_path),
+                              "--max-timesteps", str(stopped_at + 100)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {ckpt}" in resumed.stdout + resumed.stderr
+    assert "transitions already in" in resumed.stdout + resumed.stderr
