@@ -14,6 +14,11 @@ from common.networks import Policy
 log = logging.getLogger(__name__)
 
 
+def finite_step(observation: dict[str, np.ndarray], reward: float) -> bool:
+    """False for a step whose vector observation or reward holds NaN or inf (frames are uint8)."""
+    return bool(np.isfinite(reward) and np.isfinite(observation["vector"]).all())
+
+
 class Actor:
     """Uniform random actions for `learning_starts` steps, then the policy plus Gaussian noise
     whose std decays linearly from `expl_noise_start` to `expl_noise_end`, times `noise_scale`

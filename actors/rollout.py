@@ -3,6 +3,7 @@ service, newer weights pulled by version. Plain Python, run as a Ray actor by th
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.actor import Actor
+from actors.actor import Actor, finite_step
 from actors.adder import ChunkAdder
 from actors.envs import make_env
 from common.config import from_dict
@@ -18,6 +19,8 @@ from common.networks import Policy
 from common.weights import VariableClient
 from common.metrics import EpisodeStats
 from replay_server.client import ReplayClient, connect
+
+log = logging.getLogger(__name__)
 
 
 def noise_scales(n: int, low: float, high: float) -> list[float]:
@@ -49,6 +52,7 @@ class RolloutWorker:
         self.seed = seed
         self.episodes = 0
         self.steps = 0
+        self.nonfinite = 0
         self.stats = EpisodeStats()
         self.obs = self._reset()
 
@@ -67,6 +71,13 @@ class RolloutWorker:
                 self.weights.update()
             action = self.actor.select_action(self.obs, global_step + i)
             obs, reward, terminated, truncated, info = self.env.step(action)
+            if not finite_step(obs, reward):
+                self.nonfinite += 1
+                log.warning("actor %d dropped a non-finite step at its step %d (episode %d); episode restarted",
+                            self.index, self.steps, self.episodes)
+                self.stats = EpisodeStats()
+                self.obs = self._reset()
+                continue
             self.adder.add(action, reward, obs, terminated, truncated, policy_version=max(self.weights.version, 0))
             self.stats.add(reward, info)
             self.steps += 1
@@ -85,6 +96,7 @@ class RolloutWorker:
             "weight_fetches": self.weights.fetches,
             "transitions_dropped": c.transitions_dropped,
             "send_failures": c.send_failures,
+            "nonfinite_dropped": self.nonfinite,
         }
 
     def pid(self) -> int:

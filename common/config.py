@@ -167,6 +167,8 @@ class LearnerConfig:
     """Pre-clip gradient norm that raises alerts/gradient_explosion_warning."""
     grad_critical_norm: float = 1000.0
     """Pre-clip gradient norm that raises alerts/gradient_explosion_critical."""
+    nonfinite_restore_after: int = 3
+    """Non-finite losses in a row after which the last good weights are restored."""
     amp: bool = True
     """bf16 autocast for forward passes on CUDA (ignored on CPU)."""
     weight_sync_interval: int = 100

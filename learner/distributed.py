@@ -85,6 +85,7 @@ class DistributedRun:
         self.actor_versions: dict[int, int] = {}
         self.weight_fetches: dict[int, int] = {}
         self.dropped: dict[int, int] = {}
+        self.nonfinite: dict[int, int] = {}
         dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
             "http://127.0.0.1:8265" if cfg.learner.ray_dashboard else "off")
         log.info("%d rollout actors + 1 evaluator on Ray (dashboard: %s)", a.num_actors, dashboard)
@@ -152,6 +153,7 @@ class DistributedRun:
             self.actor_versions[index] = report["policy_version"]
             self.weight_fetches[index] = report["weight_fetches"]
             self.dropped[index] = report["transitions_dropped"]
+            self.nonfinite[index] = report["nonfinite_dropped"]
         actors.restart_due()
         for index in actors.idle():
             actors.launch(index, self.cfg.actors.steps_per_report, core.env_step)
@@ -207,6 +209,7 @@ class DistributedRun:
             "actors/policy_lag": max(lag) if lag else 0.0,
             "actors/weight_fetches": sum(self.weight_fetches.values()),
             "replay/dropped": sum(self.dropped.values()),
+            "actors/nonfinite_dropped": sum(self.nonfinite.values()),
             **{f"perf/env_steps_per_s_actor{i}": v for i, v in self.actor_speed.items()},
         }
         perf = core.log_perf(extra)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.actor import Actor
+from actors.actor import Actor, finite_step
 from actors.adder import ChunkAdder
 from actors.envs import make_env
 from actors.evaluator import evaluate
@@ -39,6 +39,7 @@ class SerialRun:
         if "actor_rng" in self.core.saved:
             self.actor.rng.bit_generator.state = self.core.saved["actor_rng"]
         self.adder = ChunkAdder(actor_id=0, chunk_steps=cfg.replay.chunk_steps, sink=self.core.replay.insert)
+        self.nonfinite = 0
         return self
 
     def run(self) -> dict[str, float]:
@@ -49,10 +50,16 @@ class SerialRun:
         while core.env_step < cfg.learner.max_timesteps:
             action = self.actor.select_action(obs, core.env_step)
             next_obs, reward, terminated, truncated, info = self.env.step(action)
+            core.env_step += 1
+            if not finite_step(next_obs, reward):
+                self.nonfinite += 1
+                log.warning("dropped a non-finite step at env step %d; episode restarted", core.env_step)
+                stats = EpisodeStats()
+                obs = self._start_episode()
+                continue
             self.adder.add(action, reward, next_obs, terminated, truncated)
             stats.add(reward, info)
             obs = next_obs
-            core.env_step += 1
             if core.env_step % cfg.replay.chunk_steps == 0:
                 core.replay.poll()
             if core.learner.ready(core.env_step):
@@ -90,7 +97,7 @@ class SerialRun:
 
     def _log_perf(self) -> None:
         core = self.core
-        perf = core.log_perf()
+        perf = core.log_perf({"actors/nonfinite_dropped": self.nonfinite})
         log.info(
             "step %d/%d | updates %d | episode reward %.1f | %.0f steps/s | %.1f updates/s",
             core.env_step, self.cfg.learner.max_timesteps, core.agent.updates,

@@ -9,6 +9,8 @@ feeds which quantity.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from contextlib import AbstractContextManager
 
 import torch
@@ -19,6 +21,9 @@ from common.batch import Batch
 from common.config import Config
 from common.networks import Critic, Policy
 from learner.monitor import AdaptiveCnnLr
+
+log = logging.getLogger(__name__)
+SNAPSHOT_EVERY = 100  # good updates between in-memory snapshots for non-finite recovery
 
 
 def _optimizer(model: Policy | Critic, cnn_lr: float, mlp_lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
@@ -77,6 +82,8 @@ class TD3:
         )
         self.amp = device.type == "cuda" and lc.amp
         self.updates = 0
+        self.bad_streak = 0
+        self._good: dict[str, dict] | None = None
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -100,16 +107,29 @@ class TD3:
             next_q = torch.stack([q.float() for q in next_qs]).min(dim=0).values
             return batch.reward + t.gamma * (1.0 - batch.done) * next_q
 
+    @staticmethod
+    def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, prefix: str, model: nn.Module, clip: float) -> dict[str, float] | None:
+        """Backward, clip, step; None (and no change at all) when the loss or a gradient is not finite."""
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        grads = _clip(prefix, model, clip)
+        if not all(math.isfinite(v) for v in grads.values()):
+            opt.zero_grad(set_to_none=True)
+            return None
+        opt.step()
+        return grads
+
     def update_critic(self, batch: Batch) -> dict[str, float]:
         y = self.target_q(batch)
         with self._autocast():
             features = self.critic.cnn(batch.image)
             qs = [q.float() for q in self.critic.heads(features, batch.vector, batch.action)]
         loss = sum(F.mse_loss(q, y) for q in qs)
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = _clip("critic", self.critic, self.cfg.critic_grad_clip)
-        self.critic_opt.step()
+        grads = self._step(loss, self.critic_opt, "critic", self.critic, self.cfg.critic_grad_clip)
+        if grads is None:
+            return {"alerts/nonfinite_loss": 1.0}
         metrics = {"train/critic_loss": float(loss.detach()), **grads, **feature_stats("critic_cnn_", features)}
         for i, q in enumerate(qs, start=1):
             metrics[f"debug/q{i}_mean"] = float(q.detach().mean())
@@ -124,10 +144,9 @@ class TD3:
                 critic_features = self.critic.cnn(batch.image)
             q1 = self.critic.heads(critic_features, batch.vector, action)[0].float()
         loss = -q1.mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = _clip("actor", self.actor, self.cfg.actor_grad_clip)
-        self.actor_opt.step()
+        grads = self._step(loss, self.actor_opt, "actor", self.actor, self.cfg.actor_grad_clip)
+        if grads is None:
+            return {"alerts/nonfinite_loss": 1.0}
         return {"train/actor_loss": float(loss.detach()), **grads, **feature_stats("cnn_", features)}
 
     def soft_update_targets(self) -> None:
@@ -136,13 +155,27 @@ class TD3:
             torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
     def update(self, batch: Batch) -> dict[str, float]:
-        """One critic update; an actor and target update every `policy_delay` (TD3) or every time (DDPG)."""
+        """One critic update; an actor and target update every `policy_delay` (TD3) or every time (DDPG).
+
+        A non-finite loss or gradient changes nothing and raises alerts/nonfinite_loss; after
+        `learner.nonfinite_restore_after` such updates in a row, the networks and optimizers go
+        back to the last snapshot taken after a good update.
+        """
         metrics = self.update_critic(batch)
+        if "alerts/nonfinite_loss" in metrics:
+            return self._nonfinite(metrics)
         self.updates += 1
         delay = self.cfg.policy_delay if self.twin else 1
         if self.updates % delay == 0:
-            metrics |= self.update_actor(batch)
+            actor_metrics = self.update_actor(batch)
+            if "alerts/nonfinite_loss" in actor_metrics:
+                return self._nonfinite(metrics | actor_metrics)
+            metrics |= actor_metrics
             self.soft_update_targets()
+        self.bad_streak = 0
+        if self.updates % SNAPSHOT_EVERY == 0 or self._good is None:
+            self._good = self._snapshot()
+        metrics["alerts/nonfinite_loss"] = 0.0
         # The critic CNN is trained every update, the actor CNN every `delay`: watch both.
         worst_l2 = max(metrics["debug/critic_cnn_features_l2_norm"], metrics.get("debug/cnn_features_l2_norm", 0.0))
         metrics |= self._alerts(metrics)
@@ -150,10 +183,23 @@ class TD3:
         metrics["agent/mlp_lr"] = float(self.actor_opt.param_groups[1]["lr"])
         return metrics
 
-    @torch.no_grad()
-    def act(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.actor(image, vector).float()
+    def _snapshot(self) -> dict[str, dict]:
+        parts = {**self.modules(), **self.optimizers()}
+        return {k: copy.deepcopy(v.state_dict()) for k, v in parts.items()}
+
+    def _nonfinite(self, metrics: dict[str, float]) -> dict[str, float]:
+        self.bad_streak += 1
+        metrics["alerts/nonfinite_loss"] = 1.0
+        restore = self.bad_streak >= self.learner_cfg.nonfinite_restore_after and self._good is not None
+        if restore:
+            for name, part in {**self.modules(), **self.optimizers()}.items():
+                part.load_state_dict(self._good[name])
+            log.warning("%d non-finite updates in a row: restored the weights of the last good snapshot", self.bad_streak)
+            self.bad_streak = 0
+        else:
+            log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.bad_streak)
+        metrics["alerts/weights_restored"] = float(restore)
+        return metrics
 
     # -- checkpoint state ---------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:

@@ -79,3 +79,29 @@ def test_serial_run_through_the_redis_replay_service_resumes_from_redis(tmp_path
     acc = events(run_dir)
     sizes = [e.value for e in acc.Scalars("replay/size")]
     assert sizes[-1] == 260  # 200 read back from Redis at restart + 60 new
+
+
+def test_nonfinite_env_steps_are_dropped_not_learned(tmp_path, small_cfg):
+    import numpy as np
+
+    from learner.serial import SerialRun
+
+    small_cfg.learner.max_timesteps = 200
+    run = SerialRun(small_cfg, tmp_path / "run").init()
+    step = run.env.step
+    calls = {"n": 0}
+
+    def poisoned(action):
+        obs, reward, terminated, truncated, info = step(action)
+        calls["n"] += 1
+        if calls["n"] in (30, 31, 120):
+            reward = float("nan") if calls["n"] != 31 else reward
+            obs = {**obs, "vector": np.full_like(obs["vector"], np.inf)} if calls["n"] == 31 else obs
+        return obs, reward, terminated, truncated, info
+
+    run.env.step = poisoned
+    run.run()
+    ring = run.core.ring
+    assert run.nonfinite == 3
+    assert len(ring) == 200 - 3
+    assert np.isfinite(ring.reward[: len(ring)]).all() and np.isfinite(ring.next_vector[: len(ring)]).all()

@@ -181,3 +181,25 @@ def test_ddpg_has_one_critic_no_smoothing_no_delay(monkeypatch):
     monkeypatch.setattr(torch, "randn_like", lambda t: torch.full_like(t, 50.0))
     torch.testing.assert_close(agent.target_q(batch), reference_target(agent, batch))
     assert "train/actor_loss" in agent.update(batch)
+
+
+def test_nonfinite_loss_skips_the_update_and_restores_after_k():
+    agent = make_agent("learner.nonfinite_restore_after=2")
+    good = tiny_batch()
+    agent.update(good)
+    agent.update(good)
+    snapshot = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    bad = tiny_batch()
+    bad.reward[0] = float("nan")
+    first = agent.update(bad)
+    assert first["alerts/nonfinite_loss"] == 1.0 and first["alerts/weights_restored"] == 0.0
+    assert agent.updates == 2
+    for k, v in agent.critic.state_dict().items():
+        torch.testing.assert_close(v, snapshot[k])  # nothing changed
+    # weights corrupted by something else, then a second bad update in a row: restore
+    with torch.no_grad():
+        agent.critic.cnn.fc.weight.fill_(float("inf"))
+    second = agent.update(bad)
+    assert second["alerts/weights_restored"] == 1.0
+    assert torch.isfinite(agent.critic.cnn.fc.weight).all()
+    assert agent.update(good)["alerts/nonfinite_loss"] == 0.0
