@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Protocol
+
+import redis
 
 from common.chunk import Chunk
 from common.config import Config
@@ -73,6 +76,9 @@ class RedisReplayService:
             self.redis, r.stream_key, max_chunks=math.ceil(r.capacity / r.chunk_steps), buffer_chunks=r.client_buffer_chunks
         )
         self.ingest = RedisReplay(self.redis, r.stream_key, ring, r.max_chunk_bytes)
+        self.poll_failures = 0
+        self.redis_restarts = 0
+        self._next_restart = 0.0
         restored = self.ingest.warm_start()
         if restored:
             log.info("replay service: %d transitions already in %s", restored, r.stream_key)
@@ -81,11 +87,35 @@ class RedisReplayService:
         self.client.insert(chunk)
 
     def poll(self) -> int:
-        return self.ingest.poll()
+        """New transitions into the ring. Never raises for an unreachable Redis: the failure is
+        counted and the next poll tries again; a redis-server we launched and that died is
+        relaunched on its port and data directory, so it comes back with its AOF."""
+        if self.server is not None and self.server.process.poll() is not None and time.monotonic() >= self._next_restart:
+            self._relaunch()
+        try:
+            return self.ingest.poll()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self.poll_failures += 1
+            if self.poll_failures in (1, 10) or self.poll_failures % 100 == 0:
+                log.warning("replay poll failed (%s); %d failures so far, retrying", exc, self.poll_failures)
+            return 0
+
+    def _relaunch(self) -> None:
+        assert self.server is not None
+        log.warning("redis-server (pid %s) died; relaunching it on %s from %s",
+                    self.server.process.pid, self.url, self.server.directory)
+        try:
+            self.server.start()
+            self.redis_restarts += 1
+        except RuntimeError as exc:
+            log.error("redis-server relaunch failed: %s", exc)
+            self._next_restart = time.monotonic() + 5.0
 
     def metrics(self) -> dict[str, float]:
         c, i = self.client.counters, self.ingest.counters
         return {
+            "replay/redis_restarts": self.redis_restarts,
+            "replay/poll_failures": self.poll_failures,
             "replay/size": len(self.ring),
             "replay/inserted": c.transitions_inserted,
             "replay/dropped": c.transitions_dropped,

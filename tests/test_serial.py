@@ -105,3 +105,34 @@ def test_nonfinite_env_steps_are_dropped_not_learned(tmp_path, small_cfg):
     assert run.nonfinite == 3
     assert len(ring) == 200 - 3
     assert np.isfinite(ring.reward[: len(ring)]).all() and np.isfinite(ring.next_vector[: len(ring)]).all()
+
+
+def test_a_crashed_redis_server_is_relaunched_from_its_aof(tmp_path, small_cfg):
+    import time
+
+    from learner.serial import SerialRun
+
+    small_cfg.learner.max_timesteps = 400
+    small_cfg.replay.via_redis = True
+    run = SerialRun(small_cfg, tmp_path / "run").init()
+    service = run.core.replay
+    poll = service.poll
+    state = {"killed_at": None, "stream_before": None}
+
+    def poll_and_crash() -> int:
+        if state["killed_at"] is None and run.core.env_step >= 200:
+            time.sleep(1.2)  # appendfsync everysec: what Redis acknowledged a second ago is on disk
+            state["stream_before"] = service.redis.xlen(small_cfg.replay.stream_key)
+            service.server.kill()
+            state["killed_at"] = run.core.env_step
+        return poll()
+
+    service.poll = poll_and_crash
+    run.run()
+    assert state["killed_at"] is not None and run.core.env_step == 400
+    assert service.redis_restarts == 1
+    from replay_server.client import connect
+    from replay_server.server import RedisServer
+
+    with RedisServer(tmp_path / "run" / "redis") as again:  # everything it acknowledged is still there
+        assert connect(again.url).xlen(small_cfg.replay.stream_key) >= state["stream_before"]
