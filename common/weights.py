@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 

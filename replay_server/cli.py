@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+from PIL import Image, ImageDraw
 
 from common.chunk import HEADER
 from common.config import ConfigError, load_config
@@ -82,9 +83,7 @@ def stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _strip(sample: dict[str, np.ndarray], i: int) -> "Image.Image":
-    from PIL import Image, ImageDraw
-
+def _strip(sample: dict[str, np.ndarray], i: int) -> Image.Image:
     frames = list(sample["image"][i]) + [sample["next_image"][i][-1]]
     scale = 2
     w = 84 * scale

@@ -234,3 +234,19 @@ def test_server_accepts_a_relative_directory(tmp_path, monkeypatch):
     with RedisServer(Path("runs/x/redis")) as s:
         assert connect(s.url).ping()
     assert (tmp_path / "runs/x/redis/redis.log").is_file()
+
+
+def test_stats_and_inspect_cli(server, recorded, tmp_path, capsys):
+    import json
+
+    from replay_server.cli import main as cli
+
+    transitions, resets = recorded
+    send(transitions, resets, ReplayClient(connect(server.url), "avtd3:replay", max_chunks=1000).insert)
+    assert cli(["stats", "--redis-url", server.url, "--window", "0.1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["transitions"] == len(transitions) and report["newest_policy_version"] == 3
+    assert 0 < report["bytes_per_transition"] < 7056  # frames compressed, stored once
+    assert cli(["inspect", "--redis-url", server.url, "--n", "3", "--out", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["sample_000.png", "sample_001.png", "sample_002.png"]
+    assert cli(["stats", "--redis-url", "http://nope"]) == 2
