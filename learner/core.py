@@ -67,6 +67,11 @@ class TrainingCore:
             self.ring = FrameRing.from_state(replay)
         log.info("resumed from %s at env step %d (%d transitions in the saved replay)", path, self.env_step, len(self.ring))
 
+    @property
+    def window_start_step(self) -> int:
+        """The env step of the last perf log."""
+        return self._window[1]
+
     def log_perf(self, extra: dict[str, float] | None = None) -> dict[str, float]:
         now = time.perf_counter()
         t0, steps0, updates0 = self._window

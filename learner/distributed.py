@@ -230,7 +230,8 @@ class DistributedRun:
     def _finish(self) -> None:
         """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint."""
         self.core.replay.poll()
-        self._log_perf()
+        if self.core.env_step != self.core.window_start_step:  # not logged a moment ago
+            self._log_perf()
         self.actors.shutdown()
         if not self.stop_requested:
             self._collect_eval(wait=True)
