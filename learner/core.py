@@ -87,10 +87,12 @@ class TrainingCore:
         self._window = (now, self.env_step, self.agent.updates)
         return perf
 
-    def log_eval(self, metrics: dict[str, float]) -> None:
-        self.logger.log(metrics, self.env_step)
+    def log_eval(self, metrics: dict[str, float], env_step: int | None = None) -> None:
+        """Eval metrics at `env_step`, the step whose weights were evaluated (default: now)."""
+        step = self.env_step if env_step is None else env_step
+        self.logger.log(metrics, step)
         self.last_eval = metrics
-        log.info("eval at step %d: %s", self.env_step, {k: round(v, 3) for k, v in metrics.items()})
+        log.info("eval at step %d: %s", step, {k: round(v, 3) for k, v in metrics.items()})
 
     def checkpoint(self, role_state: dict[str, Any]) -> Path:
         """Writes a checkpoint; `role_state` (JSON) comes back as `saved` on resume."""

@@ -78,7 +78,7 @@ class DistributedRun:
             return remote_worker.remote(cfg_dict, index, incarnation, scales[index], url, self.store)
 
         self.actors = ActorSupervisor(make, a.num_actors, a.restart_backoff_s)
-        self.evaluator = ray.remote(EvalWorker).options(num_cpus=a.num_cpus).remote(cfg_dict)
+        self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0
         self.actor_speed: dict[int, float] = {}
@@ -90,6 +90,9 @@ class DistributedRun:
             "http://127.0.0.1:8265" if cfg.learner.ray_dashboard else "off")
         log.info("%d rollout actors + 1 evaluator on Ray (dashboard: %s)", a.num_actors, dashboard)
         return self
+
+    def _make_evaluator(self) -> Any:
+        return ray.remote(EvalWorker).options(num_cpus=self.cfg.actors.num_cpus).remote(dataclasses.asdict(self.cfg))
 
     def _publish(self) -> None:
         start = time.perf_counter()
@@ -191,14 +194,11 @@ class DistributedRun:
         except ray.exceptions.RayError as exc:
             log.warning("evaluation failed (%s); restarting the evaluator", str(exc).splitlines()[0][:300])
             ray.kill(self.evaluator, no_restart=True)
-            self.evaluator = ray.remote(EvalWorker).options(num_cpus=self.cfg.actors.num_cpus).remote(
-                dataclasses.asdict(self.cfg))
+            self.evaluator = self._make_evaluator()
             return
-        self.core.logger.log(metrics, self.eval_step)
-        self.core.last_eval = metrics
+        self.core.log_eval(metrics, self.eval_step)
         if gif:
             self.core.logger.video("eval/video", gif, size, self.eval_step)
-        log.info("eval at step %d: %s", self.eval_step, {k: round(v, 3) for k, v in metrics.items()})
 
     def _log_perf(self) -> None:
         core, actors = self.core, self.actors
