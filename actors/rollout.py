@@ -3,7 +3,6 @@ service, newer weights pulled by version. Plain Python, run as a Ray actor by th
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
@@ -11,16 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.actor import Actor, finite_step
+from actors.actor import Actor
 from actors.adder import ChunkAdder
 from actors.envs import make_env
+from actors.runner import EpisodeRunner
 from common.config import from_dict
 from common.networks import Policy
 from common.weights import VariableClient
-from common.metrics import EpisodeStats
 from replay_server.client import ReplayClient, connect
-
-log = logging.getLogger(__name__)
 
 
 def noise_scales(n: int, low: float, high: float) -> list[float]:
@@ -49,18 +46,8 @@ class RolloutWorker:
         self.adder = ChunkAdder(actor_id=index, chunk_steps=r.chunk_steps, sink=self.client.insert)
         self.weights = VariableClient(weight_store, self.policy)
         self.weights.update(wait=True)  # start from the learner's current policy
-        self.seed = seed
-        self.episodes = 0
+        self.runner = EpisodeRunner(self.env, self.actor, self.adder, seed)
         self.steps = 0
-        self.nonfinite = 0
-        self.stats = EpisodeStats()
-        self.obs = self._reset()
-
-    def _reset(self) -> dict[str, np.ndarray]:
-        obs, _ = self.env.reset(seed=self.seed + self.episodes)
-        self.adder.reset(obs)
-        self.actor.on_episode_start()
-        return obs
 
     def run(self, steps: int, global_step: int) -> dict[str, Any]:
         """`steps` env steps; `global_step` is the run's env-step count, for the exploration schedule."""
@@ -69,24 +56,10 @@ class RolloutWorker:
         for i in range(steps):
             if self.steps % self.cfg.actors.weight_sync_steps == 0:
                 self.weights.update()
-            action = self.actor.select_action(self.obs, global_step + i)
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            if not finite_step(obs, reward):
-                self.nonfinite += 1
-                log.warning("actor %d dropped a non-finite step at its step %d (episode %d); episode restarted",
-                            self.index, self.steps, self.episodes)
-                self.stats = EpisodeStats()
-                self.obs = self._reset()
-                continue
-            self.adder.add(action, reward, obs, terminated, truncated, policy_version=max(self.weights.version, 0))
-            self.stats.add(reward, info)
+            episode = self.runner.step(global_step + i, policy_version=max(self.weights.version, 0))
             self.steps += 1
-            self.obs = obs
-            if terminated or truncated:
-                finished.append(self.stats.metrics())
-                self.stats = EpisodeStats()
-                self.episodes += 1
-                self.obs = self._reset()
+            if episode is not None:
+                finished.append(episode)
         c = self.client.counters
         return {
             "steps": steps,
@@ -96,7 +69,7 @@ class RolloutWorker:
             "weight_fetches": self.weights.fetches,
             "transitions_dropped": c.transitions_dropped,
             "send_failures": c.send_failures,
-            "nonfinite_dropped": self.nonfinite,
+            "nonfinite_dropped": self.runner.nonfinite,
         }
 
     def pid(self) -> int:

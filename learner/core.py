@@ -54,8 +54,7 @@ class TrainingCore:
         self.logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
         self.learner = Learner(self.agent, self.ring, cfg, self.logger, self.sample_rng)
         self._window = (time.perf_counter(), self.env_step, self.agent.updates)
-        log.info("run directory: %s (learner on %s)", run_dir, self.device)
-        log.info("watch it: tensorboard --logdir %s --host 127.0.0.1", run_dir.parent)
+        log.info("learner on %s", self.device)  # the CLI prints the run directory and TensorBoard command
 
     def _restore(self, path: Path) -> None:
         state, replay = checkpoint.load(path, self.agent)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.actor import Actor, finite_step
+from actors.actor import Actor
 from actors.adder import ChunkAdder
 from actors.envs import make_env
 from actors.evaluator import evaluate
+from actors.runner import EpisodeRunner
 from common.config import Config
-from common.metrics import EpisodeStats
 from learner.core import TrainingCore
 
 log = logging.getLogger(__name__)
@@ -39,27 +39,19 @@ class SerialRun:
         if "actor_rng" in self.core.saved:
             self.actor.rng.bit_generator.state = self.core.saved["actor_rng"]
         self.adder = ChunkAdder(actor_id=0, chunk_steps=cfg.replay.chunk_steps, sink=self.core.replay.insert)
-        self.nonfinite = 0
         return self
+
+    @property
+    def nonfinite(self) -> int:
+        return self.runner.nonfinite
 
     def run(self) -> dict[str, float]:
         cfg, core = self.cfg, self.core
-        obs = self._start_episode()
-        stats = EpisodeStats()
+        self.runner = EpisodeRunner(self.env, self.actor, self.adder, cfg.seed, first_episode=core.episodes)
         update_credit = 0.0
         while core.env_step < cfg.learner.max_timesteps:
-            action = self.actor.select_action(obs, core.env_step)
-            next_obs, reward, terminated, truncated, info = self.env.step(action)
+            finished = self.runner.step(core.env_step)
             core.env_step += 1
-            if not finite_step(next_obs, reward):
-                self.nonfinite += 1
-                log.warning("dropped a non-finite step at env step %d; episode restarted", core.env_step)
-                stats = EpisodeStats()
-                obs = self._start_episode()
-                continue
-            self.adder.add(action, reward, next_obs, terminated, truncated)
-            stats.add(reward, info)
-            obs = next_obs
             if core.env_step % cfg.replay.chunk_steps == 0:
                 core.replay.poll()
             if core.learner.ready(core.env_step):
@@ -67,11 +59,9 @@ class SerialRun:
                 while update_credit >= 1.0:
                     update_credit -= 1.0
                     core.learner.step(core.env_step)
-            if terminated or truncated:
-                core.logger.log(stats.metrics(), core.env_step)
-                core.episodes += 1
-                stats = EpisodeStats()
-                obs = self._start_episode()
+            if finished is not None:
+                core.logger.log(finished, core.env_step)
+                core.episodes = self.runner.episodes
             if core.env_step % 1000 == 0:
                 self._log_perf()
             if cfg.eval.freq and core.env_step % cfg.eval.freq == 0:
@@ -88,12 +78,6 @@ class SerialRun:
             self._checkpoint()
         self.close()
         return core.last_eval
-
-    def _start_episode(self) -> dict[str, np.ndarray]:
-        obs, _ = self.env.reset(seed=self.cfg.seed + self.core.episodes)
-        self.adder.reset(obs)
-        self.actor.on_episode_start()
-        return obs
 
     def _log_perf(self) -> None:
         core = self.core

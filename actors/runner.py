@@ -1,0 +1,58 @@
+"""The acting loop shared by serial mode and every rollout actor: one env driven by an `Actor`,
+feeding a `ChunkAdder`, one step at a time."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from actors.actor import Actor, finite_step
+from actors.adder import ChunkAdder
+from common.env import DrivingEnv
+from common.metrics import EpisodeStats
+
+log = logging.getLogger(__name__)
+
+
+class EpisodeRunner:
+    """Episode `k` resets with seed `seed + k`. A step whose observation or reward is not finite
+    is dropped before the replay, counted, logged, and restarts the episode."""
+
+    def __init__(self, env: DrivingEnv, actor: Actor, adder: ChunkAdder, seed: int, first_episode: int = 0) -> None:
+        self.env = env
+        self.actor = actor
+        self.adder = adder
+        self.seed = seed
+        self.episodes = first_episode
+        self.nonfinite = 0
+        self.stats = EpisodeStats()
+        self.obs = self._reset()
+
+    def _reset(self) -> dict[str, np.ndarray]:
+        obs, _ = self.env.reset(seed=self.seed + self.episodes)
+        self.adder.reset(obs)
+        self.actor.on_episode_start()
+        return obs
+
+    def step(self, env_step: int, policy_version: int = 0) -> dict[str, float] | None:
+        """One env step; returns the finished episode's train/* and rewards/* metrics, if one ended."""
+        action = self.actor.select_action(self.obs, env_step)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if not finite_step(obs, reward):
+            self.nonfinite += 1
+            log.warning("actor %d dropped a non-finite step at env step %d (episode %d); episode restarted",
+                        self.adder.actor_id, env_step, self.episodes)
+            self.stats = EpisodeStats()
+            self.obs = self._reset()
+            return None
+        self.adder.add(action, reward, obs, terminated, truncated, policy_version)
+        self.stats.add(reward, info)
+        self.obs = obs
+        if not (terminated or truncated):
+            return None
+        finished = self.stats.metrics()
+        self.stats = EpisodeStats()
+        self.episodes += 1
+        self.obs = self._reset()
+        return finished
