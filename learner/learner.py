@@ -39,7 +39,8 @@ class Learner:
     def step(self, env_step: int) -> dict[str, float]:
         arrays = self.limiter.sample(self.ring, self.cfg.td3.batch_size, self.rng)
         metrics = self.agent.update(Batch.from_numpy(arrays, self.agent.device))
-        if self.agent.updates % self.interval == 0:
+        # A skipped (non-finite) update does not advance the counter, so log its alert explicitly.
+        if self.agent.updates % self.interval == 0 or metrics["alerts/nonfinite_loss"]:
             self.logger.log(metrics, env_step)
             if self.cfg.logging.debug:
                 log.debug("update %d: %s", self.agent.updates,

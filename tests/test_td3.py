@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,3 +203,27 @@ def test_nonfinite_loss_skips_the_update_and_restores_after_k():
     assert second["alerts/weights_restored"] == 1.0
     assert torch.isfinite(agent.critic.cnn.fc.weight).all()
     assert agent.update(good)["alerts/nonfinite_loss"] == 0.0
+
+
+def test_a_skipped_update_is_always_logged():
+    from learner.learner import Learner
+    from replay_server.ring import FrameRing
+    from tests.conftest import random_batch_arrays
+
+    class Recorder:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, metrics, step):
+            self.logged.append(metrics)
+
+    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "logging.log_interval=1000"])
+    torch.manual_seed(0)
+    agent = TD3(cfg, CPU)
+    logger = Recorder()
+    learner = Learner(agent, FrameRing(16), cfg, logger, np.random.default_rng(0))
+    bad = random_batch_arrays(4)
+    bad["reward"][0] = np.nan
+    learner.limiter.sample = lambda ring, b, rng: bad
+    learner.step(env_step=7)
+    assert logger.logged and logger.logged[0]["alerts/nonfinite_loss"] == 1.0
