@@ -37,7 +37,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.index = index
         seed = cfg.seed + 1000 * (index + 1) + 100_000 * incarnation
-        self.env = make_env(cfg)
+        self.env = make_env(cfg, slot=index)
         self.policy = Policy(cfg.cnn.norm).eval()
         self.actor = Actor(self.policy, cfg, np.random.default_rng(seed), torch.device("cpu"), noise_scale)
         r = cfg.replay
@@ -70,6 +70,8 @@ class RolloutWorker:
             "transitions_dropped": c.transitions_dropped,
             "send_failures": c.send_failures,
             "nonfinite_dropped": self.runner.nonfinite,
+            "simulator_failures": self.runner.simulator_failures,
+            "env": self.env.backend.metrics(),
         }
 
     def pid(self) -> int:

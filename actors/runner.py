@@ -9,7 +9,7 @@ import numpy as np
 
 from actors.actor import Actor, finite_step
 from actors.adder import ChunkAdder
-from common.env import DrivingEnv
+from common.env import DrivingEnv, SimulatorFailure
 from common.metrics import EpisodeStats
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 class EpisodeRunner:
     """Episode `k` resets with seed `seed + k`. A step whose observation or reward is not finite
-    is dropped before the replay, counted, logged, and restarts the episode."""
+    is dropped before the replay, counted, logged, and restarts the episode. A simulator failure
+    (hang or crash) ends the episode in flight: the steps it already made are sent as they are
+    (each is a whole transition), and the next reset recovers the simulator."""
 
     def __init__(self, env: DrivingEnv, actor: Actor, adder: ChunkAdder, seed: int, first_episode: int = 0) -> None:
         self.env = env
@@ -26,6 +28,7 @@ class EpisodeRunner:
         self.seed = seed
         self.episodes = first_episode
         self.nonfinite = 0
+        self.simulator_failures = 0
         self.stats = EpisodeStats()
         self.obs = self._reset()
 
@@ -38,7 +41,15 @@ class EpisodeRunner:
     def step(self, env_step: int, policy_version: int = 0) -> dict[str, float] | None:
         """One env step; returns the finished episode's train/* and rewards/* metrics, if one ended."""
         action = self.actor.select_action(self.obs, env_step)
-        obs, reward, terminated, truncated, info = self.env.step(action)
+        try:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+        except SimulatorFailure as exc:
+            self.simulator_failures += 1
+            log.warning("actor %d lost episode %d at env step %d to a simulator failure: %s",
+                        self.adder.actor_id, self.episodes, env_step, exc)
+            self.stats = EpisodeStats()
+            self.obs = self._reset()
+            return None
         if not finite_step(obs, reward):
             self.nonfinite += 1
             log.warning("actor %d dropped a non-finite step at env step %d (episode %d); episode restarted",

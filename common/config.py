@@ -93,16 +93,38 @@ class EnvConfig:
 
 @dataclass
 class CarlaConfig:
-    """A CARLA server to connect to (the CARLA backend itself arrives with issue #5)."""
+    """CARLA servers, one per env (rollout actors first, then the evaluator), and the CARLA task."""
 
+    launch: bool = True
+    """Launch a server per env with `server_command`; false connects to running servers instead."""
+    server_command: str = "/home/carla/CarlaUE4.sh -RenderOffScreen -nosound"
+    """Command that starts a server (the path in the carlasim/carla image); the RPC, streaming and
+    secondary port flags are appended."""
     host: str = "127.0.0.1"
-    """Address of the CARLA server."""
+    """Address the client connects to (launched servers listen on this machine)."""
     port: int = 2000
-    """RPC port of the CARLA server."""
+    """RPC port of env 0's server; env i uses port + 4*i (streaming +1, secondary +2)."""
+    tm_port: int = 8000
+    """Traffic Manager port of env 0; env i uses tm_port + i, so actors on one node never share one."""
     town: str = "Town01"
     """Map to load."""
+    vehicle: str = "vehicle.tesla.model3"
+    """Blueprint of the ego vehicle."""
+    route_file: str = ""
+    """File of 'x y' route points in CARLA world metres, one per line, '#' comments; the ego starts
+    at the first point. Empty: a route generated per episode by walking map waypoints from a
+    random spawn point."""
+    traffic: list[int] = field(default_factory=lambda: [20, 50, 100])
+    """NPC vehicles on autopilot for scenario 0/1/2."""
     timeout_s: float = 10.0
-    """Client time-out; a tick slower than this counts as a hung server."""
+    """Client time-out; a tick (or camera frame) slower than this is a hung server."""
+    start_timeout_s: float = 120.0
+    """Deadline for a server to answer after a launch or restart, or when connecting; then the env
+    fails with an error naming the address."""
+    restart_every_episodes: int = 0
+    """Relaunch a launched server every N episodes, against CARLA's memory leaks; 0 never."""
+    log_dir: str = "runs/carla_servers"
+    """Directory, on the actor's node, for each launched server's output (carla_<env>.log)."""
 
 
 @dataclass
@@ -285,7 +307,7 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     """The driving task."""
     carla: CarlaConfig = field(default_factory=CarlaConfig)
-    """The CARLA server."""
+    """The CARLA servers and task (env.backend=carla)."""
     cnn: CnnConfig = field(default_factory=CnnConfig)
     """The CNN feature extractor."""
     td3: TD3Config = field(default_factory=TD3Config)
@@ -462,6 +484,12 @@ def validate(cfg: Config) -> None:
     _require(e.route_length_m > 0, "env.route_length_m must be > 0")
     _require(e.max_lateral_deviation_m > 0, "env.max_lateral_deviation_m must be > 0")
     _require(e.lookahead_spacing_m > 0, "env.lookahead_spacing_m must be > 0")
+    c = cfg.carla
+    _require(len(c.traffic) == 3 and min(c.traffic) >= 0,
+             f"carla.traffic={c.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")
+    _require(c.timeout_s > 0 and c.start_timeout_s > 0, "carla.timeout_s and carla.start_timeout_s must be > 0")
+    _require(c.restart_every_episodes >= 0, "carla.restart_every_episodes must be >= 0")
+    _require(0 < c.port < 65536 and 0 < c.tm_port < 65536, "carla.port and carla.tm_port must be TCP ports")
     emb = e.embedded
     _require(len(emb.traffic) == 3 and min(emb.traffic) >= 0,
              f"env.embedded.traffic={emb.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")

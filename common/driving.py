@@ -50,6 +50,8 @@ class DrivingState:
     """A lane marking was crossed during the last tick (an event, not a state)."""
     progress: float
     """Metres driven along the route since the episode started."""
+    obstacle_distance: float = math.inf
+    """Distance to the nearest obstacle ahead, m (inf when none is seen); reported in info, not a feature."""
     lookahead: np.ndarray = field(default_factory=lambda: np.zeros((LOOKAHEAD_POINTS, 2), np.float32))
     """(25, 2) route centre points ahead, in the ego frame (x forward, y left), m."""
 

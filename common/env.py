@@ -8,7 +8,8 @@ turns that into the gymnasium env every role uses:
 - action: float32 [steer, throttle_brake] in [-1, 1]^2 (positive steer turns right, as in
   CARLA; positive throttle_brake accelerates, negative brakes);
 - info: "termination" (one of `TERMINATIONS`, or None while the episode runs), "rewards"
-  (the five weighted components; the reward is their sum), "lane_invasion", "collision", "speed", "progress".
+  (the five weighted components; the reward is their sum), "lane_invasion", "collision", "speed", "progress",
+  "obstacle_distance".
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from common.driving import (
 )
 
 
+class SimulatorFailure(RuntimeError):
+    """The simulator hung or died mid-episode: the episode in flight is lost, and the next
+    `reset()` recovers (relaunches) the simulator and starts a new one."""
+
+
 class DrivingBackend(Protocol):
     """A simulator seen through the driving state."""
 
@@ -46,6 +52,9 @@ class DrivingBackend(Protocol):
 
     def render_rgb(self) -> np.ndarray:
         """A larger (H, W, 3) uint8 picture of the scene, for videos a person watches."""
+
+    def metrics(self) -> dict[str, float]:
+        """Backend health since the last call, logged under actors/ (empty for the embedded one)."""
 
     def close(self) -> None:
         """Releases the simulator."""
@@ -109,6 +118,7 @@ class DrivingEnv(gym.Env):
             "collision": bool(state.collision),
             "speed": state.speed,
             "progress": state.progress,
+            "obstacle_distance": state.obstacle_distance,
         }
         return self._observation(state), reward, terminated, truncated, info
 

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import Config, ConfigError, from_dict, load_config
 from actors.envs import check_backend
+from actors.envs.carla_server import CarlaUnavailable
+from common.config import Config, ConfigError, from_dict, load_config
 from learner import checkpoint
 
 # The old system's flags, kept so its users' scripts keep working: flag -> config key.
@@ -116,5 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.env.backend}_s{cfg.seed}"
     print(f"run directory: {run_dir}\nwatch it:      tensorboard --logdir {run_dir.parent} --host 127.0.0.1 "
           "(or: make tensorboard)", flush=True)
-    Run(cfg, run_dir, resume=ckpt).init().run()
+    try:
+        Run(cfg, run_dir, resume=ckpt).init().run()
+    except CarlaUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

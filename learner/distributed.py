@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
@@ -83,16 +84,17 @@ class DistributedRun:
         self.eval_step = 0
         self.actor_speed: dict[int, float] = {}
         self.actor_versions: dict[int, int] = {}
-        self.weight_fetches: dict[int, int] = {}
-        self.dropped: dict[int, int] = {}
-        self.nonfinite: dict[int, int] = {}
+        self.reports: dict[int, dict[str, Any]] = {}  # each actor's latest report: its counters
         dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
             "http://127.0.0.1:8265" if cfg.learner.ray_dashboard else "off")
         log.info("%d rollout actors + 1 evaluator on Ray (dashboard: %s)", a.num_actors, dashboard)
         return self
 
     def _make_evaluator(self) -> Any:
-        return ray.remote(EvalWorker).options(num_cpus=self.cfg.actors.num_cpus).remote(dataclasses.asdict(self.cfg))
+        # It needs an env like a rollout actor, so the same resources (a CARLA node for CARLA).
+        a = self.cfg.actors
+        return ray.remote(EvalWorker).options(num_cpus=a.num_cpus, resources=a.resources or None).remote(
+            dataclasses.asdict(self.cfg))
 
     def _publish(self) -> None:
         start = time.perf_counter()
@@ -154,9 +156,7 @@ class DistributedRun:
                 core.episodes += 1
             self.actor_speed[index] = report["steps_per_s"]
             self.actor_versions[index] = report["policy_version"]
-            self.weight_fetches[index] = report["weight_fetches"]
-            self.dropped[index] = report["transitions_dropped"]
-            self.nonfinite[index] = report["nonfinite_dropped"]
+            self.reports[index] = report
         actors.restart_due()
         for index in actors.idle():
             actors.launch(index, self.cfg.actors.steps_per_report, core.env_step)
@@ -203,13 +203,24 @@ class DistributedRun:
     def _log_perf(self) -> None:
         core, actors = self.core, self.actors
         lag = [self.version - v for v in self.actor_versions.values()]
+
+        def total(key: str) -> float:
+            return float(sum(r[key] for r in self.reports.values()))
+
+        env = [r["env"] for r in self.reports.values() if r["env"]]
+        backend = {  # the CARLA backend's health; the embedded one reports nothing
+            "actors/carla_restarts": float(sum(e["carla_restarts"] for e in env)),
+            "actors/carla_tick_ms": float(np.mean([e["carla_tick_ms"] for e in env])),
+        } if env else {}
         extra = {
             "actors/alive": actors.alive,
             "actors/restarts": actors.restarts,
             "actors/policy_lag": max(lag) if lag else 0.0,
-            "actors/weight_fetches": sum(self.weight_fetches.values()),
-            "replay/dropped": sum(self.dropped.values()),
-            "actors/nonfinite_dropped": sum(self.nonfinite.values()),
+            "actors/weight_fetches": total("weight_fetches"),
+            "replay/dropped": total("transitions_dropped"),
+            "actors/nonfinite_dropped": total("nonfinite_dropped"),
+            "actors/simulator_failures": total("simulator_failures"),
+            **backend,
             **{f"perf/env_steps_per_s_actor{i}": v for i, v in self.actor_speed.items()},
         }
         perf = core.log_perf(extra)

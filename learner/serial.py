@@ -32,9 +32,14 @@ class SerialRun:
 
     def init(self) -> "SerialRun":
         cfg = self.cfg
-        self.core = TrainingCore(cfg, self.run_dir, self.resume, via_redis=cfg.replay.via_redis)
+        # The envs first: a simulator that cannot start then leaves no run directory or Redis behind.
         self.env = make_env(cfg)
-        self.eval_env = make_env(cfg)
+        try:
+            self.eval_env = make_env(cfg, slot=1)
+        except BaseException:
+            self.env.close()
+            raise
+        self.core = TrainingCore(cfg, self.run_dir, self.resume, via_redis=cfg.replay.via_redis)
         self.actor = Actor(self.core.agent.actor, cfg, np.random.default_rng([cfg.seed, 2]), self.core.device)
         if "actor_rng" in self.core.saved:
             self.actor.rng.bit_generator.state = self.core.saved["actor_rng"]
@@ -81,7 +86,11 @@ class SerialRun:
 
     def _log_perf(self) -> None:
         core = self.core
-        perf = core.log_perf({"actors/nonfinite_dropped": self.nonfinite})
+        perf = core.log_perf({
+            "actors/nonfinite_dropped": self.nonfinite,
+            "actors/simulator_failures": self.runner.simulator_failures,
+            **{f"actors/{k}": v for k, v in self.env.backend.metrics().items()},
+        })
         log.info(
             "step %d/%d | updates %d | episode reward %.1f | %.0f steps/s | %.1f updates/s",
             core.env_step, self.cfg.learner.max_timesteps, core.agent.updates,

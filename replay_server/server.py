@@ -40,7 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies (Linux; a no-op elsewhere)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -73,7 +74,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.url)

@@ -14,12 +14,7 @@ CODE_DIRS = ("common", "actors", "learner", "replay_server")
 
 # Fields declared for a capability whose code has not landed yet; each entry names the issue that
 # will read it. Remove an entry when its code lands.
-PENDING = {
-    "carla.host": "issue #5 (CARLA backend)",
-    "carla.port": "issue #5 (CARLA backend)",
-    "carla.town": "issue #5 (CARLA backend)",
-    "carla.timeout_s": "issue #5 (CARLA backend)",
-}
+PENDING: dict[str, str] = {}
 
 
 def _code() -> str:

@@ -36,6 +36,7 @@ def no_ray_left():
 def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
     cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=400"])
     run = DistributedRun(cfg, tmp_path / "run").init()
+    ray.get([h.pid.remote() for h in run.actors.handles.values()])  # both started, so neither can take the whole budget
     final = run.run()
     assert final["eval/avg_episode_length"] > 0
     ring = run.core.ring

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from actors.envs import make_env
-from common.config import ConfigError, load_config
-from common.driving import DrivingState, reward_components, termination, vector_features, weighted_components
+from actors.envs.carla_server import CarlaUnavailable
+from common.config import load_config
+from common.driving import (
+    DrivingState,
+    reward_components,
+    termination,
+    vector_features,
+    weighted_components,
+)
 from tests.conftest import ROOT, follow_route
 
 
@@ -145,6 +152,7 @@ def test_traffic_scenarios_add_vehicles():
     assert counts[1] > counts[0] >= 1
 
 
-def test_carla_backend_is_a_clear_error_until_it_lands():
-    with pytest.raises(ConfigError, match="issue #5"):
-        make_env(load_config(overrides=["env.backend=carla"]))
+def test_carla_backend_without_a_server_is_a_clear_error(tmp_path):
+    cfg = load_config(overrides=["env.backend=carla", f"carla.log_dir={tmp_path}"])
+    with pytest.raises(CarlaUnavailable, match="carla.server_command '/home/carla/CarlaUE4.sh"):
+        make_env(cfg)

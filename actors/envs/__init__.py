@@ -1,6 +1,12 @@
-"""Driving environments behind the one contract of `common.env`."""
+"""Driving environments behind the one contract of `common.env`.
+
+Env slots: rollout actor i has slot i, the evaluator slot `actors.num_actors` (serial mode: 0 for
+training, 1 for evaluation). A CARLA env derives its server's ports from its slot.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from common.config import Config, ConfigError
 from common.env import DrivingEnv
@@ -8,16 +14,25 @@ from common.env import DrivingEnv
 
 def check_backend(cfg: Config) -> None:
     """Fails at start, before anything is launched, for a backend that cannot be built."""
-    if cfg.env.backend != "embedded":
-        raise ConfigError(
-            "env.backend='carla' needs the CARLA backend, which is not implemented yet (issue #5); "
-            "use env.backend=embedded"
-        )
+    if cfg.env.backend == "carla":
+        try:
+            importlib.import_module("carla")
+        except ImportError as exc:
+            raise ConfigError(f"env.backend=carla needs the 'carla' 0.9.16 client package "
+                              f"(wheels for Python 3.10-3.12): {exc}") from exc
+        if cfg.carla.route_file:
+            from actors.envs.carla_env import load_route_file
+
+            load_route_file(cfg.carla.route_file, cfg.env.route_length_m)
 
 
-def make_env(cfg: Config) -> DrivingEnv:
+def make_env(cfg: Config, slot: int = 0) -> DrivingEnv:
     """The env of `cfg.env.backend`, wrapped in the shared contract."""
     check_backend(cfg)
+    if cfg.env.backend == "carla":
+        from actors.envs.carla_env import CarlaBackend
+
+        return DrivingEnv(CarlaBackend(cfg.env, cfg.carla, slot), cfg.env)
     from actors.envs.highway import HighwayBackend
 
     return DrivingEnv(HighwayBackend(cfg.env), cfg.env)

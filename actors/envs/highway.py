@@ -8,6 +8,8 @@ measures them against its waypoint route.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from highway_env.envs.racetrack_env import RacetrackEnv
 
@@ -107,8 +109,14 @@ class HighwayBackend:
             off_road=not bool(ego.on_road),
             lane_invasion=lane_invasion,
             progress=float(self._progress),
+            obstacle_distance=self._obstacle_distance(),
             lookahead=ego_points.astype(np.float32),
         )
+
+    def _obstacle_distance(self) -> float:
+        ego = self._env.vehicle
+        front, _ = self._env.road.neighbour_vehicles(ego, ego.lane_index)
+        return float(ego.lane_distance_to(front)) if front is not None else math.inf
 
     def _frame(self) -> np.ndarray:
         road = self._env.road
@@ -146,6 +154,9 @@ class HighwayBackend:
         if self._video is None:
             self._video = TopDownCamera(road, VIDEO_SIZE, VIDEO_SCALING)
         return self._video.rgb(road, self._env.vehicle.position)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def close(self) -> None:
         self._env.close()

@@ -1,0 +1,318 @@
+"""The CARLA backend on the `carla==0.9.16` client: synchronous mode at 20 Hz, the Traffic Manager
+synchronous on this env's own port, an ego vehicle with an RGB camera (256x144, FOV 90, matched to
+each tick by frame id) and collision, lane-invasion and obstacle sensors, NPC traffic on autopilot.
+
+CARLA's world frame is left-handed (y to the right, yaw clockwise, degrees); the route and the
+vehicle pose are flipped into the right-handed frame of `common.driving` (y' = -y, yaw' = -yaw)
+before anything is measured, so a positive lateral offset is left of the route on both backends.
+A hung or dead server raises `SimulatorFailure` from `step()`; the next `reset()` relaunches it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from actors.envs.carla_server import CarlaServer
+from actors.envs.route import Route
+from common.config import CarlaConfig, ConfigError, EnvConfig
+from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState
+from common.env import SimulatorFailure
+
+log = logging.getLogger(__name__)
+
+FPS = 20
+CAMERA = {"image_size_x": "256", "image_size_y": "144", "fov": "90"}
+CAMERA_X, CAMERA_Z = 1.6, 1.5
+ROUTE_STEP_M = 2.0
+RESET_ATTEMPTS = 3
+
+
+def load_route_file(path: str, min_length: float) -> np.ndarray:
+    """CARLA-frame (x, y) points of a route file, checked: a clear `ConfigError` for a missing or
+    malformed file, or a route shorter than the episode's `min_length`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"carla.route_file '{p}' does not exist")
+    try:
+        points = np.loadtxt(p, dtype=np.float64, comments="#", ndmin=2)
+    except ValueError as exc:
+        raise ConfigError(f"carla.route_file '{p}' must hold 'x y' numbers, one point per line: {exc}") from exc
+    if points.shape[1] != 2 or len(points) < 2 or not np.isfinite(points).all():
+        raise ConfigError(f"carla.route_file '{p}' must hold at least 2 finite 'x y' points, got shape {points.shape}")
+    length = float(np.hypot(*np.diff(points, axis=0).T).sum())
+    if length < min_length:
+        raise ConfigError(f"carla.route_file '{p}' is {length:.0f} m long, shorter than env.route_length_m={min_length:.0f}")
+    return points
+
+
+def to_gray(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A CARLA BGRA image -> ((84, 84) uint8 grayscale, (H, W, 3) uint8 RGB)."""
+    bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
+    rgb = np.ascontiguousarray(bgra[:, :, 2::-1])
+    gray = Image.fromarray(rgb).convert("L").resize((FRAME_SIZE, FRAME_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.uint8), rgb
+
+
+class _Sensors:
+    """One episode's sensor outputs: camera images by frame id and events of the other sensors."""
+
+    def __init__(self) -> None:
+        self.images: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.collisions: list[int] = []
+        self.invasions: list[int] = []
+        self.obstacles: list[tuple[int, float]] = []
+
+    def on_collision(self, event: Any) -> None:
+        with self.lock:
+            self.collisions.append(event.frame)
+
+    def on_invasion(self, event: Any) -> None:
+        with self.lock:
+            self.invasions.append(event.frame)
+
+    def on_obstacle(self, event: Any) -> None:
+        with self.lock:
+            self.obstacles.append((event.frame, float(event.distance)))
+
+    def events(self, frame: int) -> tuple[bool, bool, float]:
+        """(collision, lane invasion, obstacle distance) reported up to `frame`, then forgotten."""
+        with self.lock:
+            collision = any(f <= frame for f in self.collisions)
+            invasion = any(f <= frame for f in self.invasions)
+            seen = [d for f, d in self.obstacles if f == frame]
+            self.collisions = [f for f in self.collisions if f > frame]
+            self.invasions = [f for f in self.invasions if f > frame]
+            self.obstacles = [(f, d) for f, d in self.obstacles if f > frame]
+        return collision, invasion, min(seen, default=math.inf)
+
+
+class CarlaBackend:
+    """`DrivingBackend` over a CARLA server (env `slot` of the run, see `carla_server`)."""
+
+    dt = 1.0 / FPS
+
+    def __init__(self, env_cfg: EnvConfig, cfg: CarlaConfig, slot: int) -> None:
+        self.env_cfg = env_cfg
+        self.cfg = cfg
+        self.carla = importlib.import_module("carla")
+        self.route_points = load_route_file(cfg.route_file, env_cfg.route_length_m) if cfg.route_file else None
+        self.server = CarlaServer(cfg, slot)
+        self.server.start()
+        self._connect()
+        self.episodes = 0
+        self.broken = False
+        self._ego: Any = None
+        self._sensor_actors: list[Any] = []
+        self._npcs: list[int] = []
+        self._sensors = _Sensors()
+        self._route: Route | None = None
+        self._rgb = np.zeros((144, 256, 3), np.uint8)
+        self._speed = 0.0
+        self._s_start = 0.0
+        self._tick_s, self._ticks = 0.0, 0
+
+    # -- connection ------------------------------------------------------------------------
+    def _connect(self) -> None:
+        self.client = self.carla.Client(self.cfg.host, self.server.ports.rpc)
+        self.client.set_timeout(self.cfg.timeout_s)
+        world = self.client.get_world()
+        if not world.get_map().name.endswith(self.cfg.town):
+            world = self.client.load_world(self.cfg.town)
+        settings = world.get_settings()
+        settings.synchronous_mode = True
+        settings.fixed_delta_seconds = self.dt
+        world.apply_settings(settings)
+        self.tm = self.client.get_trafficmanager(self.server.ports.tm)
+        self.tm.set_synchronous_mode(True)
+        self.world = world
+        self.map = world.get_map()
+        self.blueprints = world.get_blueprint_library()
+
+    def _recover(self, reason: str) -> None:
+        self.server.restart(reason)
+        self._forget_actors()  # they died with the server
+        self._connect()
+        self.broken = False
+
+    # -- episode ---------------------------------------------------------------------------
+    def _route_for(self, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
+        """(CARLA-frame route points, ego spawn transform)."""
+        c = self.carla
+        if self.route_points is not None:
+            (x0, y0), (x1, y1) = self.route_points[0], self.route_points[1]
+            ground = self.map.get_waypoint(c.Location(x=x0, y=y0, z=0.0)).transform.location.z
+            yaw = math.degrees(math.atan2(y1 - y0, x1 - x0))
+            return self.route_points, c.Transform(c.Location(x=x0, y=y0, z=ground + 0.5), c.Rotation(yaw=yaw))
+        spawns = self.map.get_spawn_points()
+        needed = self.env_cfg.route_length_m + LOOKAHEAD_POINTS * self.env_cfg.lookahead_spacing_m + 10.0
+        for _ in range(20):  # a spawn point near a dead end gives a short route: try another one
+            spawn = spawns[int(rng.integers(len(spawns)))]
+            wp = self.map.get_waypoint(spawn.location)
+            points = [(wp.transform.location.x, wp.transform.location.y)]
+            for _ in range(int(needed / ROUTE_STEP_M) + 1):
+                options = wp.next(ROUTE_STEP_M)
+                if not options:
+                    break
+                wp = options[int(rng.integers(len(options)))]  # a random turn at junctions
+                points.append((wp.transform.location.x, wp.transform.location.y))
+            if len(points) * ROUTE_STEP_M >= needed:
+                return np.asarray(points), spawn
+        raise SimulatorFailure(f"no route of {needed:.0f} m from 20 spawn points of {self.cfg.town}")
+
+    def _spawn(self, seed: int | None) -> int:
+        c = self.carla
+        rng = np.random.default_rng(seed)
+        points, ego_tf = self._route_for(rng)
+        self._route = Route(points * np.array([1.0, -1.0]))
+        self._ego = self.world.spawn_actor(self.blueprints.find(self.cfg.vehicle), ego_tf)
+        sensors = self._sensors = _Sensors()
+        mount = c.Transform(c.Location(x=CAMERA_X, z=CAMERA_Z))
+        camera_bp = self.blueprints.find("sensor.camera.rgb")
+        for key, value in CAMERA.items():
+            camera_bp.set_attribute(key, value)
+        for name, tf, callback in (
+            ("sensor.camera.rgb", mount, sensors.images.put),
+            ("sensor.other.collision", c.Transform(), sensors.on_collision),
+            ("sensor.other.lane_invasion", c.Transform(), sensors.on_invasion),
+            ("sensor.other.obstacle", mount, sensors.on_obstacle),
+        ):
+            bp = camera_bp if name == "sensor.camera.rgb" else self.blueprints.find(name)
+            actor = self.world.spawn_actor(bp, tf, attach_to=self._ego)
+            actor.listen(callback)
+            self._sensor_actors.append(actor)
+        self._spawn_traffic(rng, ego_tf)
+        self.tm.set_random_device_seed(int(rng.integers(2**31)))
+        return self.world.tick(self.cfg.timeout_s)
+
+    def _spawn_traffic(self, rng: np.random.Generator, ego_tf: Any) -> None:
+        cmd = self.carla.command
+        free = [tf for tf in self.map.get_spawn_points() if tf.location.distance(ego_tf.location) > 10.0]
+        count = min(self.cfg.traffic[self.env_cfg.scenario], len(free))
+        vehicles = self.blueprints.filter("vehicle.*")
+        batch = [
+            cmd.SpawnActor(vehicles[int(rng.integers(len(vehicles)))], free[i])
+            .then(cmd.SetAutopilot(cmd.FutureActor, True, self.server.ports.tm))
+            for i in rng.permutation(len(free))[:count]
+        ]
+        self._npcs = [r.actor_id for r in self.client.apply_batch_sync(batch, False) if not r.error]
+
+    def _destroy(self) -> None:
+        """Stops the sensors and destroys everything this env spawned, in one batch."""
+        for sensor in self._sensor_actors:
+            sensor.stop()
+        ids = [a.id for a in self._sensor_actors] + ([self._ego.id] if self._ego is not None else []) + self._npcs
+        if ids:
+            self.client.apply_batch([self.carla.command.DestroyActor(i) for i in ids])
+        self._forget_actors()
+
+    def _forget_actors(self) -> None:
+        self._sensor_actors, self._ego, self._npcs = [], None, []
+
+    def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
+        for attempt in range(RESET_ATTEMPTS):
+            try:
+                if self.broken:
+                    self._recover("the last episode hit a simulator failure")
+                elif self.cfg.launch and self.cfg.restart_every_episodes and self.episodes \
+                        and self.episodes % self.cfg.restart_every_episodes == 0:
+                    self._recover(f"scheduled restart after {self.episodes} episodes")
+                else:
+                    self._destroy()
+                frame = self._spawn(seed)
+                gray = self._camera(frame)
+                self.episodes += 1
+                self._speed, self._s_start = 0.0, 0.0
+                state = self._state(frame)
+                self._s_start = state.progress
+                state.progress = 0.0
+                return gray, state
+            except (RuntimeError, SimulatorFailure) as exc:
+                self.broken = True
+                if attempt == RESET_ATTEMPTS - 1:
+                    raise SimulatorFailure(f"CARLA env {self.server.slot} at {self.server.address}: "
+                                           f"{RESET_ATTEMPTS} resets failed, the last with: {exc}") from exc
+                log.warning("CARLA env %d: reset failed (%s); recovering", self.server.slot, exc)
+        raise AssertionError("unreachable")
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
+        steer, throttle_brake = float(action[0]), float(action[1])
+        control = self.carla.VehicleControl(
+            throttle=max(throttle_brake, 0.0), steer=steer, brake=max(-throttle_brake, 0.0))
+        try:
+            self._ego.apply_control(control)
+            start = time.perf_counter()
+            frame = self.world.tick(self.cfg.timeout_s)
+            self._tick_s += time.perf_counter() - start
+            self._ticks += 1
+            gray = self._camera(frame)
+            return gray, self._state(frame)
+        except RuntimeError as exc:
+            self.broken = True
+            raise SimulatorFailure(f"CARLA env {self.server.slot} at {self.server.address}: {exc}") from exc
+
+    def _camera(self, frame: int) -> np.ndarray:
+        """The camera image of exactly `frame`: older images still queued are dropped."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while True:
+            try:
+                image = self._sensors.images.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                raise RuntimeError(f"no camera image for frame {frame} within {self.cfg.timeout_s} s") from None
+            if image.frame == frame:
+                gray, self._rgb = to_gray(image)
+                return gray
+            if image.frame > frame:
+                raise RuntimeError(f"camera image of frame {image.frame} arrived while waiting for frame {frame}")
+
+    def _state(self, frame: int) -> DrivingState:
+        tf = self._ego.get_transform()
+        v, fwd = self._ego.get_velocity(), tf.get_forward_vector()
+        speed = v.x * fwd.x + v.y * fwd.y + v.z * fwd.z
+        position = np.array([tf.location.x, -tf.location.y])
+        s, lateral, heading_error, lookahead = self._route.measure(
+            position, -math.radians(tf.rotation.yaw), self.env_cfg.lookahead_spacing_m)
+        collision, invasion, obstacle = self._sensors.events(frame)
+        on_road = self.map.get_waypoint(tf.location, project_to_road=False, lane_type=self.carla.LaneType.Driving)
+        acceleration = (speed - self._speed) / self.dt
+        self._speed = speed
+        return DrivingState(
+            speed=float(speed), lateral_offset=lateral, heading_error=heading_error,
+            acceleration=float(acceleration), collision=collision, off_road=on_road is None,
+            lane_invasion=invasion, progress=s - self._s_start, obstacle_distance=obstacle, lookahead=lookahead,
+        )
+
+    # -- the rest of the contract ----------------------------------------------------------
+    def render_rgb(self) -> np.ndarray:
+        return self._rgb
+
+    def metrics(self) -> dict[str, float]:
+        tick_ms = 1000.0 * self._tick_s / self._ticks if self._ticks else 0.0
+        self._tick_s, self._ticks = 0.0, 0
+        return {"carla_restarts": float(self.server.restarts), "carla_tick_ms": tick_ms}
+
+    def close(self) -> None:
+        """Destroys what was spawned and turns synchronous mode off, so a server we connected to
+        is not left waiting for ticks; then stops a launched server."""
+        try:
+            if not self.broken:
+                self._destroy()
+                settings = self.world.get_settings()
+                settings.synchronous_mode = False
+                settings.fixed_delta_seconds = None
+                self.world.apply_settings(settings)
+                self.tm.set_synchronous_mode(False)
+        except RuntimeError as exc:
+            log.warning("CARLA env %d: cleanup on close failed: %s", self.server.slot, exc)
+        finally:
+            self.server.kill()

@@ -1,0 +1,163 @@
+"""One CARLA server per env: launched by us and relaunched when it hangs or dies, or an external one
+we connect to and wait for.
+
+Env slot i (rollout actors 0..n-1, then the evaluator) uses RPC port `port + 4i` (streaming +1,
+secondary +2) and Traffic Manager port `tm_port + i`, so several actors on one node never collide.
+A launched server runs in its own process group (CarlaUE4.sh starts the real binary as a child),
+which is killed as a whole; its stdout and stderr go to `<log_dir>/carla_<slot>.log`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import CarlaConfig
+from replay_server.server import die_with_parent
+
+log = logging.getLogger(__name__)
+
+PORTS_PER_SERVER = 4
+SLOT_SPAN = 64
+"""A launched server whose ports are taken moves on by this many slots, past every other env's block."""
+MAX_PORT_TRIES = 8
+
+
+class CarlaUnavailable(RuntimeError):
+    """No CARLA server answered at an address before the deadline."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    rpc: int
+    streaming: int
+    secondary: int
+    tm: int
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def allocate_ports(cfg: CarlaConfig, slot: int, free=port_free) -> Ports:
+    """The ports of env `slot`. A launched server skips a block another process holds; when
+    connecting, the RPC port is the given server's and only our Traffic Manager port must be free."""
+    for k in range(MAX_PORT_TRIES if cfg.launch else 1):
+        block = slot + k * SLOT_SPAN
+        rpc = cfg.port + PORTS_PER_SERVER * block
+        ports = Ports(rpc, rpc + 1, rpc + 2, cfg.tm_port + block)
+        needed = (ports.rpc, ports.streaming, ports.secondary, ports.tm) if cfg.launch else (ports.tm,)
+        if all(free(p) for p in needed):
+            return ports
+    raise CarlaUnavailable(
+        f"no free ports for CARLA env {slot}: tried RPC {cfg.port + PORTS_PER_SERVER * slot} and "
+        f"{MAX_PORT_TRIES - 1 if cfg.launch else 0} more blocks, TM {cfg.tm_port + slot}; "
+        "free them or set carla.port / carla.tm_port"
+    )
+
+
+class CarlaServer:
+    """The server behind one env; `restarts` counts relaunches (hangs, deaths, scheduled)."""
+
+    def __init__(self, cfg: CarlaConfig, slot: int) -> None:
+        self.cfg = cfg
+        self.slot = slot
+        self.ports = allocate_ports(cfg, slot)
+        self.log_path = Path(cfg.log_dir) / f"carla_{slot}.log"
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.ports.rpc}"
+
+    def command(self) -> list[str]:
+        return shlex.split(self.cfg.server_command) + [
+            f"-carla-rpc-port={self.ports.rpc}",
+            f"-carla-streaming-port={self.ports.streaming}",
+            f"-carla-secondary-port={self.ports.secondary}",
+        ]
+
+    def start(self) -> None:
+        if self.cfg.launch:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as out:
+                out.write(f"\n--- launch {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(self.command())}\n".encode())
+                out.flush()
+                try:
+                    self.process = subprocess.Popen(
+                        self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                        start_new_session=True, preexec_fn=die_with_parent,
+                    )
+                except OSError as exc:
+                    raise CarlaUnavailable(
+                        f"carla.server_command '{self.cfg.server_command}' cannot be started on this node: {exc}; "
+                        "point it at CarlaUE4.sh, or set carla.launch=false to connect to running servers"
+                    ) from exc
+            log.info("CARLA server for env %d launched (pid %d) on %s, log %s",
+                     self.slot, self.process.pid, self.address, self.log_path)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Polls the server with back-off until it answers; a launched server that exits, or no
+        answer before `start_timeout_s`, raises `CarlaUnavailable` naming the address."""
+        carla = importlib.import_module("carla")
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        delay, last = 0.2, ""
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise CarlaUnavailable(
+                    f"CARLA server for env {self.slot} ({self.address}) exited with code {self.process.returncode} "
+                    f"before answering; its log ends:\n{self.log_tail()}"
+                )
+            try:
+                client = carla.Client(self.cfg.host, self.ports.rpc)
+                client.set_timeout(min(self.cfg.timeout_s, 5.0))
+                client.get_server_version()
+                return
+            except RuntimeError as exc:
+                last = str(exc)
+            if time.monotonic() + delay > deadline:
+                self.kill()
+                raise CarlaUnavailable(
+                    f"no CARLA server answered at {self.address} within {self.cfg.start_timeout_s:.0f} s "
+                    f"(last error: {last})" + (f"; its log ends:\n{self.log_tail()}" if self.cfg.launch else "")
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def restart(self, reason: str) -> None:
+        """Kills a launched server's process group and launches it again; an external server is
+        waited for (whoever runs it must restart it)."""
+        self.restarts += 1
+        log.warning("CARLA env %d: %s; %s the server at %s (restart %d)", self.slot, reason,
+                    "relaunching" if self.cfg.launch else "waiting for", self.address, self.restarts)
+        self.kill()
+        self.start()
+
+    def kill(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.process = None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""

@@ -1,0 +1,441 @@
+"""Test double of the `carla` 0.9.16 client module, limited to the calls our backend makes.
+
+`tests/test_carla.py` checks that every public class, method and attribute here exists in the real
+package (and that keyword parameters carry the real names), so the backend cannot come to depend
+on something CARLA lacks.
+
+The server side is a stand-in process (`tests/carla_double/fake_server.py`) that only answers
+version queries and ticks over TCP, so hangs and crashes are real: a tick on a hung stand-in
+times out, one on a dead stand-in is refused. The world itself is simulated here, in the client
+process: a circular road of radius 80 m (lane width 3.5 m, one driving lane either side), a
+kinematic ego vehicle, NPCs circling at 6 m/s, and sensors that report on every tick. The camera
+paints each image with the value (frame * 7) % 256 so tests can tell which frame an observation
+came from, and `World._stale_images` makes it deliver the previous frame's image first.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+from typing import Any, Callable
+
+from . import command
+
+_ROAD_RADIUS = 80.0
+_LANE_WIDTH = 3.5
+_ROAD_HALF_WIDTH = 1.5 * _LANE_WIDTH  # our lane plus one driving lane either side
+_WHEELBASE = 2.9
+_NPC_SPEED = 6.0
+
+
+def _timeout_error(seconds: float, address: str) -> RuntimeError:
+    return RuntimeError(f"time-out of {int(seconds * 1000)}ms while waiting for the simulator, "
+                        f"make sure the simulator is ready and connected to {address}")
+
+
+# -- geometry ----------------------------------------------------------------------------------
+class Vector3D:
+    x: float
+    y: float
+    z: float
+
+    def __init__(self, x: float = 0.0, y: float = 0.0, z: float = 0.0) -> None:
+        self.x, self.y, self.z = x, y, z
+
+
+class Location(Vector3D):
+    def distance(self, location: "Location") -> float:
+        return math.dist((self.x, self.y, self.z), (location.x, location.y, location.z))
+
+
+class Rotation:
+    pitch: float
+    yaw: float
+    roll: float
+
+    def __init__(self, pitch: float = 0.0, yaw: float = 0.0, roll: float = 0.0) -> None:
+        self.pitch, self.yaw, self.roll = pitch, yaw, roll
+
+
+class Transform:
+    location: Location
+    rotation: Rotation
+
+    def __init__(self, location: Location | None = None, rotation: Rotation | None = None) -> None:
+        self.location = location or Location()
+        self.rotation = rotation or Rotation()
+
+    def get_forward_vector(self) -> Vector3D:
+        yaw = math.radians(self.rotation.yaw)
+        return Vector3D(math.cos(yaw), math.sin(yaw), 0.0)
+
+
+class LaneType:
+    Driving = 2
+    Any = -2
+
+
+class VehicleControl:
+    throttle: float
+    steer: float
+    brake: float
+
+    def __init__(self, throttle: float = 0.0, steer: float = 0.0, brake: float = 0.0) -> None:
+        self.throttle, self.steer, self.brake = throttle, steer, brake
+
+
+class WorldSettings:
+    synchronous_mode: bool
+    fixed_delta_seconds: float | None
+
+    def __init__(self) -> None:
+        self.synchronous_mode = False
+        self.fixed_delta_seconds = None
+
+
+# -- the map -----------------------------------------------------------------------------------
+def _on_circle(theta: float, z: float = 0.0) -> Transform:
+    return Transform(Location(_ROAD_RADIUS * math.cos(theta), _ROAD_RADIUS * math.sin(theta), z),
+                     Rotation(yaw=math.degrees(theta) + 90.0))
+
+
+class Waypoint:
+    transform: Transform
+
+    def __init__(self, theta: float) -> None:
+        self._theta = theta
+        self.transform = _on_circle(theta)
+
+    def next(self, distance: float) -> list["Waypoint"]:
+        return [Waypoint(self._theta + distance / _ROAD_RADIUS)]
+
+
+class Map:
+    name: str
+
+    def __init__(self, name: str) -> None:
+        self.name = f"Carla/Maps/{name}"
+
+    def get_spawn_points(self) -> list[Transform]:
+        return [_on_circle(2 * math.pi * k / 16, 0.5) for k in range(16)]
+
+    def get_waypoint(self, location: Location, project_to_road: bool = True, lane_type: int = LaneType.Driving) -> Waypoint | None:
+        offset = math.hypot(location.x, location.y) - _ROAD_RADIUS
+        if not project_to_road and abs(offset) > _ROAD_HALF_WIDTH:
+            return None
+        return Waypoint(math.atan2(location.y, location.x))
+
+
+# -- actors ------------------------------------------------------------------------------------
+class ActorBlueprint:
+    id: str
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self._attributes: dict[str, str] = {}
+
+    def set_attribute(self, id: str, value: str) -> None:
+        self._attributes[id] = value
+
+
+class BlueprintLibrary:
+    def __init__(self, ids: list[str]) -> None:
+        self._blueprints = [ActorBlueprint(i) for i in ids]
+
+    def find(self, id: str) -> ActorBlueprint:
+        for bp in self._blueprints:
+            if bp.id == id:
+                return ActorBlueprint(id)
+        raise IndexError(f"blueprint '{id}' not found")
+
+    def filter(self, wildcard_pattern: str) -> "BlueprintLibrary":
+        prefix = wildcard_pattern.rstrip("*")
+        return BlueprintLibrary([bp.id for bp in self._blueprints if bp.id.startswith(prefix)])
+
+    def __len__(self) -> int:
+        return len(self._blueprints)
+
+    def __getitem__(self, pos: int) -> ActorBlueprint:
+        return self._blueprints[pos]
+
+
+class Actor:
+    id: int
+
+    def __init__(self, world: "World", id: int, blueprint: ActorBlueprint, transform: Transform) -> None:
+        self.id = id
+        self._world = world
+        self._type = blueprint.id
+        self._attributes = dict(blueprint._attributes)
+        self._transform = transform
+        self._speed = 0.0
+        self._parent: Actor | None = None
+
+    def get_transform(self) -> Transform:
+        t = self._transform
+        return Transform(Location(t.location.x, t.location.y, t.location.z), Rotation(yaw=t.rotation.yaw))
+
+    def get_velocity(self) -> Vector3D:
+        f = self._transform.get_forward_vector()
+        return Vector3D(f.x * self._speed, f.y * self._speed, 0.0)
+
+
+class Vehicle(Actor):
+    def apply_control(self, control: VehicleControl) -> None:
+        self._world._controls[self.id] = control
+
+
+class Sensor(Actor):
+    def listen(self, callback: Callable[[Any], Any]) -> None:
+        self._world._listeners[self.id] = callback
+
+    def stop(self) -> None:
+        self._world._listeners.pop(self.id, None)
+
+
+class Image:
+    frame: int
+    width: int
+    height: int
+    raw_data: bytes
+
+    def __init__(self, frame: int, width: int, height: int) -> None:
+        self.frame, self.width, self.height = frame, width, height
+        self.raw_data = bytes([(frame * 7) % 256]) * (width * height * 4)
+
+
+class CollisionEvent:
+    frame: int
+    other_actor: Actor
+
+    def __init__(self, frame: int, other_actor: Actor) -> None:
+        self.frame, self.other_actor = frame, other_actor
+
+
+class LaneInvasionEvent:
+    frame: int
+
+    def __init__(self, frame: int) -> None:
+        self.frame = frame
+
+
+class ObstacleDetectionEvent:
+    frame: int
+    distance: float
+
+    def __init__(self, frame: int, distance: float) -> None:
+        self.frame, self.distance = frame, distance
+
+
+# -- world, traffic manager, client ------------------------------------------------------------
+class TrafficManager:
+    def __init__(self, world: "World", port: int) -> None:
+        self._world, self._port = world, port
+
+    def set_synchronous_mode(self, mode_switch: bool = True) -> None:
+        self._world._tm_sync[self._port] = mode_switch
+
+    def set_random_device_seed(self, value: int) -> None:
+        self._world._tm_seed = value
+
+    def get_port(self) -> int:
+        return self._port
+
+
+class World:
+    """The simulated world of one server incarnation."""
+
+    _stale_images = False
+    """Test knob: deliver the previous frame's camera image before the current one."""
+
+    def __init__(self, town: str, connection: "_Connection") -> None:
+        self._map = Map(town)
+        self._conn = connection
+        self._settings = WorldSettings()
+        self._frame = 1
+        self._next_id = 100
+        self._actors: dict[int, Actor] = {}
+        self._controls: dict[int, VehicleControl] = {}
+        self._listeners: dict[int, Callable[[Any], Any]] = {}
+        self._autopilot: set[int] = set()
+        self._tm_sync: dict[int, bool] = {}
+        self._tm_seed: int | None = None
+        self._last_offset: dict[int, float] = {}
+
+    def get_map(self) -> Map:
+        return self._map
+
+    def get_settings(self) -> WorldSettings:
+        s = WorldSettings()
+        s.synchronous_mode, s.fixed_delta_seconds = self._settings.synchronous_mode, self._settings.fixed_delta_seconds
+        return s
+
+    def apply_settings(self, world_settings: WorldSettings) -> int:
+        self._settings = world_settings
+        return self._frame
+
+    def get_blueprint_library(self) -> BlueprintLibrary:
+        return BlueprintLibrary(["vehicle.tesla.model3", "vehicle.audi.tt", "vehicle.lincoln.mkz_2020",
+                                 "sensor.camera.rgb", "sensor.other.collision", "sensor.other.lane_invasion",
+                                 "sensor.other.obstacle"])
+
+    def spawn_actor(self, blueprint: ActorBlueprint, transform: Transform, attach_to: Actor | None = None) -> Actor:
+        self._conn.call(b"s")
+        for other in self._actors.values():
+            if attach_to is None and other._parent is None and other._transform.location.distance(transform.location) < 2.0:
+                raise RuntimeError(f"Spawn failed because of collision at spawn position ({blueprint.id})")
+        kind = Sensor if blueprint.id.startswith("sensor.") else Vehicle
+        actor = kind(self, self._next_id, blueprint, transform)
+        actor._parent = attach_to
+        self._actors[actor.id] = actor
+        self._next_id += 1
+        return actor
+
+    def tick(self, seconds: float = 10.0) -> int:
+        self._conn.call(b"t", seconds)
+        dt = self._settings.fixed_delta_seconds or 0.05
+        self._frame += 1
+        for actor in list(self._actors.values()):
+            if isinstance(actor, Vehicle):
+                self._move(actor, dt)
+        for sensor in [a for a in self._actors.values() if isinstance(a, Sensor) and a.id in self._listeners]:
+            self._sense(sensor)
+        return self._frame
+
+    # -- simulation ----------------------------------------------------------------------
+    def _move(self, vehicle: Vehicle, dt: float) -> None:
+        t = vehicle._transform
+        if vehicle.id in self._autopilot:
+            theta = math.atan2(t.location.y, t.location.x) + _NPC_SPEED * dt / _ROAD_RADIUS
+            vehicle._transform, vehicle._speed = _on_circle(theta, t.location.z), _NPC_SPEED
+            return
+        c = self._controls.get(vehicle.id, VehicleControl())
+        vehicle._speed = max(vehicle._speed + (4.0 * c.throttle - 8.0 * c.brake) * dt, 0.0)
+        yaw = math.radians(t.rotation.yaw) + vehicle._speed / _WHEELBASE * math.tan(math.radians(70.0) * c.steer) * dt
+        t.rotation.yaw = math.degrees(yaw)
+        t.location.x += vehicle._speed * math.cos(yaw) * dt
+        t.location.y += vehicle._speed * math.sin(yaw) * dt
+
+    def _sense(self, sensor: Sensor) -> None:
+        parent, callback, frame = sensor._parent, self._listeners[sensor.id], self._frame
+        if parent is None:
+            return
+        loc = parent._transform.location
+        others = [a for a in self._actors.values() if isinstance(a, Vehicle) and a is not parent]
+        if sensor._type == "sensor.camera.rgb":
+            w, h = int(sensor._attributes.get("image_size_x", 800)), int(sensor._attributes.get("image_size_y", 600))
+            images = ([Image(frame - 1, w, h)] if self._stale_images else []) + [Image(frame, w, h)]
+            # Camera data arrives on another thread, as from CARLA's streaming port.
+            threading.Thread(target=lambda: [callback(i) for i in images], daemon=True).start()
+        elif sensor._type == "sensor.other.collision":
+            for other in others:
+                if other._transform.location.distance(loc) < 3.0:
+                    callback(CollisionEvent(frame, other))
+        elif sensor._type == "sensor.other.lane_invasion":
+            offset = math.hypot(loc.x, loc.y) - _ROAD_RADIUS
+            before = self._last_offset.get(sensor.id, offset)
+            self._last_offset[sensor.id] = offset
+            for marking in (-_LANE_WIDTH / 2, _LANE_WIDTH / 2):
+                if (before - marking) * (offset - marking) < 0:
+                    callback(LaneInvasionEvent(frame))
+        elif sensor._type == "sensor.other.obstacle":
+            fwd = parent._transform.get_forward_vector()
+            for other in others:
+                o = other._transform.location
+                ahead = (o.x - loc.x) * fwd.x + (o.y - loc.y) * fwd.y
+                side = abs(-(o.x - loc.x) * fwd.y + (o.y - loc.y) * fwd.x)
+                if 0.0 < ahead < 20.0 and side < 2.0:
+                    callback(ObstacleDetectionEvent(frame, ahead))
+
+    def _apply(self, cmd: Any) -> command.Response:
+        if isinstance(cmd, command.SpawnActor):
+            try:
+                actor = self.spawn_actor(cmd._blueprint, cmd._transform)
+            except RuntimeError as exc:
+                return command.Response(0, str(exc))
+            for follow in cmd._then:
+                if isinstance(follow, command.SetAutopilot) and follow._enabled:
+                    self._autopilot.add(actor.id)
+            return command.Response(actor.id, "")
+        if isinstance(cmd, command.DestroyActor):
+            key = cmd._actor if isinstance(cmd._actor, int) else cmd._actor.id
+            if self._actors.pop(key, None) is None:
+                return command.Response(key, f"actor {key} not found")
+            self._listeners.pop(key, None)
+            self._autopilot.discard(key)
+            return command.Response(key, "")
+        raise NotImplementedError(type(cmd).__name__)
+
+
+class _Connection:
+    """A TCP link to the stand-in server: one byte out, one line back."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.address = f"{host}:{port}"
+        self.timeout = timeout
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError:
+            raise _timeout_error(timeout, self.address) from None
+
+    def call(self, op: bytes, seconds: float | None = None) -> str:
+        try:
+            self.sock.settimeout(seconds or self.timeout)
+            self.sock.sendall(op)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = self.sock.recv(64)
+                if not chunk:
+                    raise OSError("connection closed")
+                reply += chunk
+            return reply.decode().strip()
+        except OSError:
+            raise _timeout_error(seconds or self.timeout, self.address) from None
+
+
+_worlds: dict[tuple[str, int, str], World] = {}
+"""Worlds by server incarnation: a relaunched server starts empty, as a real one does."""
+
+
+class Client:
+    def __init__(self, host: str = "127.0.0.1", port: int = 2000, worker_threads: int = 0) -> None:
+        self._host, self._port, self._timeout = host, port, 5.0
+        self._conn: _Connection | None = None
+
+    def _connection(self) -> _Connection:
+        if self._conn is None:
+            self._conn = _Connection(self._host, self._port, self._timeout)
+        return self._conn
+
+    def set_timeout(self, seconds: float) -> None:
+        self._timeout = seconds
+
+    def get_server_version(self) -> str:
+        return self._connection().call(b"v")
+
+    def get_world(self) -> World:
+        conn = self._connection()
+        key = (self._host, self._port, conn.call(b"h"))
+        if key not in _worlds:
+            _worlds[key] = World("Town10HD_Opt", conn)
+        _worlds[key]._conn = conn
+        return _worlds[key]
+
+    def load_world(self, map_name: str) -> World:
+        conn = self._connection()
+        world = _worlds[(self._host, self._port, conn.call(b"h"))] = World(map_name, conn)
+        return world
+
+    def get_trafficmanager(self, client_connection: int = 8000) -> TrafficManager:
+        return TrafficManager(self.get_world(), client_connection)
+
+    def apply_batch(self, commands: list[Any]) -> None:
+        self.apply_batch_sync(commands)
+
+    def apply_batch_sync(self, commands: list[Any], do_tick: bool = False) -> list[command.Response]:
+        world = self.get_world()
+        responses = [world._apply(c) for c in commands]
+        if do_tick:
+            world.tick()
+        return responses

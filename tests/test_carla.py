@@ -1,0 +1,380 @@
+"""The CARLA backend and its server lifecycle, without a CARLA server: the `carla` test double
+(tests/carla_double/carla), checked here against the real carla 0.9.16 package, and a stand-in
+server process (tests/carla_double/fake_server.py) that can hang, crash or refuse to start."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.actor import Actor
+from actors.adder import ChunkAdder
+from actors.baseline import baseline_for
+from actors.envs import check_backend, make_env
+from actors.envs.carla_server import PORTS_PER_SERVER, SLOT_SPAN, CarlaServer, CarlaUnavailable, allocate_ports
+from actors.runner import EpisodeRunner
+from common.config import ConfigError, load_config
+from common.driving import LOOKAHEAD_NORM
+
+DOUBLE_ROOT = Path(__file__).parent / "carla_double"
+FAKE_SERVER = DOUBLE_ROOT / "fake_server.py"
+
+
+# -- the double against the real package ---------------------------------------------------------
+def _stub_classes(pyi: Path) -> dict[str, ast.ClassDef]:
+    return {n.name: n for n in ast.parse(pyi.read_text()).body if isinstance(n, ast.ClassDef)}
+
+
+def _stub_params(classes: dict[str, ast.ClassDef], cls: str, method: str) -> set[str] | None:
+    """Parameter names of every overload of `cls.method` in the stubs, looking through base classes."""
+    node = classes.get(cls)
+    if node is None:
+        return None
+    names = set()
+    for item in node.body:
+        if isinstance(item, ast.FunctionDef) and item.name == method:
+            a = item.args
+            names |= {p.arg for p in a.posonlyargs + a.args + a.kwonlyargs}
+    if names:
+        return names
+    for base in node.bases:
+        found = _stub_params(classes, base.id if isinstance(base, ast.Name) else "", method)
+        if found:
+            return found
+    return None
+
+
+def test_double_matches_real_carla_package():
+    """Every class, method and attribute of the double exists in carla 0.9.16, and every
+    parameter the backend may pass by keyword has the real name."""
+    for name in [m for m in sys.modules if m == "carla" or m.startswith("carla.")]:
+        del sys.modules[name]
+    real = importlib.import_module("carla")
+    assert "site-packages" in real.__file__, real.__file__
+    stubs_dir = Path(real.__file__).parent
+    spec = importlib.util.spec_from_file_location("carla_double", DOUBLE_ROOT / "carla" / "__init__.py",
+                                                  submodule_search_locations=[str(DOUBLE_ROOT / "carla")])
+    double = importlib.util.module_from_spec(spec)
+    sys.modules["carla_double"] = double
+    try:
+        spec.loader.exec_module(double)
+        pairs = [(double, real, _stub_classes(stubs_dir / "libcarla.pyi")),
+                 (importlib.import_module("carla_double.command"), real.command, _stub_classes(stubs_dir / "command.pyi"))]
+    finally:
+        del sys.modules["carla_double"]
+    missing, renamed, checked = [], [], 0
+    for fake, module, stubs in pairs:
+        for name, obj in vars(fake).items():
+            if name.startswith("_") or inspect.ismodule(obj) or getattr(obj, "__module__", fake.__name__) != fake.__name__:
+                continue
+            checked += 1
+            if not hasattr(module, name):
+                missing.append(f"{module.__name__}.{name}")
+                continue
+            if not inspect.isclass(obj):
+                continue
+            members = set(getattr(obj, "__annotations__", {})) | {
+                k for k in vars(obj) if not k.startswith("_") or k in ("__len__", "__getitem__")}
+            for attr in sorted(members):
+                checked += 1
+                if not hasattr(getattr(module, name), attr):
+                    missing.append(f"{module.__name__}.{name}.{attr}")
+                    continue
+                fn = vars(obj).get(attr)
+                if inspect.isfunction(fn):
+                    params = _stub_params(stubs, name, attr)
+                    keywords = [p.name for p in inspect.signature(fn).parameters.values() if p.default is not p.empty]
+                    renamed += [f"{name}.{attr}({k}=)" for k in keywords if params is not None and k not in params]
+    assert not missing, f"the double has what carla 0.9.16 lacks: {missing}"
+    assert not renamed, f"keyword parameters not named as in carla 0.9.16: {renamed}"
+    assert checked > 60
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture
+def carla_double(monkeypatch):
+    """The double imported as `carla` for the test, the real package (if loaded) restored after."""
+    for name in [m for m in sys.modules if m == "carla" or m.startswith("carla.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(DOUBLE_ROOT))
+    carla = importlib.import_module("carla")
+    assert Path(carla.__file__).parent.parent == DOUBLE_ROOT
+    yield carla
+    for name in [m for m in sys.modules if m == "carla" or m.startswith("carla.")]:
+        del sys.modules[name]
+
+
+def _free_base(count: int) -> int:
+    """A base port with `count` free ports after it (probed, then released)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count < 65000 and all(_bindable(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def carla_config(tmp_path, *extra):
+    return load_config(overrides=[
+        "env.backend=carla", f"carla.server_command={sys.executable} {FAKE_SERVER}",
+        f"carla.port={_free_base(12)}", f"carla.tm_port={_free_base(4)}", f"carla.log_dir={tmp_path / 'carla'}",
+        "carla.timeout_s=1.0", "carla.start_timeout_s=10", "carla.traffic=[3,5,8]", "env.route_length_m=60",
+        "env.max_episode_steps=400", *extra,
+    ])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours still answers kill(0)
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _child_pid(log: Path) -> int:
+    return int([line for line in log.read_text().splitlines() if line.startswith("child pid")][-1].split()[-1])
+
+
+# -- episodes against the double -----------------------------------------------------------------
+def test_episode_follows_route_with_the_baseline(tmp_path, carla_double):
+    cfg = carla_config(tmp_path)
+    env = make_env(cfg)
+    try:
+        obs, _ = env.reset(seed=3)
+        world = env.backend.world
+        assert world.get_settings().synchronous_mode and world.get_settings().fixed_delta_seconds == 0.05
+        assert world._tm_sync == {env.backend.server.ports.tm: True}
+        assert obs["image"].shape == (4, 84, 84) and obs["image"].dtype == np.uint8
+        assert np.all(obs["image"][-1] == (world._frame * 7) % 256)  # the frame of this very tick
+        look = obs["vector"][3:].reshape(25, 2) * LOOKAHEAD_NORM
+        assert look[-1, 0] > 40.0, "look-ahead points must not be zero (the old waypoint-index bug)"
+        policy = baseline_for(cfg, env.backend.dt)
+        policy.reset()
+        reasons, offsets, total = None, [], 0.0
+        for _ in range(400):
+            obs, reward, terminated, truncated, info = env.step(policy(obs))
+            assert np.all(obs["image"][-1] == (world._frame * 7) % 256)
+            offsets.append(obs["vector"][1] * 3.5)
+            total += reward
+            if terminated or truncated:
+                reasons = info["termination"]
+                break
+        assert reasons in ("route_completed", "collision"), reasons
+        assert max(abs(o) for o in offsets) < 1.0, "the baseline keeps to the route centre"
+        assert info["progress"] > 30.0
+        assert env.backend.metrics()["carla_tick_ms"] > 0.0
+    finally:
+        env.close()
+
+
+def test_stale_camera_images_are_skipped(tmp_path, carla_double, monkeypatch):
+    monkeypatch.setattr(carla_double.World, "_stale_images", True)
+    env = make_env(carla_config(tmp_path))
+    try:
+        env.reset(seed=0)
+        for _ in range(5):
+            obs, *_ = env.step(np.array([0.0, 0.5], np.float32))
+            assert np.all(obs["image"][-1] == (env.backend.world._frame * 7) % 256)
+    finally:
+        env.close()
+
+
+def test_reset_and_close_clean_up_everything(tmp_path, carla_double):
+    env = make_env(carla_config(tmp_path, "env.scenario=1"))
+    backend = env.backend
+    env.reset(seed=1)
+    world = backend.world
+    first = set(world._actors)
+    assert len(first) == 1 + 4 + 5  # ego, 4 sensors, scenario 1's NPCs
+    assert len(world._autopilot) == 5
+    env.reset(seed=2)
+    assert not first & set(world._actors) and len(world._actors) == 10
+    env.close()
+    assert world._actors == {} and world._listeners == {}
+    assert not world.get_settings().synchronous_mode and world._tm_sync[backend.server.ports.tm] is False
+
+
+def test_lateral_offset_is_signed_and_lane_invasion_counted_once(tmp_path, carla_double):
+    env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    try:
+        env.reset(seed=0)
+        invasions, info, offset = 0, {}, 0.0
+        for _ in range(200):  # steer left (negative) until the episode ends
+            obs, _, terminated, _, info = env.step(np.array([-0.3, 0.3], np.float32))
+            invasions += info["lane_invasion"]
+            offset = obs["vector"][1] * 3.5
+            if terminated:
+                break
+        assert info["termination"] == "lane_departure"
+        assert offset > 2.5, "left of the route is a positive offset"
+        assert invasions == 1
+        assert info["rewards"]["safety"] <= 0
+    finally:
+        env.close()
+
+
+def test_collision_with_obstacle_seen_first(tmp_path, carla_double):
+    env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    try:
+        env.reset(seed=0)
+        backend = env.backend
+        c = carla_double
+        ego_tf = backend._ego.get_transform()
+        fwd = ego_tf.get_forward_vector()
+        ahead = c.Transform(c.Location(ego_tf.location.x + 15 * fwd.x, ego_tf.location.y + 15 * fwd.y, 0.5),
+                            ego_tf.rotation)
+        backend.world.spawn_actor(backend.blueprints.find("vehicle.audi.tt"), ahead)  # parked, not on autopilot
+        seen, info = [], {}
+        for _ in range(100):
+            _, _, terminated, _, info = env.step(np.array([0.0, 1.0], np.float32))
+            seen.append(info["obstacle_distance"])
+            if terminated:
+                break
+        assert info["termination"] == "collision"
+        assert info["rewards"]["safety"] < -5
+        assert any(math.isfinite(d) and d < 20 for d in seen)
+    finally:
+        env.close()
+
+
+def test_route_file(tmp_path, carla_double):
+    theta = np.linspace(0.3, 1.6, 60)
+    (tmp_path / "route.txt").write_text("# x y\n" + "\n".join(f"{80 * math.cos(t)} {80 * math.sin(t)}" for t in theta))
+    cfg = carla_config(tmp_path, f"carla.route_file={tmp_path / 'route.txt'}")
+    env = make_env(cfg)
+    try:
+        obs, _ = env.reset(seed=0)
+        loc = env.backend._ego.get_transform().location
+        assert math.hypot(loc.x - 80 * math.cos(0.3), loc.y - 80 * math.sin(0.3)) < 0.1
+        assert abs(obs["vector"][1]) < 0.01 and abs(obs["vector"][2]) < 0.01
+    finally:
+        env.close()
+    (tmp_path / "bad.txt").write_text("1 2 3\n")
+    with pytest.raises(ConfigError, match="bad.txt"):
+        check_backend(carla_config(tmp_path, f"carla.route_file={tmp_path / 'bad.txt'}"))
+    (tmp_path / "short.txt").write_text("0 0\n10 0\n")
+    with pytest.raises(ConfigError, match="shorter than env.route_length_m"):
+        check_backend(carla_config(tmp_path, f"carla.route_file={tmp_path / 'short.txt'}"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_backend(carla_config(tmp_path, "carla.route_file=/nonexistent/route.txt"))
+
+
+# -- server lifecycle ----------------------------------------------------------------------------
+def test_ports_never_collide_and_taken_ones_are_skipped(tmp_path):
+    cfg = load_config(overrides=[f"carla.port={_free_base(4)}", "carla.tm_port=8000"])
+    slots = [allocate_ports(cfg.carla, i, free=lambda p: True) for i in range(8)]
+    used = [p for ports in slots for p in (ports.rpc, ports.streaming, ports.secondary)]
+    assert len(set(used)) == len(used) and len({p.tm for p in slots}) == 8
+    taken = {slots[0].rpc}
+    moved = allocate_ports(cfg.carla, 0, free=lambda p: p not in taken)
+    assert moved.rpc == cfg.carla.port + PORTS_PER_SERVER * SLOT_SPAN and moved.tm == 8000 + SLOT_SPAN
+    with pytest.raises(CarlaUnavailable, match="no free ports"):
+        allocate_ports(cfg.carla, 0, free=lambda p: False)
+
+
+def _runner(env, chunks):
+    cfg = load_config(overrides=["td3.learning_starts=1000000"])
+    adder = ChunkAdder(actor_id=0, chunk_steps=8, sink=chunks.append)
+    return EpisodeRunner(env, Actor(None, cfg, np.random.default_rng(0), None), adder, seed=0)
+
+
+@pytest.mark.parametrize("fault", ["hang", "die"])
+def test_hung_or_dead_server_is_relaunched_and_the_episode_dropped(tmp_path, carla_double, monkeypatch, fault):
+    faults = tmp_path / "faults"
+    faults.write_text(f"{fault} 30\nok\n")
+    monkeypatch.setenv("FAKE_CARLA_FAULTS", str(faults))
+    env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]", "env.max_episode_steps=1000"))
+    backend = env.backend
+    log = backend.server.log_path
+    first_pid, first_child = backend.server.process.pid, _child_pid(log)
+    chunks: list = []
+    runner = _runner(env, chunks)
+    try:
+        start = time.monotonic()
+        for step in range(60):
+            runner.step(step)
+            if runner.simulator_failures:
+                break
+        assert runner.simulator_failures == 1
+        assert time.monotonic() - start < 15
+        assert backend.server.restarts == 1 and backend.metrics()["carla_restarts"] == 1
+        assert backend.server.process.pid != first_pid
+        assert not _alive(first_pid) and not _alive(first_child), "the whole process group is gone"
+        sent = [c for c in chunks if c.episode_id == chunks[0].episode_id]
+        assert sum(len(c.actions) for c in sent) >= 24, "chunks sent before the failure stay"
+        assert not any(c.terminated.any() or c.truncated.any() for c in sent), "the lost episode is not marked ended"
+        for step in range(60, 100):  # the new server serves the next episode
+            runner.step(step)
+        assert runner.simulator_failures == 1 and runner.episodes == 0
+        text = log.read_text()
+        assert text.count("--- launch") == 2 and f"fault {fault} 30" in text and "fault ok" in text
+    finally:
+        env.close()
+    assert backend.server.process is None
+
+
+def test_scheduled_restart_every_n_episodes(tmp_path, carla_double):
+    env = make_env(carla_config(tmp_path, "carla.restart_every_episodes=2", "carla.traffic=[0,0,0]"))
+    try:
+        pids = []
+        for seed in range(5):
+            env.reset(seed=seed)
+            pids.append(env.backend.server.process.pid)
+        assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+        assert env.backend.server.restarts == 2
+    finally:
+        env.close()
+
+
+def test_connect_to_a_running_server_and_unreachable_address(tmp_path, carla_double):
+    import subprocess
+
+    cfg = carla_config(tmp_path, "carla.launch=false", "carla.start_timeout_s=1.5", "carla.traffic=[0,0,0]")
+    server = subprocess.Popen([sys.executable, str(FAKE_SERVER), f"-carla-rpc-port={cfg.carla.port}"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        env = make_env(cfg)
+        obs, _ = env.reset(seed=0)
+        env.step(np.zeros(2, np.float32))
+        env.close()
+        assert not env.backend.world.get_settings().synchronous_mode, "the server is left free for others"
+        assert server.poll() is None, "a server we only connected to is not killed"
+    finally:
+        server.kill()
+        server.wait()
+    start = time.monotonic()
+    with pytest.raises(CarlaUnavailable, match=f"no CARLA server answered at 127.0.0.1:{cfg.carla.port} within 2 s"):
+        CarlaServer(cfg.carla, 0).start()
+    assert time.monotonic() - start < 5
+
+
+def test_a_server_that_exits_at_launch_reports_its_log(tmp_path, carla_double, monkeypatch):
+    faults = tmp_path / "faults"
+    faults.write_text("refuse\n")
+    monkeypatch.setenv("FAKE_CARLA_FAULTS", str(faults))
+    cfg = carla_config(tmp_path)
+    with pytest.raises(CarlaUnavailable, match=r"exited with code 3 before answering; its log ends:\n(.|\n)*fault refuse"):
+        CarlaServer(cfg.carla, 0).start()
