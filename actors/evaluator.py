@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import numpy as np
 
-from common.env import DrivingEnv
+from common.env import DrivingEnv, SimulatorFailure
+
+log = logging.getLogger(__name__)
 
 PolicyFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""Observation -> action; a policy with a `reset()` method (the baseline's PID) is reset at each episode start."""
 MAX_VIDEO_FRAMES = 300
+EPISODE_ATTEMPTS = 3
 
 
 def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None) -> dict[str, float | str | None]:
     """One deterministic episode; with `frames`, appends a picture of every other step to it."""
     obs, _ = env.reset(seed=seed)
+    if hasattr(policy, "reset"):
+        policy.reset()
     total, steps, invasions, done = 0.0, 0, 0, False
     info: dict = {}
     while not done:
@@ -28,10 +35,24 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
     return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"]}
 
 
+def run_episode_retrying(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None) -> dict[str, Any]:
+    """`run_episode`, run again from its start when the simulator fails under it."""
+    for attempt in range(1, EPISODE_ATTEMPTS + 1):
+        try:
+            return run_episode(env, policy, seed, frames)
+        except SimulatorFailure as exc:
+            if attempt == EPISODE_ATTEMPTS:
+                raise
+            log.warning("evaluation episode (seed %d) lost to a simulator failure, running it again: %s", seed, exc)
+            if frames is not None:
+                frames.clear()
+    raise AssertionError("unreachable")
+
+
 def evaluate(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int, frames: list | None = None) -> dict[str, float]:
     """`episodes` episodes with seeds seed, seed+1, ...; success = route completed. With
     `frames`, the first episode is recorded into it."""
-    results = [run_episode(env, policy, seed + i, frames if i == 0 else None) for i in range(episodes)]
+    results = [run_episode_retrying(env, policy, seed + i, frames if i == 0 else None) for i in range(episodes)]
     reasons = [r["termination"] for r in results]
     return {
         "eval/mean_reward": float(np.mean([r["reward"] for r in results])),
@@ -55,7 +76,7 @@ class EvalWorker:
 
         torch.set_num_threads(1)
         self.cfg = from_dict(cfg_dict)
-        self.env = make_env(self.cfg)
+        self.env = make_env(self.cfg, slot=self.cfg.actors.num_actors)
         self.actor = Actor(Policy(self.cfg.cnn.norm).eval(), self.cfg, np.random.default_rng(0), torch.device("cpu"))
 
     def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:

@@ -1,0 +1,122 @@
+"""The classical baseline: PID speed control plus pure-pursuit steering.
+
+It acts on the learned policy's own observation (speed and look-ahead route points decoded from
+the vector features; it ignores the camera and therefore traffic), goes through the same env
+contract, and is scored by the same evaluator, so its eval/* metrics compare one to one with the
+learner's: `python -m actors.baseline --config deploy/configs/default.yaml --episodes 3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from actors.envs import make_env
+from actors.evaluator import evaluate
+from common.config import Config, ConfigError, load_config
+from common.driving import LOOKAHEAD_NORM, LOOKAHEAD_POINTS, SPEED_NORM
+
+KP, KI, KD = 0.5, 0.3, 0.13
+INTEGRAL_LIMIT = 1.0 / KI
+"""The integrator is clamped so its term alone never exceeds full throttle or brake (anti-windup)."""
+WHEELBASE_M = 3.0
+MIN_LOOKAHEAD_M = 6.0
+LOOKAHEAD_GAIN_S = 0.8
+MAX_STEER_RAD = {"embedded": math.pi / 4, "carla": math.radians(70.0)}
+"""Front-wheel angle at steer = 1: highway-env's steering_range, CARLA's Tesla Model 3."""
+
+
+class PurePursuitPID:
+    """A policy: observation -> [steer, throttle_brake]. `reset()` clears the PID state."""
+
+    def __init__(self, target_speed: float, dt: float, max_steer_rad: float) -> None:
+        self.target_speed = target_speed
+        self.dt = dt
+        self.max_steer_rad = max_steer_rad
+        self.reset()
+
+    def reset(self) -> None:
+        self.integral = 0.0
+        self.prev_error: float | None = None
+
+    def throttle_brake(self, speed: float) -> float:
+        error = self.target_speed - speed
+        self.integral = float(np.clip(self.integral + error * self.dt, -INTEGRAL_LIMIT, INTEGRAL_LIMIT))
+        derivative = 0.0 if self.prev_error is None else (error - self.prev_error) / self.dt
+        self.prev_error = error
+        return float(np.clip(KP * error + KI * self.integral + KD * derivative, -1.0, 1.0))
+
+    def steer(self, speed: float, lookahead: np.ndarray) -> float:
+        """Pure pursuit toward the first route point at least max(6, 0.8 v) m away (ego frame,
+        y left); positive steer turns right, so the sign flips."""
+        reach = max(MIN_LOOKAHEAD_M, LOOKAHEAD_GAIN_S * speed)
+        dist = np.hypot(lookahead[:, 0], lookahead[:, 1])
+        x, y = lookahead[int(np.argmax(dist >= reach)) if (dist >= reach).any() else -1]
+        ld2 = max(x * x + y * y, 1e-6)
+        wheel_angle = math.atan(2.0 * WHEELBASE_M * y / ld2)
+        return float(np.clip(-wheel_angle / self.max_steer_rad, -1.0, 1.0))
+
+    def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        vector = observation["vector"]
+        speed = float(vector[0]) * SPEED_NORM
+        lookahead = vector[3:3 + 2 * LOOKAHEAD_POINTS].reshape(LOOKAHEAD_POINTS, 2) * LOOKAHEAD_NORM
+        return np.array([self.steer(speed, lookahead), self.throttle_brake(speed)], dtype=np.float32)
+
+
+def baseline_for(cfg: Config, dt: float) -> PurePursuitPID:
+    return PurePursuitPID(cfg.env.reward.target_speed, dt, MAX_STEER_RAD[cfg.env.backend])
+
+
+def run_baseline(cfg: Config, episodes: int, seed: int) -> dict[str, float]:
+    """The evaluator's metrics for the baseline over `episodes` episodes from `seed`."""
+    env = make_env(cfg)
+    try:
+        return evaluate(env, baseline_for(cfg, env.backend.dt), episodes, seed)
+    finally:
+        env.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m actors.baseline",
+                                description="Evaluate the PID + pure-pursuit baseline with the learner's evaluator.")
+    p.add_argument("--config", help="YAML config file (see deploy/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--episodes", type=int, default=5, help="evaluation episodes (default 5)")
+    p.add_argument("--seed", type=int, help="first episode seed (default: seed + eval.seed_offset, as the learner's evaluator)")
+    p.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.episodes < 1:
+            raise ConfigError(f"--episodes={args.episodes} must be >= 1")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else cfg.seed + cfg.eval.seed_offset
+    metrics = run_baseline(cfg, args.episodes, seed)
+
+    from common.metrics import MetricLogger
+
+    run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_baseline_{cfg.env.backend}_s{cfg.seed}"
+    logger = MetricLogger(run_dir)
+    logger.log(metrics, 0)
+    logger.close()
+    for key, value in metrics.items():
+        print(f"{key:28s} {value:10.3f}")
+    print(f"logged to {run_dir}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
