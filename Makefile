@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-all tensorboard bench bench-foundation bench-replay bench-scaling clean
+.PHONY: venv run test test-all tensorboard bench bench-foundation bench-replay bench-scaling clean up down logs scale
 
 venv: $(STAMP)
 
@@ -42,3 +42,31 @@ bench-replay: $(STAMP)
 
 bench-scaling: $(STAMP)
 	$(PY) -m tests.bench.scaling
+
+# -- the GPU cluster (docker-compose.yml); COMPOSE=docker-compose for Compose v1 ------------------
+COMPOSE ?= docker compose
+NUM_ACTORS = $(or $(shell sed -n 's/^NUM_ACTORS=//p' .env 2>/dev/null),2)
+export HOST_UID := $(shell id -u)
+export HOST_GID := $(shell id -g)
+
+.env:
+	@echo "no .env: cp .env.example .env and set REDIS_PASSWORD and RAY_AUTH_TOKEN" >&2; exit 1
+
+# One carla-worker per rollout actor, plus one for the evaluator.
+up: .env
+	mkdir -p runs
+	$(COMPOSE) up -d --build --scale carla-worker=$$(( $(NUM_ACTORS) + 1 ))
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs -f --tail=100
+
+# make scale N=<workers>: N carla-workers, N-1 rollout actors (kept in .env). The learner restarts
+# with the new actor count: it checkpoints on the way down and resumes from that checkpoint.
+scale: .env
+	@test -n "$(N)" && [ "$(N)" -ge 2 ] || { echo "usage: make scale N=<carla workers, >= 2>" >&2; exit 2; }
+	sed -i 's/^NUM_ACTORS=.*/NUM_ACTORS=$(shell echo $$(( $(N) - 1 )))/' .env
+	grep -q '^NUM_ACTORS=' .env || echo "NUM_ACTORS=$$(( $(N) - 1 ))" >> .env
+	$(COMPOSE) up -d --scale carla-worker=$(N)

@@ -1,0 +1,14 @@
+#!/bin/sh
+# Ray head + the learner. Resumes the newest run under runs/ when one has a checkpoint, so
+# `docker compose restart learner` (or a crash with restart: on-failure) continues the run.
+set -eu
+ray start --head --port=6380 --dashboard-host=0.0.0.0 --dashboard-port=8265 \
+    --num-cpus="${LEARNER_CPUS:-4}" --disable-usage-stats
+resume=""
+if ls runs/*/checkpoints/latest >/dev/null 2>&1; then
+    resume="--resume latest"
+fi
+# The password reaches the replay client through REDIS_PASSWORD, never the command line.
+# shellcheck disable=SC2086
+exec python -m learner --config "${LEARNER_CONFIG:-deploy/configs/carla.yaml}" \
+    --ray-address auto --redis-url redis://redis:6379/0 --num-actors "${NUM_ACTORS:-2}" --quiet $resume "$@"

@@ -1,0 +1,122 @@
+"""The cluster deployment: docker-compose.yml validates (with Compose itself when this machine has
+it; no Docker engine is needed for that) and keeps its promises: a password-protected, unpublished
+Redis, GPUs reserved, published ports on localhost, non-root images; the Makefile targets and the
+README's cluster section agree with it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRETS = {"REDIS_PASSWORD": "test-password", "RAY_AUTH_TOKEN": "test-token"}
+
+
+def _compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+def _compose_config() -> dict:
+    """The resolved compose file: from Compose when installed, else our own parse of the YAML."""
+    cmd = _compose_command()
+    if cmd is None:
+        return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env = {**os.environ, **SECRETS}
+    out = subprocess.run([*cmd, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+@pytest.mark.skipif(_compose_command() is None, reason="no docker compose / docker-compose on this machine")
+def test_compose_refuses_to_start_without_the_secrets():
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    out = subprocess.run([*_compose_command(), "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "REDIS_PASSWORD" in out.stderr
+
+
+def test_compose_file_keeps_its_promises():
+    services = _compose_config()["services"]
+    assert set(services) == {"redis", "learner", "carla-worker", "tensorboard"}
+    redis = services["redis"]
+    assert "ports" not in redis, "the replay Redis is never published to the host"
+    command = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
+    assert "--requirepass" in command and "--appendonly yes" in command
+    for name in ("learner", "carla-worker"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"], name
+        env = services[name]["environment"]
+        assert {"REDIS_PASSWORD", "RAY_AUTH_TOKEN"} <= set(env) and env["RAY_AUTH_MODE"] == "token"
+    published = {}
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            if isinstance(port, dict):  # compose v2 long form
+                published[port["target"]] = port.get("host_ip", "")
+            else:
+                host_ip, _, target = str(port).split("/")[0].rpartition(":")
+                published[int(target)] = host_ip.rsplit(":", 1)[0]
+    assert set(published) == {6006, 8265}
+    assert all(ip in ("127.0.0.1", "${TENSORBOARD_BIND:-127.0.0.1}", "${DASHBOARD_BIND:-127.0.0.1}")
+               for ip in published.values()), published
+    assert services["learner"]["stop_signal"] == "SIGINT", "stopping the learner must checkpoint"
+    text = (ROOT / "docker-compose.yml").read_text()
+    for var in set(re.findall(r"\$\{(\w+)", text)) - {"HOST_UID", "HOST_GID"}:
+        assert re.search(rf"^{var}=", (ROOT / ".env.example").read_text(), re.M), f"{var} missing from .env.example"
+
+
+def test_images_run_as_non_root_and_entrypoints_exist():
+    learner = (ROOT / "deploy/docker/learner.Dockerfile").read_text()
+    actor = (ROOT / "deploy/docker/actor.Dockerfile").read_text()
+    assert actor.startswith("#") and "FROM carlasim/carla:0.9.16" in actor
+    assert re.findall(r"^USER (\S+)", learner, re.M)[-1] == "avtd3"
+    assert re.findall(r"^USER (\S+)", actor, re.M)[-1] == "carla"
+    for script in ("learner-entrypoint.sh", "actor-entrypoint.sh"):
+        path = ROOT / "deploy/docker" / script
+        assert os.access(path, os.X_OK), script
+        assert subprocess.run(["sh", "-n", str(path)]).returncode == 0, script
+    entry = (ROOT / "deploy/docker/learner-entrypoint.sh").read_text()
+    assert "deploy/configs/carla.yaml" in entry and "--resume latest" in entry and "--ray-address auto" in entry
+    assert '--resources="{\\"carla\\": ${CARLA_SLOTS:-1}}"' in (ROOT / "deploy/docker/actor-entrypoint.sh").read_text()
+    cfg = load_config(ROOT / "deploy/configs/carla.yaml")
+    assert cfg.env.backend == "carla" and cfg.actors.resources == {"carla": 1.0} and cfg.carla.launch
+
+
+def test_makefile_and_readme_describe_the_same_cluster():
+    make = (ROOT / "Makefile").read_text()
+    for target in ("up", "down", "logs", "scale"):
+        assert re.search(rf"^{target}:", make, re.M), target
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run on a GPU cluster"):]
+    section = section[:section.index("\n## ", 5)]
+    for text in ("NVIDIA Container Toolkit", "cp .env.example .env", "make up", "make logs", "make scale N=",
+                 "make down", "127.0.0.1:6006", "127.0.0.1:8265", "--resume latest", "redis", "learner",
+                 "carla-worker", "tensorboard"):
+        assert text in section, text
+
+
+
+def test_make_scale_keeps_the_actor_count_in_env(tmp_path):
+    """`make scale N=4` in a copy of the project: 4 workers, 3 actors written to .env."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    no_env = subprocess.run(["make", "scale", "N=4", "COMPOSE=echo compose"], capture_output=True, text=True, cwd=tmp_path)
+    assert no_env.returncode != 0 and "no .env" in no_env.stderr
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    out = subprocess.run(["make", "scale", "N=4", "COMPOSE=echo compose"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "compose up -d --scale carla-worker=4" in out.stdout
+    assert "NUM_ACTORS=3" in (tmp_path / ".env").read_text().splitlines()
+    up = subprocess.run(["make", "-n", "up", "COMPOSE=compose"], capture_output=True, text=True, cwd=tmp_path)
+    assert "--scale carla-worker=$(( 3 + 1 ))" in up.stdout
