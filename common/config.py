@@ -222,7 +222,13 @@ class ReplayConfig:
     chunk_steps: int = 32
     """Steps per chunk an actor sends (a chunk is also flushed at the end of an episode)."""
     aof: bool = True
-    """Append-only-file persistence (appendfsync everysec) for the redis-server we launch."""
+    """Append-only-file persistence for the redis-server we launch."""
+    aof_fsync: Literal["everysec", "always"] = "everysec"
+    """appendfsync of that AOF: everysec may lose the last second of acknowledged inserts when
+    Redis is killed; always loses none, at some insert throughput."""
+    connect_timeout_s: float = 60.0
+    """How long the learner retries (with back-off) a Redis that does not answer at start
+    before it exits with an error naming the address."""
     client_buffer_chunks: int = 1024
     """Chunks an actor keeps while Redis is unreachable; older ones beyond this are dropped and counted."""
     max_chunk_bytes: int = 4 * 1024 * 1024
@@ -265,6 +271,9 @@ class ActorsConfig:
     """Extra Ray resources each rollout actor needs, e.g. {carla: 1} to land on CARLA nodes."""
     restart_backoff_s: float = 1.0
     """First delay before restarting a dead actor; doubles per consecutive death of that actor, up to 60 s."""
+    max_consecutive_deaths: int = 10
+    """Deaths in a row (without a report between) after which an actor's failure is taken as
+    permanent and the run stops with its last error; 0 never gives up."""
 
 
 @dataclass
@@ -472,6 +481,8 @@ def validate(cfg: Config) -> None:
     _require(r.capacity >= t.batch_size, f"replay.capacity={r.capacity} must be >= td3.batch_size={t.batch_size}")
     _require(r.chunk_steps >= 1 and r.client_buffer_chunks >= 1, "replay.chunk_steps and replay.client_buffer_chunks must be >= 1")
     _require(r.max_chunk_bytes >= 1024, "replay.max_chunk_bytes must be >= 1024")
+    _require(r.connect_timeout_s > 0, "replay.connect_timeout_s must be > 0")
+    _require(cfg.actors.max_consecutive_deaths >= 0, "actors.max_consecutive_deaths must be >= 0")
     _require(r.min_size_to_sample >= 1, "replay.min_size_to_sample must be >= 1")
     _require(r.samples_per_insert >= 0 and r.error_buffer >= 0, "replay.samples_per_insert and replay.error_buffer must be >= 0")
     _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")

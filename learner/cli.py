@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from actors.envs import check_backend
-from actors.envs.carla_server import CarlaUnavailable
 from common.config import Config, ConfigError, from_dict, load_config
+from common.errors import ActorsFailing, ServiceUnavailable
 from learner import checkpoint
 
 # The old system's flags, kept so its users' scripts keep working: flag -> config key.
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
           "(or: make tensorboard)", flush=True)
     try:
         Run(cfg, run_dir, resume=ckpt).init().run()
-    except CarlaUnavailable as exc:
+    except (ServiceUnavailable, ActorsFailing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

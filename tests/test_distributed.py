@@ -54,28 +54,6 @@ def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 
-def test_a_killed_actor_is_restarted_and_the_run_finishes(tmp_path):
-    cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=800", "eval.freq=0"])
-    run = DistributedRun(cfg, tmp_path / "run").init()
-    victim = ray.get(run.actors.handles[1].pid.remote())
-    collect = run._collect_reports
-    killed = []
-
-    def collect_then_kill() -> int:
-        new_steps = collect()
-        if not killed and run.core.env_step >= 200:  # mid-run, mid-episode for the victim
-            os.kill(victim, signal.SIGKILL)
-            killed.append(run.core.env_step)
-        return new_steps
-
-    run._collect_reports = collect_then_kill
-    run.run()
-    assert killed and run.core.env_step >= 800
-    assert run.actors.restarts >= 1
-    _, restarts = scalars(tmp_path / "run", "actors/restarts")
-    assert restarts[-1][1] >= 1
-
-
 def test_actors_are_placed_on_the_node_with_the_simulator_resource(tmp_path):
     from ray.cluster_utils import Cluster
 

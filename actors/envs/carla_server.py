@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import CarlaConfig
+from common.errors import ServiceUnavailable
 from replay_server.server import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ SLOT_SPAN = 64
 MAX_PORT_TRIES = 8
 
 
-class CarlaUnavailable(RuntimeError):
+class CarlaUnavailable(ServiceUnavailable):
     """No CARLA server answered at an address before the deadline."""
 
 
