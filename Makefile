@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-all tensorboard bench bench-foundation bench-replay bench-scaling clean up down logs scale
+.PHONY: venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling clean up down logs scale
 
 venv: $(STAMP)
 
@@ -25,6 +25,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# The fault-injection tests alone (they are part of `make test` too).
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -s tests/test_faults.py $(ARGS)
+
+# make soak MINUTES=30: the embedded distributed system watched for RSS growth and throughput drift.
+MINUTES ?= 30
+soak: $(STAMP)
+	$(PY) -m tests.bench.soak --minutes $(MINUTES)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
