@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling clean up down logs scale
+.PHONY: venv bench-venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling bench-learner experiment-norm experiment-learn clean up down logs scale
 
 venv: $(STAMP)
 
@@ -41,7 +41,26 @@ tensorboard: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-bench: bench-foundation bench-replay bench-scaling
+BENCH_STAMP := $(VENV)/.installed-bench
+
+# Benchmarks and experiments also need the bench extra (stable-baselines3, matplotlib).
+bench-venv: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: bench-foundation bench-replay bench-scaling bench-learner
+
+bench-learner: $(BENCH_STAMP)
+	$(PY) -m tests.bench.learner
+
+# ARGS="--steps N --set key=value ..." scales them (e.g. on a GPU: --set learner.device=cuda --set td3.batch_size=256).
+experiment-norm: $(BENCH_STAMP)
+	$(PY) -m tests.bench.experiments norm $(ARGS)
+
+experiment-learn: $(BENCH_STAMP)
+	$(PY) -m tests.bench.experiments learn $(ARGS)
 
 bench-foundation: $(STAMP)
 	$(PY) -m tests.bench.foundation

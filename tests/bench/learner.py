@@ -1,0 +1,160 @@
+"""Learner speed and memory, each comparison measured in one run on one device:
+
+- our TD3 update at batch 256 on one in-memory batch vs. on batches sampled from our replay ring
+  (the data path: sampling frame stacks, host -> device copy);
+- Stable-Baselines3's TD3 with the identical NatureCNN and MLPs (its own Dict replay buffer, same
+  batch, same device, same policy delay and target noise) vs. ours, updates/s;
+- the learner's resident memory per stored transition (a ring of 50k noisy frames), next to what
+  SB3's DictReplayBuffer allocates per transition;
+- on CUDA: fp32 vs bf16 autocast vs channels_last (and both), the fused Adam always on; which won.
+
+`make bench-learner` (part of `make bench`); needs the `bench` extra (stable-baselines3).
+"""
+
+from __future__ import annotations
+
+import time
+
+import gymnasium as gym
+import numpy as np
+import psutil
+import torch
+
+from common.batch import Batch
+from common.chunk import Chunk
+from common.config import load_config
+from common.driving import ACTION_DIM, FRAME_SIZE, VECTOR_DIM
+from common.env import observation_space
+from common.networks import FEATURE_DIM, NatureCNN
+from learner.td3 import TD3
+from replay_server.ring import FrameRing
+from tests.bench.report import write_report
+from tests.conftest import random_batch_arrays
+
+BATCH = 256
+CHUNK = 32
+
+
+def fill_ring(ring: FrameRing, transitions: int, seed: int = 0) -> None:
+    """Noisy camera-like frames (incompressible, like the worst case of a real camera)."""
+    rng = np.random.default_rng(seed)
+    episode, added = 0, 0
+    while added < transitions:
+        for start in range(0, 256, CHUNK):  # 256-step episodes cut into 32-step chunks
+            frames = rng.integers(0, 256, (CHUNK + 1 + min(start, 3), FRAME_SIZE, FRAME_SIZE), np.uint8)
+            ring.add_chunk(Chunk(0, episode, start, 0, frames, rng.normal(size=(CHUNK + 1, VECTOR_DIM)).astype(np.float32),
+                                 rng.uniform(-1, 1, (CHUNK, ACTION_DIM)).astype(np.float32),
+                                 rng.normal(size=CHUNK).astype(np.float32), np.zeros(CHUNK, bool), np.zeros(CHUNK, bool)))
+            added += CHUNK
+        episode += 1
+
+
+def _timed(step, n: int, device: torch.device) -> float:
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def ours(device: torch.device, ring: FrameRing | None, n: int, *overrides: str) -> float:
+    """Updates/s of our TD3; from `ring` (sampled each update) or one fixed in-memory batch."""
+    cfg = load_config(overrides=[f"td3.batch_size={BATCH}", f"learner.device={device.type}", *overrides])
+    agent = TD3(cfg, device)
+    if ring is None:
+        batch = Batch.from_numpy(random_batch_arrays(BATCH), device)
+        return _timed(lambda: agent.update(batch), n, device)
+    rng = np.random.default_rng(0)
+    return _timed(lambda: agent.update(Batch.from_numpy(ring.sample(BATCH, rng), device)), n, device)
+
+
+def sb3(device: torch.device, n: int) -> tuple[float, float]:
+    """(updates/s, replay bytes per transition) of SB3's TD3 with our CNN and MLP sizes."""
+    from stable_baselines3 import TD3 as SB3TD3
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    class OurFeatures(BaseFeaturesExtractor):
+        """Our NatureCNN on the image, concatenated with the vector: what our heads see."""
+
+        def __init__(self, space: gym.spaces.Dict) -> None:
+            super().__init__(space, features_dim=FEATURE_DIM + VECTOR_DIM)
+            self.cnn = NatureCNN("layernorm")
+
+        def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([self.cnn(obs["image"]), obs["vector"]], dim=1)
+
+    class SpacesOnly(gym.Env):
+        observation_space = observation_space()
+        action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+    size = 5000
+    model = SB3TD3(
+        "MultiInputPolicy", SpacesOnly(), buffer_size=size, batch_size=BATCH, learning_starts=0, device=device,
+        policy_kwargs={"features_extractor_class": OurFeatures, "net_arch": [256, 256], "normalize_images": False,
+                       "share_features_extractor": False},
+    )
+    model.set_logger(configure(None, []))
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        obs = {"image": rng.integers(0, 256, (1, 4, 84, 84), np.uint8), "vector": rng.normal(size=(1, VECTOR_DIM)).astype(np.float32)}
+        model.replay_buffer.add(obs, obs, rng.uniform(-1, 1, (1, ACTION_DIM)), rng.normal(size=1), np.zeros(1), [{}])
+    buf = model.replay_buffer
+    arrays = [*buf.observations.values(), *buf.next_observations.values(), buf.actions, buf.rewards, buf.dones, buf.timeouts]
+    per_transition = sum(a.nbytes for a in arrays) / size
+    return _timed(lambda: model.train(gradient_steps=1, batch_size=BATCH), n, device), per_transition
+
+
+def rss_per_transition(transitions: int = 50_000) -> tuple[float, float]:
+    """(bytes of learner RSS per stored transition, array bytes per transition) of a full ring."""
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    ring = FrameRing(transitions)
+    fill_ring(ring, transitions)
+    grown = proc.memory_info().rss - before
+    arrays = sum(a.nbytes for a in (ring.frames, ring.frame_ids, ring.vector, ring.next_vector, ring.action, ring.reward, ring.done))
+    return grown / len(ring), arrays / ring.capacity
+
+
+def run() -> dict[str, float | str]:
+    results: dict[str, float | str] = {}
+    ring = FrameRing(20_000)
+    fill_ring(ring, 20_000)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        n = 8 if device.type == "cpu" else 200
+        d = device.type
+        synthetic = ours(device, None, n)
+        replay = ours(device, ring, n)
+        theirs, sb3_bytes = sb3(device, n)
+        results[f"{d}: our updates/s, b256, in-memory batch"] = synthetic
+        results[f"{d}: our updates/s, b256, sampled from our replay"] = replay
+        results[f"{d}: data path cost (replay / in-memory)"] = replay / synthetic
+        results[f"{d}: SB3 TD3 updates/s, b256, same CNN and MLPs"] = theirs
+        results[f"{d}: ours (from replay) / SB3"] = replay / theirs
+        results["SB3 DictReplayBuffer bytes per transition"] = sb3_bytes
+        if device.type == "cuda":
+            variants = {
+                "fp32": ["learner.amp=false", "learner.channels_last=false"],
+                "bf16 autocast": ["learner.amp=true", "learner.channels_last=false"],
+                "channels_last": ["learner.amp=false", "learner.channels_last=true"],
+                "bf16 + channels_last": ["learner.amp=true", "learner.channels_last=true"],
+            }
+            speeds = {name: ours(device, ring, n, *o) for name, o in variants.items()}
+            results.update({f"cuda: {name} updates/s (from replay)": v for name, v in speeds.items()})
+            results["cuda: fastest variant"] = max(speeds, key=speeds.get)
+    del ring
+    rss, arrays = rss_per_transition()
+    results["learner RSS bytes per stored transition (noisy frames)"] = rss
+    results["learner ring array bytes per transition"] = arrays
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    write_report("learner", run())
