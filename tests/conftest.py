@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -45,11 +44,3 @@ def random_batch_arrays(b: int, seed: int = 0, reward_scale: float = 1.0) -> dic
         "reward": (rng.normal(size=b) * reward_scale).astype(np.float32),
         "done": (np.arange(b) == 1).astype(np.float32),
     }
-
-
-def follow_route(observation: dict[str, np.ndarray], target_speed: float = 8.0) -> np.ndarray:
-    """A simple route follower over the vector features (steer toward the 5th look-ahead point)."""
-    look = observation["vector"][3:].reshape(25, 2) * 50.0
-    x, y = look[4]
-    speed = observation["vector"][0] * 30.0
-    return np.array([-1.5 * math.atan2(y, x), np.clip(0.5 * (target_speed - speed), -1, 1)], np.float32)

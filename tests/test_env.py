@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from actors.baseline import baseline_for
 from actors.envs import make_env
 from actors.envs.carla_server import CarlaUnavailable
 from common.config import load_config
@@ -17,7 +18,7 @@ from common.driving import (
     vector_features,
     weighted_components,
 )
-from tests.conftest import ROOT, follow_route
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ def test_route_features_stay_valid_along_the_whole_route(env):
     obs, _ = env.reset(seed=3)
     spacing = env.cfg.lookahead_spacing_m
     done, steps, info = False, 0, {}
+    driver = baseline_for(load_config(), env.backend.dt)
     while not done:
         look = obs["vector"][3:].reshape(25, 2) * 50.0
         gaps = np.linalg.norm(np.diff(look, axis=0), axis=1)
@@ -74,7 +76,7 @@ def test_route_features_stay_valid_along_the_whole_route(env):
         assert np.median(gaps) == pytest.approx(spacing, abs=0.01)
         assert np.linalg.norm(look[0]) < spacing + 3.0  # starts at the vehicle ...
         assert gaps.sum() > 0.9 * 24 * spacing  # ... and reaches ahead, never zeroed
-        obs, _, terminated, truncated, info = env.step(follow_route(obs))
+        obs, _, terminated, truncated, info = env.step(driver(obs))
         done = terminated or truncated
         steps += 1
     assert info["termination"] == "route_completed", info
