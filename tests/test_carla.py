@@ -352,11 +352,11 @@ def test_scheduled_restart_every_n_episodes(tmp_path, carla_double):
 def test_connect_to_a_running_server_and_unreachable_address(tmp_path, carla_double):
     import subprocess
 
-    cfg = carla_config(tmp_path, "carla.launch=false", "carla.start_timeout_s=1.5", "carla.traffic=[0,0,0]")
+    cfg = carla_config(tmp_path, "carla.launch=false", "carla.traffic=[0,0,0]")
     server = subprocess.Popen([sys.executable, str(FAKE_SERVER), f"-carla-rpc-port={cfg.carla.port}"],
                               stderr=subprocess.DEVNULL)
     try:
-        env = make_env(cfg)
+        env = make_env(cfg)  # waits (up to start_timeout_s) for the server someone else started
         obs, _ = env.reset(seed=0)
         env.step(np.zeros(2, np.float32))
         env.close()
@@ -365,6 +365,7 @@ def test_connect_to_a_running_server_and_unreachable_address(tmp_path, carla_dou
     finally:
         server.kill()
         server.wait()
+    cfg.carla.start_timeout_s = 1.5
     start = time.monotonic()
     with pytest.raises(CarlaUnavailable, match=f"no CARLA server answered at 127.0.0.1:{cfg.carla.port} within 2 s"):
         CarlaServer(cfg.carla, 0).start()

@@ -31,7 +31,10 @@ from common.env import SimulatorFailure
 log = logging.getLogger(__name__)
 
 FPS = 20
-CAMERA = {"image_size_x": "256", "image_size_y": "144", "fov": "90"}
+SENSOR_ATTRIBUTES = {
+    "sensor.camera.rgb": {"image_size_x": "256", "image_size_y": "144", "fov": "90"},
+    "sensor.other.obstacle": {"distance": "20"},  # CARLA's default sees only 5 m ahead
+}
 CAMERA_X, CAMERA_Z = 1.6, 1.5
 ROUTE_STEP_M = 2.0
 RESET_ATTEMPTS = 3
@@ -178,16 +181,15 @@ class CarlaBackend:
         self._ego = self.world.spawn_actor(self.blueprints.find(self.cfg.vehicle), ego_tf)
         sensors = self._sensors = _Sensors()
         mount = c.Transform(c.Location(x=CAMERA_X, z=CAMERA_Z))
-        camera_bp = self.blueprints.find("sensor.camera.rgb")
-        for key, value in CAMERA.items():
-            camera_bp.set_attribute(key, value)
         for name, tf, callback in (
             ("sensor.camera.rgb", mount, sensors.images.put),
             ("sensor.other.collision", c.Transform(), sensors.on_collision),
             ("sensor.other.lane_invasion", c.Transform(), sensors.on_invasion),
             ("sensor.other.obstacle", mount, sensors.on_obstacle),
         ):
-            bp = camera_bp if name == "sensor.camera.rgb" else self.blueprints.find(name)
+            bp = self.blueprints.find(name)
+            for key, value in SENSOR_ATTRIBUTES.get(name, {}).items():
+                bp.set_attribute(key, value)
             actor = self.world.spawn_actor(bp, tf, attach_to=self._ego)
             actor.listen(callback)
             self._sensor_actors.append(actor)

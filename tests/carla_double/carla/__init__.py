@@ -345,7 +345,7 @@ class World:
                 o = other._transform.location
                 ahead = (o.x - loc.x) * fwd.x + (o.y - loc.y) * fwd.y
                 side = abs(-(o.x - loc.x) * fwd.y + (o.y - loc.y) * fwd.x)
-                if 0.0 < ahead < 20.0 and side < 2.0:
+                if 0.0 < ahead < float(sensor._attributes.get("distance", 5)) and side < 2.0:
                     callback(ObstacleDetectionEvent(frame, ahead))
 
     def _apply(self, cmd: Any) -> command.Response:
