@@ -72,12 +72,13 @@ def wait_for_redis(client: redis.Redis, url: str, timeout_s: float) -> None:
         except redis.exceptions.AuthenticationError as exc:
             raise ServiceUnavailable(f"Redis at {where} refused our password: {exc}") from exc
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise ServiceUnavailable(
                     f"no Redis answered at {where} within {timeout_s:.0f} s ({exc}); check replay.redis_url / "
                     "--redis-url, or raise replay.connect_timeout_s") from exc
-            log.warning("Redis at %s does not answer (%s); retrying in %.1f s", where, exc, delay)
-        time.sleep(delay)
+            log.warning("Redis at %s does not answer (%s); retrying in %.1f s", where, exc, min(delay, remaining))
+        time.sleep(min(delay, remaining))
         delay = min(delay * 2, 5.0)
 
 

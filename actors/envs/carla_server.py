@@ -132,13 +132,14 @@ class CarlaServer:
                 return
             except RuntimeError as exc:
                 last = str(exc)
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 self.kill()
                 raise CarlaUnavailable(
                     f"no CARLA server answered at {self.address} within {self.cfg.start_timeout_s:.0f} s "
                     f"(last error: {last})" + (f"; its log ends:\n{self.log_tail()}" if self.cfg.launch else "")
                 )
-            time.sleep(delay)
+            time.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 
     def restart(self, reason: str) -> None:
