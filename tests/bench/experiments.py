@@ -149,9 +149,21 @@ def _fmt(v: object) -> str:
 def experiment_norm(steps: int, arms: list[str], seed: int, overrides: list[str]) -> None:
     out = RESULTS / "experiment_norm"
     start = time.time()
-    procs = {arm: start_run(out / arm, steps, [*CPU_FRIENDLY, "eval.freq=0", "eval.num_episodes=3", *overrides, *ARMS[arm]], seed)
-             for arm in arms}
+    # An arm whose folder holds a finished run of the same budget, seed and overrides is reused,
+    # so that adding an arm later (--arms layernorm,none,old) runs only the new one.
+    markers = {arm: {"steps": steps, "seed": seed,
+                     "overrides": [*CPU_FRIENDLY, "eval.freq=0", "eval.num_episodes=3", *overrides, *ARMS[arm]]}
+               for arm in arms}
+    procs = {}
+    for arm, marker in markers.items():
+        done = out / arm / "finished.json"
+        if done.is_file() and json.loads(done.read_text()) == marker:
+            print(f"arm '{arm}': reusing the finished run in {out / arm}")
+            continue
+        procs[arm] = start_run(out / arm, steps, marker["overrides"], seed)
     wait_all(procs, out)
+    for arm in procs:
+        (out / arm / "finished.json").write_text(json.dumps(markers[arm]))
     data = {arm: scalars(out / arm) for arm in arms}
     panels = {tag: {arm: data[arm].get(tag, []) for arm in arms} for tag in CURVES}
     plot(panels, RESULTS / "experiment_norm.png", {"debug/cnn_features_l2_norm", "debug/critic_cnn_features_l2_norm",
