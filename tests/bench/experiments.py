@@ -115,8 +115,9 @@ def criteria(data: dict[str, list[tuple[int, float]]]) -> dict[str, object]:
     l2 = np.concatenate([values("debug/cnn_features_l2_norm"), values("debug/critic_cnn_features_l2_norm")])
     mean = np.concatenate([values("debug/cnn_feature_mean"), values("debug/critic_cnn_feature_mean")])
     std = np.concatenate([values("debug/cnn_feature_std"), values("debug/critic_cnn_feature_std")])
-    loss = values("train/critic_loss")
+    loss, actor_loss, cnn_lr = values("train/critic_loss"), values("train/actor_loss"), values("agent/cnn_lr")
     third = max(len(loss) // 3, 1)
+    first, last = (float(loss[:third].mean()), float(loss[-third:].mean())) if loss.size else (math.nan, math.nan)
     everything = np.concatenate([values(t) for t in data])
     nonfinite = int(values("alerts/nonfinite_loss").sum()) + int((~np.isfinite(everything)).sum())
     return {
@@ -126,13 +127,12 @@ def criteria(data: dict[str, list[tuple[int, float]]]) -> dict[str, object]:
         "feature mean in [-10, 10]": bool(mean.size and np.all(np.abs(mean) <= 10)),
         "max feature std": float(std.max()) if std.size else math.nan,
         "feature std < 50": bool(std.size and np.all(std < 50)),
-        "critic loss first / last third": (float(loss[:third].mean()), float(loss[-third:].mean())) if loss.size else (math.nan, math.nan),
-        "critic loss < 100 and falling": bool(loss.size and loss[-third:].mean() < 100 and loss[-third:].mean() < loss[:third].mean()),
-        "actor loss range": (float(values("train/actor_loss").min()), float(values("train/actor_loss").max())) if values("train/actor_loss").size else (math.nan, math.nan),
+        "critic loss first / last third": (first, last),
+        "critic loss < 100 and falling": bool(last < 100 and last < first),
+        "actor loss range": (float(actor_loss.min()), float(actor_loss.max())) if actor_loss.size else (math.nan, math.nan),
         "non-finite values or skipped updates": nonfinite,
         "no NaN or inf": nonfinite == 0,
-        "CNN lr halvings (adaptive LR)": int(round(math.log2(values("agent/cnn_lr")[0] / values("agent/cnn_lr")[-1])))
-        if values("agent/cnn_lr").size else 0,
+        "CNN lr halvings (adaptive LR)": int(round(math.log2(cnn_lr[0] / cnn_lr[-1]))) if cnn_lr.size else 0,
     }
 
 
