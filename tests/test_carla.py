@@ -9,7 +9,6 @@ import importlib
 import inspect
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,10 +20,18 @@ from actors.actor import Actor
 from actors.adder import ChunkAdder
 from actors.baseline import baseline_for
 from actors.envs import check_backend, make_env
-from actors.envs.carla_server import PORTS_PER_SERVER, SLOT_SPAN, CarlaServer, CarlaUnavailable, allocate_ports
+from actors.envs.carla_server import (
+    PORTS_PER_SERVER,
+    SLOT_SPAN,
+    CarlaServer,
+    CarlaUnavailable,
+    allocate_ports,
+    port_free,
+)
 from actors.runner import EpisodeRunner
 from common.config import ConfigError, load_config
 from common.driving import LOOKAHEAD_NORM
+from replay_server.server import free_port
 
 DOUBLE_ROOT = Path(__file__).parent / "carla_double"
 FAKE_SERVER = DOUBLE_ROOT / "fake_server.py"
@@ -117,21 +124,10 @@ def carla_double(monkeypatch):
 def _free_base(count: int) -> int:
     """A base port with `count` free ports after it (probed, then released)."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count < 65000 and all(_bindable(base + i) for i in range(count)):
+        base = free_port()
+        if base + count < 65000 and all(port_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no free port range")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def carla_config(tmp_path, *extra):

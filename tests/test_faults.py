@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from common.chunk import decode
 from common.config import load_config
 from learner.cli import main
 from learner.distributed import DistributedRun
-from replay_server.server import RedisServer
+from replay_server.server import RedisServer, free_port
 from tests.conftest import ROOT
 from tests.test_distributed import FAST, scalars
 
@@ -157,14 +156,8 @@ def test_sigkill_of_the_learner_then_resume_latest(tmp_path):
     assert resumes == [(killed_at, 1.0)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_redis_is_retried_then_a_clear_error(tmp_path, capsys):
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     rc = main(["--mode", "serial", "--logdir", str(tmp_path), "--redis-url", f"redis://:s3cret@127.0.0.1:{port}/0",
                "--set", "replay.via_redis=true", "--set", "replay.connect_timeout_s=2"])
