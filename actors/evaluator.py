@@ -52,7 +52,12 @@ def run_episode_retrying(env: DrivingEnv, policy: PolicyFn, seed: int, frames: l
 def evaluate(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int, frames: list | None = None) -> dict[str, float]:
     """`episodes` episodes with seeds seed, seed+1, ...; success = route completed. With
     `frames`, the first episode is recorded into it."""
-    results = [run_episode_retrying(env, policy, seed + i, frames if i == 0 else None) for i in range(episodes)]
+    return summarize([run_episode_retrying(env, policy, seed + i, frames if i == 0 else None) for i in range(episodes)])
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
+    """The eval/* metrics of a list of `run_episode` results."""
+    episodes = len(results)
     reasons = [r["termination"] for r in results]
     return {
         "eval/mean_reward": float(np.mean([r["reward"] for r in results])),
@@ -72,12 +77,12 @@ class EvalWorker:
         from actors.actor import Actor
         from actors.envs import make_env
         from common.config import from_dict
-        from common.networks import Policy
+        from common.networks import policy_for
 
         torch.set_num_threads(1)
         self.cfg = from_dict(cfg_dict)
         self.env = make_env(self.cfg, slot=self.cfg.actors.num_actors)
-        self.actor = Actor(Policy(self.cfg.cnn.norm).eval(), self.cfg, np.random.default_rng(0), torch.device("cpu"))
+        self.actor = Actor(policy_for(self.cfg.cnn).eval(), self.cfg, np.random.default_rng(0), torch.device("cpu"))
 
     def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:
         """Metrics of `eval.num_episodes` deterministic episodes under `weights`, and a GIF of the first."""

@@ -15,7 +15,7 @@ from actors.adder import ChunkAdder
 from actors.envs import make_env
 from actors.runner import EpisodeRunner
 from common.config import from_dict
-from common.networks import Policy
+from common.networks import policy_for
 from common.weights import VariableClient
 from replay_server.client import ReplayClient, connect
 
@@ -38,7 +38,7 @@ class RolloutWorker:
         self.index = index
         seed = cfg.seed + 1000 * (index + 1) + 100_000 * incarnation
         self.env = make_env(cfg, slot=index)
-        self.policy = Policy(cfg.cnn.norm).eval()
+        self.policy = policy_for(cfg.cnn).eval()
         self.actor = Actor(self.policy, cfg, np.random.default_rng(seed), torch.device("cpu"), noise_scale)
         r = cfg.replay
         self.client = ReplayClient(connect(redis_url), r.stream_key, max_chunks=-(-r.capacity // r.chunk_steps),

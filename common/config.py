@@ -134,6 +134,11 @@ class CnnConfig:
     norm: Literal["layernorm", "none"] = "layernorm"
     """LayerNorm before each LeakyReLU (the seeds' fix), or none for the ablation."""
 
+    trunk_dim: int = 50
+    """Width of the bounded trunk (Linear -> LayerNorm -> Tanh, as in DrQ-v2) that each head puts
+    between the 512 CNN features and its MLP; 0 feeds the raw features (the seeds' arrangement,
+    which locks the actor at an action bound, README › Results)."""
+
 
 @dataclass
 class TD3Config:
@@ -160,7 +165,25 @@ class TD3Config:
     mlp_lr: float = 3e-4
     """Adam learning rate of the MLP parameter groups."""
     cnn_weight_decay: float = 1e-4
-    """L2 penalty (Adam weight_decay) on CNN parameters only."""
+    """Weight decay of the CNN parameter groups (the MLPs get none); see `weight_decay_style`."""
+    weight_decay_style: Literal["decoupled", "l2"] = "decoupled"
+    """decoupled: AdamW's decay on the CNN's conv and linear weights only; l2: Adam's L2
+    `weight_decay` on every CNN parameter, LayerNorm gains and biases included (the seeds'), which
+    shrinks the gains at ~lr per step while the task gradient is small."""
+    pretanh_penalty: float = 1.0
+    """Weight of mean(relu(|z| - pretanh_threshold)^2) added to the actor loss, z the actor's
+    pre-tanh output: keeps tanh out of saturation, where it has no gradient left; 0 turns it off."""
+    pretanh_threshold: float = 2.5
+    """|z| beyond which the pre-tanh penalty applies (tanh(2.5) = 0.987)."""
+    augment_shift: int = 0
+    """DrQ random shift: pad each frame stack by this many pixels (replicate) and crop back to 84x84
+    at a random offset, independently for image and next image of every sample; 0 turns it off."""
+    actor_encoder: Literal["own", "critic"] = "critic"
+    """own: the actor CNN is trained by the actor loss; critic: the CNN is trained by the critic loss
+    only and the actor reads its (detached) features, as in DrQ-v2 (the actor CNN then mirrors the
+    critic CNN, so the published policy stays self-contained)."""
+    critic_warmup_updates: int = 500
+    """Critic updates before the first actor update, so the actor does not climb an untrained Q."""
     actor_grad_clip: float = 1.0
     """Max gradient norm of the actor CNN and of the actor MLP (each clipped separately)."""
     critic_grad_clip: float = 10.0
@@ -477,6 +500,10 @@ def validate(cfg: Config) -> None:
     _require(t.cnn_lr > 0 and t.mlp_lr > 0, "td3.cnn_lr and td3.mlp_lr must be > 0")
     _require(t.cnn_weight_decay >= 0, f"td3.cnn_weight_decay={t.cnn_weight_decay} must be >= 0")
     _require(t.actor_grad_clip > 0 and t.critic_grad_clip > 0, "td3.*_grad_clip must be > 0")
+    _require(t.pretanh_penalty >= 0 and t.pretanh_threshold > 0, "td3.pretanh_penalty must be >= 0, td3.pretanh_threshold > 0")
+    _require(0 <= t.augment_shift <= 16, f"td3.augment_shift={t.augment_shift} must be in [0, 16] pixels")
+    _require(t.critic_warmup_updates >= 0, f"td3.critic_warmup_updates={t.critic_warmup_updates} must be >= 0")
+    _require(cfg.cnn.trunk_dim >= 0, f"cnn.trunk_dim={cfg.cnn.trunk_dim} must be >= 0 (0: no trunk)")
     _require(t.learning_starts >= 0, f"td3.learning_starts={t.learning_starts} must be >= 0")
     _require(r.capacity >= t.batch_size, f"replay.capacity={r.capacity} must be >= td3.batch_size={t.batch_size}")
     _require(r.chunk_steps >= 1 and r.client_buffer_chunks >= 1, "replay.chunk_steps and replay.client_buffer_chunks must be >= 1")

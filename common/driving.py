@@ -21,6 +21,7 @@ FRAME_STACK = 4
 LOOKAHEAD_POINTS = 25
 VECTOR_DIM = 3 + 2 * LOOKAHEAD_POINTS  # speed, lateral offset, heading error, look-ahead (x, y)
 ACTION_DIM = 2  # [steer, throttle_brake], both in [-1, 1]; throttle_brake > 0 accelerates
+ACTION_NAMES = ("steer", "throttle")  # metric suffixes of the two action dimensions
 
 SPEED_NORM = 30.0
 LATERAL_NORM = 3.5

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import CnnConfig
 from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM
 
 FEATURE_DIM = 512
@@ -61,36 +62,55 @@ def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     )
 
 
-class ActorHead(nn.Module):
-    """[CNN features (512), vector (53)] = 565 -> 256 -> 256 -> 2, tanh."""
+def _trunk(trunk_dim: int) -> nn.Module:
+    """512 features -> `trunk_dim` values in [-1, 1] (DrQ-v2's Linear -> LayerNorm -> Tanh), or the
+    features unchanged when `trunk_dim` is 0.
 
-    def __init__(self) -> None:
+    Without it the heads' first layer sums 512 LayerNormed features of L2 ~17; Adam's first
+    steps move every weight by ~lr in the sign of its (tiny, coherent) gradient, so the actor's
+    pre-tanh output runs past the saturation point within tens of updates and tanh leaves no
+    gradient to bring it back (the action lock, README › Results)."""
+    if trunk_dim == 0:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(FEATURE_DIM, trunk_dim), nn.LayerNorm(trunk_dim), nn.Tanh())
+
+
+class ActorHead(nn.Module):
+    """[trunk(CNN features) (50, or 512 without a trunk), vector (53)] -> 256 -> 256 -> 2, tanh."""
+
+    def __init__(self, trunk_dim: int = 0) -> None:
         super().__init__()
-        self.net = _mlp(FEATURE_DIM + VECTOR_DIM, ACTION_DIM)
+        self.trunk = _trunk(trunk_dim)
+        self.net = _mlp((trunk_dim or FEATURE_DIM) + VECTOR_DIM, ACTION_DIM)
+
+    def pre_tanh(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """The action before its tanh squashing (what saturates when the actor locks)."""
+        return self.net(torch.cat([self.trunk(features), vector], dim=1))
 
     def forward(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.net(torch.cat([features, vector], dim=1)))
+        return torch.tanh(self.pre_tanh(features, vector))
 
 
 class CriticHeads(nn.Module):
-    """One or two Q heads, each [features, vector, action] = 567 -> 256 -> 256 -> 1."""
+    """One trunk shared by one or two Q heads, each [trunk(features), vector, action] -> 256 -> 256 -> 1."""
 
-    def __init__(self, num_q: int = 2) -> None:
+    def __init__(self, num_q: int = 2, trunk_dim: int = 0) -> None:
         super().__init__()
-        self.qs = nn.ModuleList(_mlp(FEATURE_DIM + VECTOR_DIM + ACTION_DIM, 1) for _ in range(num_q))
+        self.trunk = _trunk(trunk_dim)
+        self.qs = nn.ModuleList(_mlp((trunk_dim or FEATURE_DIM) + VECTOR_DIM + ACTION_DIM, 1) for _ in range(num_q))
 
     def forward(self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
-        x = torch.cat([features, vector, action], dim=1)
+        x = torch.cat([self.trunk(features), vector, action], dim=1)
         return [q(x).squeeze(1) for q in self.qs]
 
 
 class Policy(nn.Module):
     """Actor CNN + actor head: what actors run and what the learner publishes."""
 
-    def __init__(self, norm: str = "layernorm") -> None:
+    def __init__(self, norm: str = "layernorm", trunk_dim: int = 0) -> None:
         super().__init__()
         self.cnn = NatureCNN(norm)
-        self.head = ActorHead()
+        self.head = ActorHead(trunk_dim)
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         return self.head(self.cnn(image), vector)
@@ -99,10 +119,15 @@ class Policy(nn.Module):
 class Critic(nn.Module):
     """Critic CNN shared by the Q heads."""
 
-    def __init__(self, norm: str = "layernorm", num_q: int = 2) -> None:
+    def __init__(self, norm: str = "layernorm", num_q: int = 2, trunk_dim: int = 0) -> None:
         super().__init__()
         self.cnn = NatureCNN(norm)
-        self.heads = CriticHeads(num_q)
+        self.heads = CriticHeads(num_q, trunk_dim)
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
         return self.heads(self.cnn(image), vector, action)
+
+
+def policy_for(cnn: CnnConfig) -> Policy:
+    """The policy network a config describes (actors, evaluator and learner build the same one)."""
+    return Policy(cnn.norm, cnn.trunk_dim)

@@ -9,6 +9,7 @@ feeds which quantity.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from contextlib import AbstractContextManager
@@ -18,22 +19,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.batch import Batch
-from common.config import Config
-from common.networks import Critic, Policy
+from common.config import Config, TD3Config
+from common.driving import ACTION_NAMES
+from common.networks import Critic, Policy, frames_to_float, policy_for
 from learner.monitor import AdaptiveCnnLr
 
 log = logging.getLogger(__name__)
 SNAPSHOT_EVERY = 100  # good updates between in-memory snapshots for non-finite recovery
+SATURATED = 0.99  # |action| beyond which an action component counts as saturated (tanh(2.65))
 
 
-def _optimizer(model: Policy | Critic, cnn_lr: float, mlp_lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with a 'cnn' group (own lr, weight decay) and an 'mlp' group (no weight decay)."""
+def _optimizer(model: Policy | Critic, t: TD3Config, device: torch.device) -> torch.optim.Optimizer:
+    """'cnn' groups (own lr, weight decay) and an 'mlp' group (no weight decay).
+
+    `l2` (the seeds'): Adam's L2 weight_decay on every CNN parameter. `decoupled`: AdamW's decay on
+    the CNN's conv and linear weights only; LayerNorm gains and all biases are not decayed."""
     head = model.head if isinstance(model, Policy) else model.heads
-    groups = [
-        {"params": list(model.cnn.parameters()), "lr": cnn_lr, "weight_decay": weight_decay, "name": "cnn"},
-        {"params": list(head.parameters()), "lr": mlp_lr, "weight_decay": 0.0, "name": "mlp"},
-    ]
-    return torch.optim.Adam(groups, fused=device.type == "cuda")
+    mlp = {"params": list(head.parameters()), "lr": t.mlp_lr, "weight_decay": 0.0, "name": "mlp"}
+    fused = device.type == "cuda"
+    if t.weight_decay_style == "l2":
+        cnn = {"params": list(model.cnn.parameters()), "lr": t.cnn_lr, "weight_decay": t.cnn_weight_decay, "name": "cnn"}
+        return torch.optim.Adam([cnn, mlp], fused=fused)
+    # By module, not by shape: the conv LayerNorms' gains are (C, H, W) tensors.
+    weights = [m.weight for m in model.cnn.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    others = [p for p in model.cnn.parameters() if all(p is not w for w in weights)]
+    return torch.optim.AdamW([
+        {"params": weights, "lr": t.cnn_lr, "weight_decay": t.cnn_weight_decay, "name": "cnn"},
+        {"params": others, "lr": t.cnn_lr, "weight_decay": 0.0, "name": "cnn"},
+        mlp,
+    ], fused=fused)
+
+
+def random_shift(frames: torch.Tensor, pad: int) -> torch.Tensor:
+    """DrQ-v2's augmentation: (B, C, H, W) uint8 frames -> float in [-1, 1], each sample padded by
+    `pad` (replicate) and cropped back at its own random integer offset."""
+    x = F.pad(frames_to_float(frames), (pad, pad, pad, pad), mode="replicate")
+    n, _, h, _ = frames.shape
+    eps = 1.0 / (h + 2 * pad)
+    arange = torch.linspace(-1.0 + eps, 1.0 - eps, h + 2 * pad, device=x.device)[:h]
+    arange = arange.unsqueeze(0).expand(h, h).unsqueeze(2)
+    base = torch.cat([arange, arange.transpose(1, 0)], dim=2).unsqueeze(0)
+    shift = torch.randint(0, 2 * pad + 1, (n, 1, 1, 2), device=x.device, dtype=x.dtype) * (2.0 / (h + 2 * pad))
+    return F.grid_sample(x, base + shift, padding_mode="zeros", align_corners=False)
 
 
 def _clip(prefix: str, model: Policy | Critic, max_norm: float) -> dict[str, float]:
@@ -58,6 +85,25 @@ def feature_stats(prefix: str, features: torch.Tensor) -> dict[str, float]:
     }
 
 
+def action_stats(z: torch.Tensor, action: torch.Tensor, loss_grad: torch.Tensor | None) -> dict[str, float]:
+    """What shows an action lock before it costs a run: the pre-tanh magnitude, the saturated
+    fraction, mean and std per action dimension, and |dQ/da| (from the actor loss's gradient
+    w.r.t. the action, -dQ1/da / B)."""
+    saturated = (action.abs() > SATURATED).float().mean(dim=0)
+    metrics = {
+        "debug/actor_pretanh_abs_mean": float(z.abs().mean()),
+        "debug/actor_pretanh_abs_max": float(z.abs().max()),
+        "alerts/action_saturation": float(saturated.max() > 0.5),
+    }
+    if loss_grad is not None:
+        metrics["debug/dq_da_norm"] = float((loss_grad * action.shape[0]).norm(dim=1).mean())
+    for i, name in enumerate(ACTION_NAMES):
+        metrics[f"debug/action_saturated_{name}"] = float(saturated[i])
+        metrics[f"debug/action_mean_{name}"] = float(action[:, i].mean())
+        metrics[f"debug/action_std_{name}"] = float(action[:, i].std()) if action.shape[0] > 1 else 0.0
+    return metrics
+
+
 class TD3:
     """Networks, targets, optimizers and the update."""
 
@@ -67,15 +113,15 @@ class TD3:
         self.learner_cfg = cfg.learner
         self.device = device
         self.twin = t.algo == "td3"
-        self.actor = Policy(cfg.cnn.norm).to(device)
-        self.critic = Critic(cfg.cnn.norm, num_q=2 if self.twin else 1).to(device)
+        self.actor = policy_for(cfg.cnn).to(device)
+        self.critic = Critic(cfg.cnn.norm, num_q=2 if self.twin else 1, trunk_dim=cfg.cnn.trunk_dim).to(device)
         if cfg.learner.channels_last:
             self.actor.cnn.to(memory_format=torch.channels_last)
             self.critic.cnn.to(memory_format=torch.channels_last)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_opt = _optimizer(self.actor, t.cnn_lr, t.mlp_lr, t.cnn_weight_decay, device)
-        self.critic_opt = _optimizer(self.critic, t.cnn_lr, t.mlp_lr, t.cnn_weight_decay, device)
+        self.actor_opt = _optimizer(self.actor, t, device)
+        self.critic_opt = _optimizer(self.critic, t, device)
         lc = cfg.learner
         self.cnn_lr = AdaptiveCnnLr(
             [self.actor_opt, self.critic_opt], lc.feature_l2_threshold, lc.lr_cooldown_updates, lc.min_cnn_lr
@@ -84,9 +130,16 @@ class TD3:
         self.updates = 0
         self.bad_streak = 0
         self._good: dict[str, dict] | None = None
+        self.last_actions: torch.Tensor | None = None
+        """The policy's actions on the last actor-update batch, for the action histograms."""
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _fp32(self) -> AbstractContextManager:
+        """The heads, Q values, targets and losses stay fp32 under autocast: bf16 has a step of 2
+        between 256 and 512, the size of a step reward, where Q values of this task live."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
 
     def _alerts(self, grads: dict[str, float]) -> dict[str, float]:
         worst = max(v for k, v in grads.items() if k.endswith("_before_clip"))
@@ -98,14 +151,18 @@ class TD3:
     def target_q(self, batch: Batch) -> torch.Tensor:
         """r + gamma * (1 - done) * min_i Q'_i(s', pi'(s') + clipped noise), all from target nets."""
         t = self.cfg
-        with torch.no_grad(), self._autocast():
-            next_action = self.actor_target(batch.next_image, batch.next_vector).float()
-            if self.twin and t.policy_noise > 0:
-                noise = (torch.randn_like(next_action) * t.policy_noise).clamp(-t.noise_clip, t.noise_clip)
-                next_action = (next_action + noise).clamp(-1.0, 1.0)
-            next_qs = self.critic_target(batch.next_image, batch.next_vector, next_action)
-            next_q = torch.stack([q.float() for q in next_qs]).min(dim=0).values
-            return batch.reward + t.gamma * (1.0 - batch.done) * next_q
+        with torch.no_grad():
+            with self._autocast():
+                actor_features = self.actor_target.cnn(batch.next_image)
+                critic_features = self.critic_target.cnn(batch.next_image)
+            with self._fp32():
+                next_action = self.actor_target.head(actor_features.float(), batch.next_vector)
+                if self.twin and t.policy_noise > 0:
+                    noise = (torch.randn_like(next_action) * t.policy_noise).clamp(-t.noise_clip, t.noise_clip)
+                    next_action = (next_action + noise).clamp(-1.0, 1.0)
+                next_qs = self.critic_target.heads(critic_features.float(), batch.next_vector, next_action)
+                next_q = torch.stack(next_qs).min(dim=0).values
+                return batch.reward + t.gamma * (1.0 - batch.done) * next_q
 
     @staticmethod
     def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, prefix: str, model: nn.Module, clip: float) -> dict[str, float] | None:
@@ -125,8 +182,9 @@ class TD3:
         y = self.target_q(batch)
         with self._autocast():
             features = self.critic.cnn(batch.image)
-            qs = [q.float() for q in self.critic.heads(features, batch.vector, batch.action)]
-        loss = sum(F.mse_loss(q, y) for q in qs)
+        with self._fp32():
+            qs = self.critic.heads(features.float(), batch.vector, batch.action)
+            loss = sum(F.mse_loss(q, y) for q in qs)
         grads = self._step(loss, self.critic_opt, "critic", self.critic, self.cfg.critic_grad_clip)
         if grads is None:
             return {"alerts/nonfinite_loss": 1.0}
@@ -137,17 +195,40 @@ class TD3:
         return metrics
 
     def update_actor(self, batch: Batch) -> dict[str, float]:
+        t = self.cfg
         with self._autocast():
-            features = self.actor.cnn(batch.image)
-            action = self.actor.head(features, batch.vector)
+            if t.actor_encoder == "critic":
+                # The actor CNN mirrors the critic CNN and gets no gradient of its own.
+                with torch.no_grad():
+                    torch._foreach_copy_(list(self.actor.cnn.parameters()), list(self.critic.cnn.parameters()))
+                    features = self.actor.cnn(batch.image)
+            else:
+                features = self.actor.cnn(batch.image)
             with torch.no_grad():
                 critic_features = self.critic.cnn(batch.image)
-            q1 = self.critic.heads(critic_features, batch.vector, action)[0].float()
-        loss = -q1.mean()
-        grads = self._step(loss, self.actor_opt, "actor", self.actor, self.cfg.actor_grad_clip)
+        # No gradients for the critic's head parameters: the actor loss only needs dQ/da.
+        self.critic.heads.requires_grad_(False)
+        try:
+            with self._fp32():
+                z = self.actor.head.pre_tanh(features.float(), batch.vector)
+                action = torch.tanh(z)
+                action.retain_grad()
+                q1 = self.critic.heads(critic_features.float(), batch.vector, action)[0]
+                penalty = F.relu(z.abs() - t.pretanh_threshold).square().mean()
+                loss = -q1.mean() + t.pretanh_penalty * penalty
+            grads = self._step(loss, self.actor_opt, "actor", self.actor, t.actor_grad_clip)
+        finally:
+            self.critic.heads.requires_grad_(True)
         if grads is None:
             return {"alerts/nonfinite_loss": 1.0}
-        return {"train/actor_loss": float(loss.detach()), **grads, **feature_stats("cnn_", features)}
+        self.last_actions = action.detach()
+        return {
+            "train/actor_loss": float(loss.detach()),
+            "train/pretanh_penalty": float(penalty.detach()),
+            **grads,
+            **feature_stats("cnn_", features),
+            **action_stats(z.detach(), action.detach(), action.grad),
+        }
 
     def soft_update_targets(self) -> None:
         tau = self.cfg.tau
@@ -161,16 +242,20 @@ class TD3:
         `learner.nonfinite_restore_after` such updates in a row, the networks and optimizers go
         back to the last snapshot taken after a good update.
         """
+        if self.cfg.augment_shift:
+            pad = self.cfg.augment_shift
+            batch = dataclasses.replace(batch, image=random_shift(batch.image, pad), next_image=random_shift(batch.next_image, pad))
         metrics = self.update_critic(batch)
         if "alerts/nonfinite_loss" in metrics:
             return self._nonfinite(metrics)
         self.updates += 1
         delay = self.cfg.policy_delay if self.twin else 1
         if self.updates % delay == 0:
-            actor_metrics = self.update_actor(batch)
-            if "alerts/nonfinite_loss" in actor_metrics:
-                return self._nonfinite(metrics | actor_metrics)
-            metrics |= actor_metrics
+            if self.updates > self.cfg.critic_warmup_updates:
+                actor_metrics = self.update_actor(batch)
+                if "alerts/nonfinite_loss" in actor_metrics:
+                    return self._nonfinite(metrics | actor_metrics)
+                metrics |= actor_metrics
             self.soft_update_targets()
         self.bad_streak = 0
         if self.updates % SNAPSHOT_EVERY == 0 or self._good is None:
@@ -180,7 +265,7 @@ class TD3:
         worst_l2 = max(metrics["debug/critic_cnn_features_l2_norm"], metrics.get("debug/cnn_features_l2_norm", 0.0))
         metrics |= self._alerts(metrics)
         metrics |= self.cnn_lr.observe(worst_l2, self.updates)
-        metrics["agent/mlp_lr"] = float(self.actor_opt.param_groups[1]["lr"])
+        metrics["agent/mlp_lr"] = next(float(g["lr"]) for g in self.actor_opt.param_groups if g["name"] == "mlp")
         return metrics
 
     def _snapshot(self) -> dict[str, dict]:
@@ -192,8 +277,15 @@ class TD3:
         metrics["alerts/nonfinite_loss"] = 1.0
         restore = self.bad_streak >= self.learner_cfg.nonfinite_restore_after and self._good is not None
         if restore:
+            # The adaptive CNN lr keeps its halvings: the snapshot may predate one, and its count
+            # (and the instability that caused it) still stand.
+            cnn_lrs = [g["lr"] for g in self.cnn_lr.groups]
             for name, part in {**self.modules(), **self.optimizers()}.items():
-                part.load_state_dict(self._good[name])
+                # A copy: Optimizer.load_state_dict keeps the given state tensors, and later steps
+                # would otherwise drift the snapshot along with the live optimizer.
+                part.load_state_dict(copy.deepcopy(self._good[name]))
+            for group, lr in zip(self.cnn_lr.groups, cnn_lrs):
+                group["lr"] = lr
             log.warning("%d non-finite updates in a row: restored the weights of the last good snapshot", self.bad_streak)
             self.bad_streak = 0
         else:

@@ -43,10 +43,19 @@ def test_every_config_field_has_a_docstring():
 
 
 def test_yaml_files_load():
-    for name in ("default.yaml", "carla.yaml"):
+    for name in ("default.yaml", "carla.yaml", "seeds.yaml"):
         cfg = load_config(ROOT / "deploy" / "configs" / name)
         assert isinstance(cfg, Config)
     assert load_config(ROOT / "deploy/configs/carla.yaml").env.backend == "carla"
+
+
+def test_the_seeds_arrangement_stays_selectable():
+    seeds = load_config(ROOT / "deploy/configs/seeds.yaml")
+    assert (seeds.cnn.norm, seeds.cnn.trunk_dim, seeds.td3.weight_decay_style) == ("layernorm", 0, "l2")
+    assert (seeds.td3.pretanh_penalty, seeds.td3.critic_warmup_updates, seeds.td3.actor_encoder) == (0.0, 0, "own")
+    default = Config()
+    assert (default.cnn.trunk_dim, default.td3.weight_decay_style, default.td3.actor_encoder) == (50, "decoupled", "critic")
+    assert default.td3.pretanh_penalty > 0 and default.td3.critic_warmup_updates > 0
 
 
 def test_overrides_are_typed():

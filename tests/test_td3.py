@@ -25,10 +25,10 @@ def reference_target(agent: TD3, batch: Batch, noise: torch.Tensor | None = None
     """r + gamma (1 - d) min(Q1', Q2') written out by hand from the target modules."""
     with torch.no_grad():
         x = batch.next_image.float() / 127.5 - 1.0
-        a = torch.tanh(agent.actor_target.head.net(torch.cat([agent.actor_target.cnn(x), batch.next_vector], 1)))
+        a = torch.tanh(agent.actor_target.head.net(torch.cat([agent.actor_target.head.trunk(agent.actor_target.cnn(x)), batch.next_vector], 1)))
         if noise is not None:
             a = (a + noise.clamp(-0.5, 0.5)).clamp(-1, 1)
-        z = torch.cat([agent.critic_target.cnn(x), batch.next_vector, a], 1)
+        z = torch.cat([agent.critic_target.heads.trunk(agent.critic_target.cnn(x)), batch.next_vector, a], 1)
         qs = [q(z).squeeze(1) for q in agent.critic_target.heads.qs]
         return batch.reward + 0.99 * (1 - batch.done) * torch.minimum(*qs) if len(qs) == 2 else batch.reward + 0.99 * (1 - batch.done) * qs[0]
 
@@ -39,7 +39,7 @@ def test_target_and_critic_loss_match_a_hand_computed_reference():
     y = reference_target(agent, batch)
     torch.testing.assert_close(agent.target_q(batch), y)
     with torch.no_grad():
-        z = torch.cat([agent.critic.cnn(batch.image.float() / 127.5 - 1), batch.vector, batch.action], 1)
+        z = torch.cat([agent.critic.heads.trunk(agent.critic.cnn(batch.image.float() / 127.5 - 1)), batch.vector, batch.action], 1)
         q1, q2 = (q(z).squeeze(1) for q in agent.critic.heads.qs)
     expected_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
     metrics = agent.update_critic(batch)
@@ -60,12 +60,12 @@ def test_target_smoothing_noise_is_clipped(monkeypatch):
 
 
 def test_actor_loss_is_minus_q1_of_the_policy_action():
-    agent = make_agent()
+    agent = make_agent("td3.actor_encoder=own")
     batch = tiny_batch()
     with torch.no_grad():
         x = batch.image.float() / 127.5 - 1
-        a = torch.tanh(agent.actor.head.net(torch.cat([agent.actor.cnn(x), batch.vector], 1)))
-        q1 = agent.critic.heads.qs[0](torch.cat([agent.critic.cnn(x), batch.vector, a], 1)).squeeze(1)
+        a = torch.tanh(agent.actor.head.net(torch.cat([agent.actor.head.trunk(agent.actor.cnn(x)), batch.vector], 1)))
+        q1 = agent.critic.heads.qs[0](torch.cat([agent.critic.heads.trunk(agent.critic.cnn(x)), batch.vector, a], 1)).squeeze(1)
     assert agent.update_actor(batch)["train/actor_loss"] == pytest.approx(-float(q1.mean()), rel=1e-5)
 
 
@@ -119,7 +119,7 @@ def test_targets_follow_with_polyak_averaging_on_actor_steps_only():
 
 
 def test_actor_loss_only_on_actor_update_steps():
-    agent = make_agent()
+    agent = make_agent("td3.critic_warmup_updates=0")
     batch = tiny_batch()
     first, second = agent.update(batch), agent.update(batch)
     assert "train/actor_loss" not in first and "gradients/actor_cnn_norm" not in first
@@ -148,13 +148,139 @@ def test_gradient_alerts():
 
 
 def test_weight_decay_and_learning_rates_per_group():
-    agent = make_agent()
+    agent = make_agent("td3.weight_decay_style=l2")
     for opt, model, head in ((agent.actor_opt, agent.actor, agent.actor.head), (agent.critic_opt, agent.critic, agent.critic.heads)):
+        assert type(opt) is torch.optim.Adam
         cnn_group, mlp_group = opt.param_groups
         assert (cnn_group["name"], cnn_group["lr"], cnn_group["weight_decay"]) == ("cnn", 1e-4, 1e-4)
         assert (mlp_group["name"], mlp_group["lr"], mlp_group["weight_decay"]) == ("mlp", 3e-4, 0.0)
         assert {id(p) for p in cnn_group["params"]} == {id(p) for p in model.cnn.parameters()}
         assert {id(p) for p in mlp_group["params"]} == {id(p) for p in head.parameters()}
+
+
+def test_decoupled_weight_decay_spares_layernorm_gains_and_biases():
+    agent = make_agent()  # the default style
+    for opt, model, head in ((agent.actor_opt, agent.actor, agent.actor.head), (agent.critic_opt, agent.critic, agent.critic.heads)):
+        assert type(opt) is torch.optim.AdamW
+        decayed, spared, mlp_group = opt.param_groups
+        assert (decayed["name"], decayed["weight_decay"], spared["name"], spared["weight_decay"]) == ("cnn", 1e-4, "cnn", 0.0)
+        assert (mlp_group["name"], mlp_group["weight_decay"]) == ("mlp", 0.0)
+        cnn = dict(model.cnn.named_parameters())
+        assert {id(cnn[n]) for n in ("conv1.weight", "fc.weight")} <= {id(p) for p in decayed["params"]}
+        assert {id(cnn[n]) for n in ("ln1.weight", "ln4.bias", "conv1.bias")} <= {id(p) for p in spared["params"]}
+        assert len(decayed["params"]) + len(spared["params"]) == len(cnn)
+        assert {id(p) for p in mlp_group["params"]} == {id(p) for p in head.parameters()}
+
+
+def test_a_restore_gives_the_optimizer_a_copy_of_the_snapshot():
+    agent = make_agent("learner.nonfinite_restore_after=1")
+    good, bad = tiny_batch(), tiny_batch()
+    bad.reward[0] = float("nan")
+    agent.update(good)
+    assert agent.update(bad)["alerts/weights_restored"] == 1.0
+    snapshot = agent._good["critic_opt"]["state"]
+    before = {pid: slots["exp_avg"].clone() for pid, slots in snapshot.items()}
+    agent.update(good)  # the snapshot is taken every SNAPSHOT_EVERY updates, not now
+    for pid, exp_avg in before.items():
+        torch.testing.assert_close(snapshot[pid]["exp_avg"], exp_avg)  # did not drift with the live Adam
+
+
+def test_a_restore_keeps_the_adaptive_cnn_lr_halvings():
+    agent = make_agent("learner.nonfinite_restore_after=1", "learner.feature_l2_threshold=1e-6", "learner.lr_cooldown_updates=1")
+    good, bad = tiny_batch(), tiny_batch()
+    bad.reward[0] = float("nan")
+    agent.update(good)  # snapshot, then a halving (features above the tiny threshold)
+    agent.update(good)  # a second halving, after the snapshot
+    halved = agent.cnn_lr.lr
+    assert agent.cnn_lr.halvings == 2 and halved == pytest.approx(1e-4 / 4)
+    assert agent.update(bad)["alerts/weights_restored"] == 1.0
+    assert agent.cnn_lr.lr == pytest.approx(halved)  # the count and the lr still agree
+    assert all(g["lr"] == pytest.approx(halved) for g in agent.cnn_lr.groups)
+
+
+def test_heads_q_and_losses_stay_fp32_under_autocast():
+    agent = make_agent()
+    agent.amp = True  # bf16 autocast forced on, on the CPU
+    batch = tiny_batch(reward_scale=300.0)
+    y = agent.target_q(batch)
+    assert y.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        features = agent.critic.cnn(batch.image)
+        q_bf16 = agent.critic.heads(features, batch.vector, batch.action)[0] + 300.0
+    with torch.no_grad(), agent._fp32():
+        q_fp32 = agent.critic.heads(features.float(), batch.vector, batch.action)[0] + 300.0
+    assert q_bf16.dtype == torch.bfloat16 and q_fp32.dtype == torch.float32
+    # bf16 around 300 has a step of 2: the values the old path produced were quantized.
+    assert torch.all(torch.remainder(q_bf16.float(), 2.0) == 0)
+    assert not torch.all(torch.remainder(q_fp32, 2.0) == 0)
+    metrics = agent.update_critic(batch)
+    assert np.isfinite(metrics["train/critic_loss"])
+
+
+def test_actor_lock_metrics():
+    agent = make_agent()
+    m = agent.update_actor(tiny_batch(b=8))
+    for name in ("steer", "throttle"):
+        assert 0.0 <= m[f"debug/action_saturated_{name}"] <= 1.0
+        assert -1.0 <= m[f"debug/action_mean_{name}"] <= 1.0
+        assert m[f"debug/action_std_{name}"] >= 0.0
+    assert 0.0 <= m["debug/actor_pretanh_abs_mean"] <= m["debug/actor_pretanh_abs_max"]
+    assert m["debug/dq_da_norm"] > 0.0 and m["alerts/action_saturation"] == 0.0
+    assert agent.last_actions.shape == (8, 2)
+    # A saturated actor: the last layer's bias pushed far past tanh's range.
+    with torch.no_grad():
+        agent.actor.head.net[-1].bias.fill_(-10.0)
+    m = agent.update_actor(tiny_batch(b=8))
+    assert m["debug/action_saturated_steer"] == 1.0 and m["alerts/action_saturation"] == 1.0
+    assert m["debug/actor_pretanh_abs_max"] > 5.0
+
+
+def test_pretanh_penalty_pulls_a_saturated_actor_back():
+    saturated = []
+    for weight in (0.0, 1.0):
+        agent = make_agent(f"td3.pretanh_penalty={weight}")
+        with torch.no_grad():
+            agent.actor.head.net[-1].bias.fill_(-6.0)
+        m = agent.update_actor(tiny_batch(b=8))
+        assert m["train/pretanh_penalty"] > 0.0
+        saturated.append(float(agent.actor.head.net[-1].bias.grad.abs().sum()))
+    assert saturated[0] < 1e-3 < saturated[1]  # tanh at the bound has no gradient; the penalty does
+
+
+def test_actor_on_the_critic_encoder_leaves_the_actor_cnn_to_the_critic():
+    agent = make_agent("td3.actor_encoder=critic")
+    agent.update_actor(tiny_batch())
+    for a, c in zip(agent.actor.cnn.parameters(), agent.critic.cnn.parameters()):
+        torch.testing.assert_close(a, c)
+        assert a.grad is None
+
+
+def test_critic_heads_get_no_gradient_from_the_actor_loss():
+    agent = make_agent()
+    agent.update_actor(tiny_batch())
+    assert all(p.grad is None for p in agent.critic.heads.parameters())
+    assert all(p.requires_grad for p in agent.critic.heads.parameters())
+
+
+def test_critic_warmup_delays_the_actor():
+    agent = make_agent("td3.critic_warmup_updates=4")
+    steps = [("train/actor_loss" in agent.update(tiny_batch())) for _ in range(8)]
+    assert steps == [False, False, False, False, False, True, False, True]
+
+
+def test_random_shift_moves_each_sample_by_whole_pixels():
+    from learner.td3 import random_shift
+
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
+    shifted = random_shift(frames, 4)
+    x = frames.float() / 127.5 - 1.0
+    padded = F.pad(x, (4, 4, 4, 4), mode="replicate")
+    for i in range(16):
+        matches = [(dy, dx) for dy in range(9) for dx in range(9)
+                   if torch.allclose(shifted[i], padded[i, :, dy:dy + 84, dx:dx + 84], atol=1e-4)]
+        assert len(matches) == 1
+    assert len({tuple(shifted[i, 0, 40, 40:44].tolist()) for i in range(16)}) > 1  # not one shift for all
 
 
 def test_adaptive_lr_halves_with_cooldown_and_floor():
@@ -175,7 +301,7 @@ def test_adaptive_lr_halves_with_cooldown_and_floor():
 
 
 def test_ddpg_has_one_critic_no_smoothing_no_delay(monkeypatch):
-    agent = make_agent("td3.algo=ddpg")
+    agent = make_agent("td3.algo=ddpg", "td3.critic_warmup_updates=0")
     assert len(agent.critic.heads.qs) == 1
     batch = tiny_batch()
     monkeypatch.setattr(torch, "randn_like", lambda t: torch.full_like(t, 50.0))
