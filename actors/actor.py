@@ -33,6 +33,8 @@ class Actor:
         self.rng = rng
         self.device = device
         self.noise_scale = noise_scale
+        self.last_policy_action: np.ndarray | None = None
+        """The policy's action before noise at the last `select_action` (None while acting randomly)."""
 
     def noise_std(self, env_step: int) -> float:
         c = self.cfg
@@ -48,9 +50,11 @@ class Actor:
 
     def select_action(self, observation: dict[str, np.ndarray], env_step: int) -> np.ndarray:
         if env_step < self.learning_starts:
+            self.last_policy_action = None
             action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
         else:
-            action = self.policy_action(observation) + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
+            self.last_policy_action = self.policy_action(observation)
+            action = self.last_policy_action + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
         return self.limit(np.clip(action, -1.0, 1.0).astype(np.float32))
 
     def limit(self, action: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ class EpisodeRunner:
             self.obs = self._reset()
             return None
         self.adder.add(action, reward, obs, terminated, truncated, policy_version)
-        self.stats.add(reward, info)
+        self.stats.add(reward, info, self.actor.last_policy_action)
         self.obs = obs
         if not (terminated or truncated):
             return None

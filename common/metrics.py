@@ -10,7 +10,9 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from common.driving import REWARD_COMPONENTS
+import numpy as np
+
+from common.driving import ACTION_NAMES, REWARD_COMPONENTS
 
 PREFIXES = (
     "train/", "eval/", "debug/", "perf/", "replay/", "actors/", "alerts/", "gradients/", "agent/", "rewards/",
@@ -41,6 +43,11 @@ class MetricLogger:
         image = Summary.Image(height=size[0], width=size[1], colorspace=3, encoded_image_string=gif)
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        if not tag.startswith(PREFIXES):
+            raise ValueError(f"metric '{tag}' has no known prefix; use one of {PREFIXES}")
+        self.writer.add_histogram(tag, values, step)
+
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, step)
 
@@ -70,8 +77,12 @@ class EpisodeStats:
     collisions: int = 0
     lane_invasions: int = 0
     components: dict[str, float] = field(default_factory=lambda: dict.fromkeys(REWARD_COMPONENTS, 0.0))
+    policy_actions: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, reward: float, info: dict[str, Any]) -> None:
+    def add(self, reward: float, info: dict[str, Any], policy_action: np.ndarray | None = None) -> None:
+        """One step; `policy_action` is the policy's action before exploration noise, if it acted."""
+        if policy_action is not None:
+            self.policy_actions.append(policy_action)
         self.reward += reward
         self.length += 1
         self.collisions += int(info["collision"])
@@ -86,4 +97,16 @@ class EpisodeStats:
             "train/collisions_per_episode": self.collisions,
             "train/lane_invasions_per_episode": self.lane_invasions,
             **{f"rewards/{k}": v for k, v in self.components.items()},
+            **self._policy_action_metrics(),
         }
+
+    def _policy_action_metrics(self) -> dict[str, float]:
+        """Per-dimension mean and std of the policy's actions before noise (absent while acting randomly)."""
+        if not self.policy_actions:
+            return {}
+        actions = np.stack(self.policy_actions)
+        out = {}
+        for i, name in enumerate(ACTION_NAMES):
+            out[f"train/policy_action_mean_{name}"] = float(actions[:, i].mean())
+            out[f"train/policy_action_std_{name}"] = float(actions[:, i].std())
+        return out

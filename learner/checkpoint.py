@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.config import Config, from_dict
+from common.networks import Policy, policy_for
 from learner.td3 import TD3
 
 LATEST = "latest"
@@ -128,3 +130,27 @@ def load(path: Path, agent: TD3) -> tuple[dict[str, Any], dict[str, np.ndarray] 
         with np.load(ckpt / "replay.npz", allow_pickle=False) as data:
             replay = {k: data[k] for k in data.files}
     return meta, replay
+
+
+def saved_config(path: Path) -> Config:
+    """The config a checkpoint was trained with, checked as any config is."""
+    ckpt = resolve(path)
+    try:
+        data = json.loads((ckpt / "state.json").read_text())["config"]
+        # Checkpoints from before cnn.trunk_dim existed had no trunk.
+        data.setdefault("cnn", {}).setdefault("trunk_dim", 0)
+        return from_dict(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint '{ckpt}' holds no usable config: {exc}") from exc
+
+
+def load_policy(path: Path, cfg: Config) -> Policy:
+    """The policy (actor CNN + head) of a checkpoint, alone: what an evaluation needs."""
+    ckpt = resolve(path)
+    try:
+        tensors = load_file(str(ckpt / "tensors.safetensors"))
+        policy = policy_for(cfg.cnn)
+        policy.load_state_dict({k[len("actor/"):]: v for k, v in tensors.items() if k.startswith("actor/")})
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint '{ckpt}' holds no policy that fits its config: {exc}") from exc
+    return policy.eval()

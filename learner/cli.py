@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 from actors.envs import check_backend
-from common.config import Config, ConfigError, from_dict, load_config
+from common.config import Config, ConfigError, load_config
 from common.errors import ActorsFailing, ServiceUnavailable
 from learner import checkpoint
 
@@ -85,10 +84,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
         return load_config(args.config, overrides), None
     probe = load_config(args.config, overrides)  # catches typos before looking for runs
     ckpt = find_resume(args.resume, Path(probe.logging.logdir))
-    try:
-        saved = from_dict(json.loads((ckpt / "state.json").read_text())["config"])
-    except (ValueError, KeyError) as exc:
-        raise checkpoint.CheckpointError(f"checkpoint '{ckpt}' holds no usable config: {exc}") from exc
+    saved = checkpoint.saved_config(ckpt)
     # The run continues with its own config; flags given now still apply on top (e.g. a larger budget).
     cfg = load_config(args.config, overrides, base=saved)
     return cfg, ckpt

@@ -9,6 +9,7 @@ import torch
 
 from common.batch import Batch
 from common.config import Config
+from common.driving import ACTION_NAMES
 from common.metrics import MetricLogger
 from learner.td3 import TD3
 from replay_server.ingest import RateLimiter
@@ -42,6 +43,9 @@ class Learner:
         # A skipped (non-finite) update does not advance the counter, so log its alert explicitly.
         if self.agent.updates % self.interval == 0 or metrics["alerts/nonfinite_loss"]:
             self.logger.log(metrics, env_step)
+            if self.agent.last_actions is not None and "train/actor_loss" in metrics:
+                for i, name in enumerate(ACTION_NAMES):
+                    self.logger.histogram(f"debug/action_{name}", self.agent.last_actions[:, i].cpu(), env_step)
             if self.cfg.logging.debug:
                 log.debug("update %d: %s", self.agent.updates,
                           {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/", "debug/cnn"))})

@@ -1,13 +1,15 @@
+import json
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from learner.cli import main
+from learner.evaluate import main as evaluate_main
 
 SMOKE = [
     "--mode", "serial", "--device", "cpu", "--seed", "3", "--num-eval-episodes", "1",
     "--set", "td3.batch_size=16", "--set", "td3.learning_starts=100", "--set", "replay.capacity=2000",
-    "--set", "replay.min_size_to_sample=16",
+    "--set", "replay.min_size_to_sample=16", "--set", "td3.critic_warmup_updates=10",
     "--set", "env.max_episode_steps=60", "--set", "learner.updates_per_step=0.5",
     "--set", "logging.log_interval=10",
 ]
@@ -23,6 +25,11 @@ SEED_TAGS = [
     *(f"rewards/{c}" for c in ("efficiency", "lane_keeping", "comfort", "safety", "progress")),
     "eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/avg_episode_length", "eval/avg_lane_invasions",
     "perf/updates_per_s", "perf/env_steps_per_s",
+    # the action-lock dashboard
+    "debug/actor_pretanh_abs_mean", "debug/actor_pretanh_abs_max", "debug/dq_da_norm", "alerts/action_saturation",
+    "train/pretanh_penalty",
+    *(f"{k}_{d}" for k in ("debug/action_saturated", "debug/action_mean", "debug/action_std", "train/policy_action_mean",
+                            "train/policy_action_std") for d in ("steer", "throttle")),
 ]
 
 
@@ -44,6 +51,22 @@ def test_serial_smoke_run_logs_the_seed_tags_and_checkpoints(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000000300"
     l2 = [e.value for e in acc.Scalars("debug/cnn_features_l2_norm")]
     assert max(l2) < 100
+    assert {"debug/action_steer", "debug/action_throttle"} <= set(acc.Tags()["histograms"])
+    # The checkpoint evaluates from the command line, on seeds of the caller's choosing.
+    report, gif = tmp_path / "eval.json", tmp_path / "eval.gif"
+    assert evaluate_main([str(run_dir), "--episodes", "2", "--seed", "500", "--json", str(report),
+                          "--video", str(gif), "--video-episodes", "1"]) == 0
+    result = json.loads(report.read_text())
+    assert result["seed"] == 500 and len(result["episodes"]) == 2
+    assert 0.0 <= result["metrics"]["eval/success_rate"] <= 1.0
+    assert gif.read_bytes()[:6] == b"GIF89a"
+
+
+def test_evaluate_names_what_is_wrong(tmp_path, capsys):
+    assert evaluate_main([str(tmp_path)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert evaluate_main([str(tmp_path), "--episodes", "0"]) == 2
+    assert "--episodes=0" in capsys.readouterr().err
 
 
 def test_resume_latest_continues_the_run(tmp_path):
