@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.bench.peer import PEERS
 from tests.bench.report import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,56 +183,156 @@ def experiment_norm(steps: int, arms: list[str], seed: int, overrides: list[str]
     print("\n".join(md))
 
 
-# -- the learning-curve experiment --------------------------------------------------------------
-def reference_policies(overrides: list[str], seed: int, episodes: int) -> dict[str, dict[str, float]]:
-    """eval/* of a uniformly random policy and of the baseline, on the learner's evaluation seeds."""
+# -- the learning experiment: arms x training seeds, held-out final evaluation ----------------------
+# Each arm is a set of overrides on top of CPU_FRIENDLY (and the learn budget); "seeds" is the seeds'
+# arrangement (deploy/configs/seeds.yaml), the others isolate one change on either side of it.
+LEARN_ARMS: dict[str, list[str]] = {
+    "default": [],
+    "seeds": ["--config", "deploy/configs/seeds.yaml"],
+    "seeds+trunk": ["--config", "deploy/configs/seeds.yaml", "cnn.trunk_dim=50"],
+    "seeds+penalty": ["--config", "deploy/configs/seeds.yaml", "td3.pretanh_penalty=1.0"],
+    "seeds+warmup": ["--config", "deploy/configs/seeds.yaml", "td3.critic_warmup_updates=1000"],
+    "seeds+adamw": ["--config", "deploy/configs/seeds.yaml", "td3.weight_decay_style=decoupled"],
+    "default-trunk": ["cnn.trunk_dim=0"],
+    "default-penalty": ["td3.pretanh_penalty=0"],
+    "default-warmup": ["td3.critic_warmup_updates=0"],
+    "default+critic-encoder": ["td3.actor_encoder=critic"],
+    "default+augment": ["td3.augment_shift=4"],
+}
+HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
+SATURATION_AFTER = 5000  # the lock criterion: saturated fraction after this env step
+
+
+def _split(arm: list[str]) -> tuple[list[str], list[str]]:
+    """(extra command-line args, overrides) of an arm."""
+    if arm[:1] == ["--config"]:
+        return arm[:2], arm[2:]
+    return [], arm
+
+
+def learn_job(arm: str, seed: int, steps: int, budget: list[str], out: Path, episodes: int) -> tuple[list[str], dict]:
+    """The command of one (arm, seed) run and the marker that identifies a finished one."""
+    run_dir = out / arm / f"s{seed}"
+    if arm in PEERS:
+        sets = [a for o in budget for a in ("--set", o)]
+        cmd = [sys.executable, "-m", "tests.bench.peer", "--arm", arm, "--seed", str(seed), "--steps", str(steps),
+               "--episodes", str(episodes), "--eval-seed", str(HELD_OUT_SEED), "--out", str(run_dir), *sets]
+    else:
+        extra, overrides = _split(LEARN_ARMS[arm])
+        sets = [a for o in [*budget, *overrides] for a in ("--set", o)]
+        cmd = [sys.executable, "-m", "learner", "--mode", "serial", "--quiet", "--seed", str(seed),
+               "--max-timesteps", str(steps), "--logdir", str(run_dir / "tb"), *extra, *sets]
+    return cmd, {"cmd": cmd[1:], "episodes": episodes}
+
+
+def run_jobs(jobs: dict[tuple[str, int], tuple[list[str], dict]], out: Path, parallel: int) -> None:
+    """Runs the jobs `parallel` at a time, each on one thread; a finished job with the same marker is reused."""
+    pending = []
+    for (arm, seed), (cmd, marker) in jobs.items():
+        done = out / arm / f"s{seed}" / "finished.json"
+        if done.is_file() and json.loads(done.read_text()) == marker:
+            print(f"{arm} seed {seed}: reusing the finished run")
+            continue
+        pending.append((arm, seed, cmd, marker))
+    running: list[tuple[str, int, dict, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            arm, seed, cmd, marker = pending.pop(0)
+            run_dir = out / arm / f"s{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            log = open(run_dir / "stdout.log", "w")
+            print(f"{arm} seed {seed}: started", flush=True)
+            running.append((arm, seed, marker, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                               env={**os.environ, "OMP_NUM_THREADS": "1"})))
+        time.sleep(2)
+        for job in [j for j in running if j[3].poll() is not None]:
+            arm, seed, marker, proc = job
+            running.remove(job)
+            run_dir = out / arm / f"s{seed}"
+            if proc.returncode != 0:
+                raise RuntimeError(f"{arm} seed {seed} failed (exit {proc.returncode}); see {run_dir / 'stdout.log'}")
+            if arm not in PEERS:
+                from learner.evaluate import evaluate_checkpoint
+
+                (run,) = [d for d in (run_dir / "tb").iterdir() if d.is_dir()]
+                metrics, _, _ = evaluate_checkpoint(run, marker["episodes"], HELD_OUT_SEED)
+                (run_dir / "final.json").write_text(json.dumps({"final": metrics}, indent=1))
+            (run_dir / "finished.json").write_text(json.dumps(marker))
+            print(f"{arm} seed {seed}: finished", flush=True)
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Held-out final metrics, the eval curve and the lock criterion of one run."""
+    final = json.loads((run_dir / "final.json").read_text())["final"]
+    tb = run_dir / "tb"
+    if not tb.is_dir():  # a peer: no curve
+        return {"final": final, "curve": [], "saturated_after": math.nan}
+    data = scalars(tb)
+    saturated = [max(v, dict(data.get("debug/action_saturated_throttle", [])).get(step, 0.0))
+                 for step, v in data.get("debug/action_saturated_steer", []) if step > SATURATION_AFTER]
+    return {"final": final, "curve": data.get("eval/mean_reward", []),
+            "saturated_after": float(np.mean(saturated)) if saturated else math.nan}
+
+
+def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str], seeds: list[int], scenario: int,
+                     parallel: int, overrides: list[str]) -> None:
+    name = f"experiment_learn_s{scenario}" if scenario else "experiment_learn"
+    out = RESULTS / name
+    start = time.time()
+    budget = [*CPU_FRIENDLY, f"env.scenario={scenario}", f"eval.freq={eval_every}", "eval.num_episodes=5",
+              "logging.log_interval=20", *overrides]
+    jobs = {(arm, seed): learn_job(arm, seed, steps, budget, out, episodes) for arm in arms for seed in seeds}
+    run_jobs(jobs, out, parallel)
+    summary = {arm: {seed: run_summary(out / arm / f"s{seed}") for seed in seeds} for arm in arms}
+    refs = reference_policies([f"env.scenario={scenario}", *overrides], episodes)
+    tags = ("eval/success_rate", "eval/collision_rate", "eval/mean_reward", "eval/avg_episode_length")
+    md = [f"`make experiment-learn` (embedded scenario {scenario}, {steps} env steps per run, training seeds "
+          f"{', '.join(map(str, seeds))}; final evaluation on {episodes} held-out episodes, seeds {HELD_OUT_SEED}+; "
+          f"{(time.time() - start) / 60:.0f} min) on {machine()}, {time.strftime('%Y-%m-%d %H:%M')}. "
+          f"Overrides: {' '.join(budget)}.\n",
+          "| arm | success (per seed) | mean success | collision (per seed) | mean collision | return (mean) | "
+          f"episode length (mean) | saturated fraction after step {SATURATION_AFTER} (per seed) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        runs = [summary[arm][s] for s in seeds]
+        per = {t: [r["final"][t] for r in runs] for t in tags}
+        sat = " / ".join("—" if math.isnan(r["saturated_after"]) else f"{r['saturated_after']:.2f}" for r in runs)
+        md.append(f"| {arm} | {' / '.join(f'{v:.2f}' for v in per['eval/success_rate'])} | "
+                  f"{np.mean(per['eval/success_rate']):.2f} | {' / '.join(f'{v:.2f}' for v in per['eval/collision_rate'])} | "
+                  f"{np.mean(per['eval/collision_rate']):.2f} | {np.mean(per['eval/mean_reward']):.1f} | "
+                  f"{np.mean(per['eval/avg_episode_length']):.0f} | {sat} |")
+    for ref, m in refs.items():
+        md.append(f"| {ref} | — | {m['eval/success_rate']:.2f} | — | {m['eval/collision_rate']:.2f} | "
+                  f"{m['eval/mean_reward']:.1f} | {m['eval/avg_episode_length']:.0f} | — |")
+    panels = {"eval/mean_reward": {f"{arm} s{seed}": summary[arm][seed]["curve"] for arm in arms for seed in seeds
+                                   if summary[arm][seed]["curve"]}}
+    plot(panels, RESULTS / f"{name}.png", set(),
+         f"embedded scenario {scenario}: periodic eval return (5 episodes) per arm and seed",
+         {"eval/mean_reward": {name: m["eval/mean_reward"] for name, m in refs.items()}})
+    md += ["", f"![learning curves]({name}.png)", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"runs": summary, "references": refs}, indent=1, default=str))
+    print("\n".join(md))
+
+
+def reference_policies(overrides: list[str], episodes: int) -> dict[str, dict[str, float]]:
+    """eval/* of a uniformly random policy and of the baseline, on the held-out evaluation seeds."""
     from actors.baseline import baseline_for
     from actors.envs import make_env
     from actors.evaluator import evaluate
     from common.config import load_config
 
-    cfg = load_config(overrides=[*overrides, f"seed={seed}"])
+    cfg = load_config(overrides=overrides)
     env = make_env(cfg)
-    rng = np.random.default_rng(seed)
-    eval_seed = cfg.seed + cfg.eval.seed_offset
+    rng = np.random.default_rng(0)
     try:
         return {
-            "random policy": evaluate(env, lambda _: rng.uniform(-1, 1, 2).astype(np.float32), episodes, eval_seed),
-            "PID + pure pursuit": evaluate(env, baseline_for(cfg, env.backend.dt), episodes, eval_seed),
+            "random policy": evaluate(env, lambda _: rng.uniform(-1, 1, 2).astype(np.float32), episodes, HELD_OUT_SEED),
+            "PID + pure pursuit": evaluate(env, baseline_for(cfg, env.backend.dt), episodes, HELD_OUT_SEED),
         }
     finally:
         env.close()
-
-
-def experiment_learn(steps: int, eval_every: int, episodes: int, seed: int, overrides: list[str]) -> None:
-    out = RESULTS / "experiment_learn"
-    start = time.time()
-    run_overrides = [*CPU_FRIENDLY, "env.scenario=0", f"eval.freq={eval_every}", f"eval.num_episodes={episodes}", *overrides]
-    proc = start_run(out / "td3", steps, run_overrides, seed)
-    refs = reference_policies(["env.scenario=0", *overrides], seed, episodes)
-    wait_all({"td3": proc}, out)
-    data = scalars(out / "td3")
-    tags = ["eval/mean_reward", "eval/success_rate"]
-    panels = {tag: {"TD3 (learned)": data.get(tag, [])} for tag in tags}
-    hlines = {tag: {name: m[tag] for name, m in refs.items()} for tag in tags}
-    plot(panels, RESULTS / "experiment_learn.png", set(), f"embedded scenario 0, seed {seed}, {episodes} eval episodes per point",
-         hlines)
-    md = [f"`make experiment-learn` ({steps} env steps, eval every {eval_every} steps on {episodes} episodes, seed {seed}, "
-          f"{(time.time() - start) / 60:.0f} min) on {machine()}, {time.strftime('%Y-%m-%d %H:%M')}. "
-          f"Overrides: {' '.join(run_overrides)}.\n",
-          "| policy | env step | eval return | success rate | collision rate | avg episode length |", "|---|---|---|---|---|---|"]
-    learned = {tag: dict(data.get(tag, [])) for tag in ("eval/mean_reward", "eval/success_rate", "eval/collision_rate",
-                                                          "eval/avg_episode_length")}
-    for step in sorted(learned["eval/mean_reward"]):
-        md.append(f"| TD3 | {step} | {learned['eval/mean_reward'][step]:.1f} | {learned['eval/success_rate'][step]:.2f} | "
-                  f"{learned['eval/collision_rate'].get(step, math.nan):.2f} | {learned['eval/avg_episode_length'].get(step, math.nan):.0f} |")
-    for name, m in refs.items():
-        md.append(f"| {name} | — | {m['eval/mean_reward']:.1f} | {m['eval/success_rate']:.2f} | {m['eval/collision_rate']:.2f} | "
-                  f"{m['eval/avg_episode_length']:.0f} |")
-    md += ["", "![learning curve](experiment_learn.png)", ""]
-    (RESULTS / "experiment_learn.md").write_text("\n".join(md))
-    (RESULTS / "experiment_learn.json").write_text(json.dumps({"td3": learned, **refs}, indent=1, default=str))
-    print("\n".join(md))
 
 
 def main() -> None:
@@ -240,12 +341,17 @@ def main() -> None:
     norm = sub.add_parser("norm", help="LayerNorm vs no normalization, the seeds' criteria")
     norm.add_argument("--steps", type=int, default=8000, help="env steps per arm (default 8000: ~35 min on 2 CPU cores)")
     norm.add_argument("--arms", default="layernorm,none", help=f"comma-separated, from {', '.join(ARMS)}")
-    learn = sub.add_parser("learn", help="learning curve vs random policy and the classical baseline")
-    learn.add_argument("--steps", type=int, default=10000, help="env steps (default 10000: ~50 min on 2 CPU cores)")
-    learn.add_argument("--eval-every", type=int, default=1000)
-    learn.add_argument("--episodes", type=int, default=5, help="eval episodes per point")
+    learn = sub.add_parser("learn", help="arms x seeds, held-out evaluation, baseline, random policy and SB3 peers")
+    learn.add_argument("--steps", type=int, default=10000, help="env steps per run (default 10000)")
+    learn.add_argument("--eval-every", type=int, default=2500, help="env steps between periodic evaluations (the curves)")
+    learn.add_argument("--episodes", type=int, default=20, help="held-out final evaluation episodes per run")
+    learn.add_argument("--arms", default="default,seeds,sb3-vector",
+                       help=f"comma-separated, from {', '.join([*LEARN_ARMS, *PEERS])}")
+    learn.add_argument("--seeds", default="1,2,3", help="training seeds, comma-separated")
+    learn.add_argument("--scenario", type=int, choices=[0, 1, 2], default=0)
+    learn.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each (default 2: this machine's cores)")
+    norm.add_argument("--seed", type=int, default=42)
     for sp in (norm, learn):
-        sp.add_argument("--seed", type=int, default=42)
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run, e.g. --set td3.batch_size=256 --set learner.device=cuda")
     args = p.parse_args()
@@ -257,7 +363,12 @@ def main() -> None:
             p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
         experiment_norm(args.steps, arms, args.seed, args.overrides)
     else:
-        experiment_learn(args.steps, args.eval_every, args.episodes, args.seed, args.overrides)
+        arms = args.arms.split(",")
+        unknown = [a for a in arms if a not in LEARN_ARMS and a not in PEERS]
+        if unknown:
+            p.error(f"unknown arm(s) {unknown}; choose from {[*LEARN_ARMS, *PEERS]}")
+        experiment_learn(args.steps, args.eval_every, args.episodes, arms, [int(x) for x in args.seeds.split(",")],
+                         args.scenario, args.parallel, args.overrides)
 
 
 if __name__ == "__main__":

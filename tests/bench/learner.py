@@ -77,17 +77,8 @@ def sb3(device: torch.device, n: int) -> tuple[float, float]:
     """(updates/s, replay bytes per transition) of SB3's TD3 with our CNN and MLP sizes."""
     from stable_baselines3 import TD3 as SB3TD3
     from stable_baselines3.common.logger import configure
-    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-    class OurFeatures(BaseFeaturesExtractor):
-        """Our NatureCNN on the image, concatenated with the vector: what our heads see."""
-
-        def __init__(self, space: gym.spaces.Dict) -> None:
-            super().__init__(space, features_dim=FEATURE_DIM + VECTOR_DIM)
-            self.cnn = NatureCNN("layernorm")
-
-        def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-            return torch.cat([self.cnn(obs["image"]), obs["vector"]], dim=1)
+    from tests.bench.peer import features_extractor_class
 
     class SpacesOnly(gym.Env):
         observation_space = observation_space()
@@ -96,7 +87,7 @@ def sb3(device: torch.device, n: int) -> tuple[float, float]:
     size = 5000
     model = SB3TD3(
         "MultiInputPolicy", SpacesOnly(), buffer_size=size, batch_size=BATCH, learning_starts=0, device=device,
-        policy_kwargs={"features_extractor_class": OurFeatures, "net_arch": [256, 256], "normalize_images": False,
+        policy_kwargs={"features_extractor_class": features_extractor_class(), "net_arch": [256, 256], "normalize_images": False,
                        "share_features_extractor": False},
     )
     model.set_logger(configure(None, []))
