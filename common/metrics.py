@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.tensorboard import SummaryWriter
-
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
 
 from common.driving import ACTION_NAMES, REWARD_COMPONENTS
 

@@ -197,15 +197,16 @@ class TD3:
     def update_actor(self, batch: Batch) -> dict[str, float]:
         t = self.cfg
         with self._autocast():
-            if t.actor_encoder == "critic":
-                # The actor CNN mirrors the critic CNN and gets no gradient of its own.
-                with torch.no_grad():
-                    torch._foreach_copy_(list(self.actor.cnn.parameters()), list(self.critic.cnn.parameters()))
-                    features = self.actor.cnn(batch.image)
-            else:
-                features = self.actor.cnn(batch.image)
             with torch.no_grad():
                 critic_features = self.critic.cnn(batch.image)
+            if t.actor_encoder == "critic":
+                # The actor reads the critic's features; its CNN only mirrors the critic's, so the
+                # published policy stays self-contained.
+                with torch.no_grad():
+                    torch._foreach_copy_(list(self.actor.cnn.parameters()), list(self.critic.cnn.parameters()))
+                features = critic_features
+            else:
+                features = self.actor.cnn(batch.image)
         # No gradients for the critic's head parameters: the actor loss only needs dQ/da.
         self.critic.heads.requires_grad_(False)
         try:
@@ -244,7 +245,8 @@ class TD3:
         """
         if self.cfg.augment_shift:
             pad = self.cfg.augment_shift
-            batch = dataclasses.replace(batch, image=random_shift(batch.image, pad), next_image=random_shift(batch.next_image, pad))
+            batch = dataclasses.replace(batch, image=random_shift(batch.image, pad),
+                                        next_image=random_shift(batch.next_image, pad))
         metrics = self.update_critic(batch)
         if "alerts/nonfinite_loss" in metrics:
             return self._nonfinite(metrics)

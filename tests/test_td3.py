@@ -86,7 +86,11 @@ def test_each_quantity_comes_from_the_right_cnn():
     img, nxt = batch.image.data_ptr(), batch.next_image.data_ptr()
     assert sorted(calls) == sorted([("actor_target", nxt), ("critic_target", nxt), ("critic", img)])
     calls.clear()
-    agent.update_actor(batch)
+    agent.update_actor(batch)  # the default: the actor reads the critic CNN's features
+    assert calls == [("critic", img)]
+    own = make_agent("td3.actor_encoder=own")
+    calls = _record_cnn_calls(own)
+    own.update_actor(batch)
     assert sorted(calls) == sorted([("actor", img), ("critic", img)])
 
 

@@ -196,7 +196,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-trunk": ["cnn.trunk_dim=0"],
     "default-penalty": ["td3.pretanh_penalty=0"],
     "default-warmup": ["td3.critic_warmup_updates=0"],
-    "default+critic-encoder": ["td3.actor_encoder=critic"],
+    "default-encoder": ["td3.actor_encoder=own"],
+    "default-adamw": ["td3.weight_decay_style=l2"],
     "default+augment": ["td3.augment_shift=4"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
@@ -276,9 +277,11 @@ def run_summary(run_dir: Path) -> dict:
 
 
 def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str], seeds: list[int], scenario: int,
-                     parallel: int, overrides: list[str]) -> None:
-    name = f"experiment_learn_s{scenario}" if scenario else "experiment_learn"
-    out = RESULTS / name
+                     parallel: int, overrides: list[str], name: str = "") -> None:
+    """Runs live in results/experiment_learn[_s<scenario>]/<arm>/s<seed>, shared by every report on
+    that scenario (a finished run with the same command is reused); the report is results/<name>.{md,png,json}."""
+    out = RESULTS / (f"experiment_learn_s{scenario}" if scenario else "experiment_learn")
+    name = name or out.name
     start = time.time()
     budget = [*CPU_FRIENDLY, f"env.scenario={scenario}", f"eval.freq={eval_every}", "eval.num_episodes=5",
               "logging.log_interval=20", *overrides]
@@ -349,6 +352,7 @@ def main() -> None:
                        help=f"comma-separated, from {', '.join([*LEARN_ARMS, *PEERS])}")
     learn.add_argument("--seeds", default="1,2,3", help="training seeds, comma-separated")
     learn.add_argument("--scenario", type=int, choices=[0, 1, 2], default=0)
+    learn.add_argument("--name", default="", help="report name in results/ (default experiment_learn[_s<scenario>])")
     learn.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each (default 2: this machine's cores)")
     norm.add_argument("--seed", type=int, default=42)
     for sp in (norm, learn):
@@ -368,7 +372,7 @@ def main() -> None:
         if unknown:
             p.error(f"unknown arm(s) {unknown}; choose from {[*LEARN_ARMS, *PEERS]}")
         experiment_learn(args.steps, args.eval_every, args.episodes, arms, [int(x) for x in args.seeds.split(",")],
-                         args.scenario, args.parallel, args.overrides)
+                         args.scenario, args.parallel, args.overrides, args.name)
 
 
 if __name__ == "__main__":
