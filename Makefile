@@ -55,7 +55,8 @@ bench: bench-foundation bench-replay bench-scaling bench-learner
 bench-learner: $(BENCH_STAMP)
 	$(PY) -m tests.bench.learner
 
-# ARGS="--steps N --set key=value ..." scales them (e.g. on a GPU: --set learner.device=cuda --set td3.batch_size=256).
+# ARGS="--steps N --set key=value ..." scales them (e.g. on a GPU: --set learner.device=cuda --set td3.batch_size=256);
+# experiment-learn also takes --arms default,seeds,sb3-cnn,sb3-vector,... --seeds 1,2,3 --scenario 0|1|2.
 experiment-norm: $(BENCH_STAMP)
 	$(PY) -m tests.bench.experiments norm $(ARGS)
 

@@ -7,12 +7,16 @@ read back from their TensorBoard events:
   Curves of the per-sample CNN feature L2 norm, critic and actor loss, Q and episode reward, and
   the seeds' criteria per arm (feature L2 < 100 throughout, feature mean in [-10, 10], std < 50,
   critic loss < 100 and falling, no NaN/inf).
-- `learn` (`make experiment-learn`): a learning curve on embedded scenario 0: eval return and
-  success rate every `--eval-every` steps for the learned policy, against a random policy and the
-  PID + pure-pursuit baseline on the same evaluation seeds.
+- `learn` (`make experiment-learn`): does the agent learn to drive? Arms (`--arms`: our configs,
+  the seeds' arrangement, ablations that change one switch, and the SB3 TD3 peers of
+  `tests/bench/peer.py`) times training seeds (`--seeds`), same budget, run `--parallel` at a time;
+  each run ends with an evaluation on `--episodes` held-out seeds (100000 on, used by no training
+  episode), and the uniformly random policy and the PID + pure-pursuit baseline are evaluated on
+  the same seeds. One table (per-seed success and collision rates, the lock criterion: saturated
+  fraction after step 5,000) and one plot of the periodic eval return per arm and seed.
 
-Both write PNG plots and a markdown table to results/ and default to budgets that finish within an
-hour on 2 CPU cores (batch 64); `--steps` and `--set key=value` scale them up on a GPU.
+Both write PNG plots and markdown tables to results/ and default to CPU-sized budgets (batch 64);
+`--steps` and `--set key=value` scale them up on a GPU.
 """
 
 from __future__ import annotations

@@ -1,0 +1,33 @@
+"""The experiment definitions: every arm is a valid config, and (slow) a tiny end-to-end run."""
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from tests.bench.experiments import CPU_FRIENDLY, LEARN_ARMS, _split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("arm", sorted(LEARN_ARMS))
+def test_every_learn_arm_is_a_valid_config(arm):
+    extra, overrides = _split(LEARN_ARMS[arm])
+    cfg = load_config(ROOT / extra[1] if extra else None, [*CPU_FRIENDLY, *overrides])
+    # Each ablation arm differs from its base (the seeds' arrangement or the default) in one switch.
+    base = load_config(ROOT / "deploy/configs/seeds.yaml" if arm.startswith("seeds") else None, CPU_FRIENDLY)
+    changed = [k for k in ("cnn", "td3") if getattr(cfg, k) != getattr(base, k)]
+    assert len(changed) == (0 if arm in ("default", "seeds") else 1), changed
+
+
+@pytest.mark.slow
+def test_a_tiny_learn_experiment_writes_its_table(tmp_path, monkeypatch):
+    pytest.importorskip("stable_baselines3")
+    import tests.bench.experiments as experiments
+
+    monkeypatch.setattr(experiments, "RESULTS", tmp_path)
+    experiments.experiment_learn(200, 100, 1, ["default", "sb3-vector"], [1], 0, 2,
+                                 ["td3.learning_starts=50", "env.max_episode_steps=40", "td3.critic_warmup_updates=5"])
+    table = (tmp_path / "experiment_learn.md").read_text()
+    assert "| default |" in table and "| sb3-vector |" in table and "| PID + pure pursuit |" in table
+    assert (tmp_path / "experiment_learn.png").is_file()
