@@ -205,7 +205,7 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+augment": ["td3.augment_shift=4"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
-SATURATION_AFTER = 5000  # the lock criterion: saturated fraction after this env step
+SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
 
 
 def _split(arm: list[str]) -> tuple[list[str], list[str]]:
@@ -267,7 +267,7 @@ def run_jobs(jobs: dict[tuple[str, int], tuple[list[str], dict]], out: Path, par
             print(f"{arm} seed {seed}: finished", flush=True)
 
 
-def run_summary(run_dir: Path) -> dict:
+def run_summary(run_dir: Path, saturation_after: int) -> dict:
     """Held-out final metrics, the eval curve and the lock criterion of one run."""
     final = json.loads((run_dir / "final.json").read_text())["final"]
     tb = run_dir / "tb"
@@ -275,23 +275,23 @@ def run_summary(run_dir: Path) -> dict:
         return {"final": final, "curve": [], "saturated_after": math.nan}
     data = scalars(tb)
     saturated = [max(v, dict(data.get("debug/action_saturated_throttle", [])).get(step, 0.0))
-                 for step, v in data.get("debug/action_saturated_steer", []) if step > SATURATION_AFTER]
+                 for step, v in data.get("debug/action_saturated_steer", []) if step > saturation_after]
     return {"final": final, "curve": data.get("eval/mean_reward", []),
             "saturated_after": float(np.mean(saturated)) if saturated else math.nan}
 
 
 def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str], seeds: list[int], scenario: int,
-                     parallel: int, overrides: list[str], name: str = "") -> None:
-    """Runs live in results/experiment_learn[_s<scenario>]/<arm>/s<seed>, shared by every report on
-    that scenario (a finished run with the same command is reused); the report is results/<name>.{md,png,json}."""
-    out = RESULTS / (f"experiment_learn_s{scenario}" if scenario else "experiment_learn")
-    name = name or out.name
+                     parallel: int, overrides: list[str], name: str = "", saturation_after: int = SATURATION_AFTER) -> None:
+    """The report is results/<name>.{md,png,json} (default name experiment_learn[_s<scenario>]), its runs
+    live in results/<name>/<arm>/s<seed>; a finished run with the same command is reused."""
+    name = name or (f"experiment_learn_s{scenario}" if scenario else "experiment_learn")
+    out = RESULTS / name
     start = time.time()
     budget = [*CPU_FRIENDLY, f"env.scenario={scenario}", f"eval.freq={eval_every}", "eval.num_episodes=5",
               "logging.log_interval=20", *overrides]
     jobs = {(arm, seed): learn_job(arm, seed, steps, budget, out, episodes) for arm in arms for seed in seeds}
     run_jobs(jobs, out, parallel)
-    summary = {arm: {seed: run_summary(out / arm / f"s{seed}") for seed in seeds} for arm in arms}
+    summary = {arm: {seed: run_summary(out / arm / f"s{seed}", saturation_after) for seed in seeds} for arm in arms}
     refs = reference_policies([f"env.scenario={scenario}", *overrides], episodes)
     tags = ("eval/success_rate", "eval/collision_rate", "eval/mean_reward", "eval/avg_episode_length")
     md = [f"`make experiment-learn` (embedded scenario {scenario}, {steps} env steps per run, training seeds "
@@ -299,7 +299,7 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
           f"{(time.time() - start) / 60:.0f} min) on {machine()}, {time.strftime('%Y-%m-%d %H:%M')}. "
           f"Overrides: {' '.join(budget)}.\n",
           "| arm | success (per seed) | mean success | collision (per seed) | mean collision | return (mean) | "
-          f"episode length (mean) | saturated fraction after step {SATURATION_AFTER} (per seed) |",
+          f"episode length (mean) | saturated fraction after step {saturation_after} (per seed) |",
           "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         runs = [summary[arm][s] for s in seeds]
@@ -356,7 +356,9 @@ def main() -> None:
                        help=f"comma-separated, from {', '.join([*LEARN_ARMS, *PEERS])}")
     learn.add_argument("--seeds", default="1,2,3", help="training seeds, comma-separated")
     learn.add_argument("--scenario", type=int, choices=[0, 1, 2], default=0)
-    learn.add_argument("--name", default="", help="report name in results/ (default experiment_learn[_s<scenario>])")
+    learn.add_argument("--saturation-after", type=int, default=SATURATION_AFTER,
+                       help="env step after which the saturated action fraction is averaged (the lock criterion)")
+    learn.add_argument("--name", default="", help="report and run folder name in results/ (default experiment_learn[_s<scenario>])")
     learn.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each (default 2: this machine's cores)")
     norm.add_argument("--seed", type=int, default=42)
     for sp in (norm, learn):
@@ -376,7 +378,7 @@ def main() -> None:
         if unknown:
             p.error(f"unknown arm(s) {unknown}; choose from {[*LEARN_ARMS, *PEERS]}")
         experiment_learn(args.steps, args.eval_every, args.episodes, arms, [int(x) for x in args.seeds.split(",")],
-                         args.scenario, args.parallel, args.overrides, args.name)
+                         args.scenario, args.parallel, args.overrides, args.name, args.saturation_after)
 
 
 if __name__ == "__main__":
