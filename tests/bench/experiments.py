@@ -358,7 +358,8 @@ def main() -> None:
     learn.add_argument("--scenario", type=int, choices=[0, 1, 2], default=0)
     learn.add_argument("--saturation-after", type=int, default=SATURATION_AFTER,
                        help="env step after which the saturated action fraction is averaged (the lock criterion)")
-    learn.add_argument("--name", default="", help="report and run folder name in results/ (default experiment_learn[_s<scenario>])")
+    learn.add_argument("--name", default="",
+                       help="report and run folder name in results/ (default experiment_learn[_s<scenario>])")
     learn.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each (default 2: this machine's cores)")
     norm.add_argument("--seed", type=int, default=42)
     for sp in (norm, learn):
