@@ -56,3 +56,20 @@ def test_missing_or_partial_checkpoint_is_a_named_error(tmp_path):
     (path / "tensors.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
         checkpoint.load(tmp_path, agent)
+
+
+def test_a_checkpoint_from_before_the_trunk_still_loads(tmp_path):
+    from common.config import to_dict
+
+    cfg = load_config(overrides=["learner.device=cpu", "cnn.trunk_dim=0", "td3.weight_decay_style=l2"])
+    agent = TD3(cfg, CPU)
+    saved = to_dict(cfg)
+    del saved["cnn"]["trunk_dim"]  # what a checkpoint written before cnn.trunk_dim existed holds
+    path = checkpoint.save(tmp_path, 7, agent, {"config": saved})
+    old = checkpoint.saved_config(path)
+    assert old.cnn.trunk_dim == 0
+    policy = checkpoint.load_policy(path, old)
+    for k, v in agent.actor.state_dict().items():
+        torch.testing.assert_close(policy.state_dict()[k], v)
+    with pytest.raises(checkpoint.CheckpointError, match="fits its config"):
+        checkpoint.load_policy(path, load_config(overrides=["cnn.trunk_dim=50"]))
