@@ -66,10 +66,11 @@ def _trunk(trunk_dim: int) -> nn.Module:
     """512 features -> `trunk_dim` values in [-1, 1] (DrQ-v2's Linear -> LayerNorm -> Tanh), or the
     features unchanged when `trunk_dim` is 0.
 
-    Without it the heads' first layer sums 512 LayerNormed features of L2 ~17; Adam's first
-    steps move every weight by ~lr in the sign of its (tiny, coherent) gradient, so the actor's
-    pre-tanh output runs past the saturation point within tens of updates and tanh leaves no
-    gradient to bring it back (the action lock, README › Results)."""
+    Without it the heads' first layer sums 512 LayerNormed, mostly positive features of L2 ~17
+    that differ little between frames early on; Adam moves every weight by ~lr in the sign of its
+    tiny gradient, so one actor update shifts the pre-tanh output by ~0.24 for every state alike
+    and tanh saturates within ~10 actor updates. The trunk cuts that shift about 4x
+    (`python -m tests.bench.actor_step`); alone it only delays the action lock (README › Results)."""
     if trunk_dim == 0:
         return nn.Identity()
     return nn.Sequential(nn.Linear(FEATURE_DIM, trunk_dim), nn.LayerNorm(trunk_dim), nn.Tanh())
