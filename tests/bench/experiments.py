@@ -315,7 +315,7 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
     panels = {"eval/mean_reward": {f"{arm} s{seed}": summary[arm][seed]["curve"] for arm in arms for seed in seeds
                                    if summary[arm][seed]["curve"]}}
     plot(panels, RESULTS / f"{name}.png", set(),
-         f"embedded scenario {scenario}: periodic eval return (5 episodes) per arm and seed",
+         f"scenario {scenario}: periodic eval return (5 episodes)",
          {"eval/mean_reward": {name: m["eval/mean_reward"] for name, m in refs.items()}})
     md += ["", f"![learning curves]({name}.png)", ""]
     (RESULTS / f"{name}.md").write_text("\n".join(md))
