@@ -34,7 +34,7 @@ def env_rate(scenario: int, steps: int = 2000) -> float:
 
 
 def update_rate(batch_size: int, device: torch.device, n: int = 5) -> float:
-    cfg = load_config(overrides=[f"td3.batch_size={batch_size}"])
+    cfg = load_config(overrides=[f"td3.batch_size={batch_size}", "td3.critic_warmup_updates=0"])  # time steady-state updates
     agent = TD3(cfg, device)
     batch = Batch.from_numpy(random_batch_arrays(batch_size), device)
     for _ in range(2):

@@ -25,7 +25,6 @@ from common.chunk import Chunk
 from common.config import load_config
 from common.driving import ACTION_DIM, FRAME_SIZE, VECTOR_DIM
 from common.env import observation_space
-from common.networks import FEATURE_DIM, NatureCNN
 from learner.td3 import TD3
 from replay_server.ring import FrameRing
 from tests.bench.report import write_report
@@ -64,7 +63,9 @@ def _timed(step, n: int, device: torch.device) -> float:
 
 def ours(device: torch.device, ring: FrameRing | None, n: int, *overrides: str) -> float:
     """Updates/s of our TD3; from `ring` (sampled each update) or one fixed in-memory batch."""
-    cfg = load_config(overrides=[f"td3.batch_size={BATCH}", f"learner.device={device.type}", *overrides])
+    # No critic warm-up: a few timed updates would otherwise all be critic-only.
+    cfg = load_config(overrides=[f"td3.batch_size={BATCH}", f"learner.device={device.type}", "td3.critic_warmup_updates=0",
+                                 *overrides])
     agent = TD3(cfg, device)
     if ring is None:
         batch = Batch.from_numpy(random_batch_arrays(BATCH), device)
