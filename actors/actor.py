@@ -48,6 +48,10 @@ class Actor:
         vector = torch.from_numpy(observation["vector"]).unsqueeze(0).to(self.device)
         return self.policy(image, vector).float().squeeze(0).cpu().numpy()
 
+    def eval_action(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        """The action an evaluation takes: the policy's, without noise, within the action limit."""
+        return self.limit(self.policy_action(observation))
+
     def select_action(self, observation: dict[str, np.ndarray], env_step: int) -> np.ndarray:
         if env_step < self.learning_starts:
             self.last_policy_action = None

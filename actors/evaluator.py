@@ -91,8 +91,7 @@ class EvalWorker:
 
         load_policy_bytes(self.actor.policy, weights)
         frames: list | None = [] if video else None
-        metrics = evaluate(self.env, lambda o: self.actor.limit(self.actor.policy_action(o)),
-                           self.cfg.eval.num_episodes, seed, frames)
+        metrics = evaluate(self.env, self.actor.eval_action, self.cfg.eval.num_episodes, seed, frames)
         if not frames:
             return metrics, None, (0, 0)
         return metrics, encode_gif(frames), frames[0].shape[:2]

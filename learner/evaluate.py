@@ -36,10 +36,9 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[st
     env = make_env(cfg, slot=cfg.actors.num_actors)
     frames: list = []
     try:
-        with torch.no_grad():
-            results = [run_episode_retrying(env, lambda o: actor.limit(actor.policy_action(o)), seed + i,
-                                            frames if video_episodes and i in video_episodes else None)
-                       for i in range(episodes)]
+        results = [run_episode_retrying(env, actor.eval_action, seed + i,
+                                        frames if video_episodes and i in video_episodes else None)
+                   for i in range(episodes)]
     finally:
         env.close()
     return summarize(results), results, frames
@@ -72,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(not 0 <= i < args.episodes for i in chosen):
             raise ConfigError(f"--video-episodes={args.video_episodes} must be indices in [0, {args.episodes})")
         metrics, results, frames = evaluate_checkpoint(Path(args.path), args.episodes, args.seed, overrides, chosen)
-    except ValueError as exc:  # ConfigError and bad --video-episodes
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except checkpoint.CheckpointError as exc:
+    except (ValueError, checkpoint.CheckpointError) as exc:  # ValueError: ConfigError, bad --video-episodes
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for key, value in metrics.items():

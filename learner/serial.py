@@ -101,8 +101,8 @@ class SerialRun:
     def _evaluate(self) -> None:
         policy = self.core.agent.actor
         policy.eval()
-        metrics = evaluate(self.eval_env, lambda o: self.actor.limit(self.actor.policy_action(o)),
-                           self.cfg.eval.num_episodes, self.cfg.seed + self.cfg.eval.seed_offset)
+        metrics = evaluate(self.eval_env, self.actor.eval_action, self.cfg.eval.num_episodes,
+                           self.cfg.seed + self.cfg.eval.seed_offset)
         policy.train()
         self.core.log_eval(metrics)
 

@@ -85,7 +85,7 @@ def feature_stats(prefix: str, features: torch.Tensor) -> dict[str, float]:
     }
 
 
-def action_stats(z: torch.Tensor, action: torch.Tensor, loss_grad: torch.Tensor | None) -> dict[str, float]:
+def action_stats(z: torch.Tensor, action: torch.Tensor, loss_grad: torch.Tensor) -> dict[str, float]:
     """What shows an action lock before it costs a run: the pre-tanh magnitude, the saturated
     fraction, mean and std per action dimension, and |dQ/da| (from the actor loss's gradient
     w.r.t. the action, -dQ1/da / B)."""
@@ -94,9 +94,8 @@ def action_stats(z: torch.Tensor, action: torch.Tensor, loss_grad: torch.Tensor 
         "debug/actor_pretanh_abs_mean": float(z.abs().mean()),
         "debug/actor_pretanh_abs_max": float(z.abs().max()),
         "alerts/action_saturation": float(saturated.max() > 0.5),
+        "debug/dq_da_norm": float((loss_grad * action.shape[0]).norm(dim=1).mean()),
     }
-    if loss_grad is not None:
-        metrics["debug/dq_da_norm"] = float((loss_grad * action.shape[0]).norm(dim=1).mean())
     for i, name in enumerate(ACTION_NAMES):
         metrics[f"debug/action_saturated_{name}"] = float(saturated[i])
         metrics[f"debug/action_mean_{name}"] = float(action[:, i].mean())

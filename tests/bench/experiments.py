@@ -57,15 +57,24 @@ CURVES = {
 }
 
 
+def learner_cmd(seed: int, steps: int, logdir: Path, args: list[str]) -> list[str]:
+    """A serial `python -m learner` run; `args` are further command-line arguments (--config, --set)."""
+    return [sys.executable, "-m", "learner", "--mode", "serial", "--quiet", "--seed", str(seed),
+            "--max-timesteps", str(steps), "--logdir", str(logdir), *args]
+
+
+def spawn(cmd: list[str], folder: Path) -> subprocess.Popen:
+    """`cmd` on one CPU thread, its output in folder/stdout.log; the folder is emptied first (a rerun replaces it)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    log = open(folder / "stdout.log", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def start_run(logdir: Path, steps: int, overrides: list[str], seed: int) -> subprocess.Popen:
     """A serial run on one CPU thread, logging diagnostics every 25 updates."""
     sets = [arg for o in overrides for arg in ("--set", o)]
-    cmd = [sys.executable, "-m", "learner", "--mode", "serial", "--quiet", "--seed", str(seed),
-           "--max-timesteps", str(steps), "--logdir", str(logdir), "--set", "logging.log_interval=25", *sets]
-    shutil.rmtree(logdir, ignore_errors=True)  # one run per arm folder: a rerun replaces it
-    logdir.mkdir(parents=True)
-    log = open(logdir / "stdout.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return spawn(learner_cmd(seed, steps, logdir, ["--set", "logging.log_interval=25", *sets]), logdir)
 
 
 def wait_all(procs: dict[str, subprocess.Popen], logdir: Path) -> None:
@@ -74,9 +83,14 @@ def wait_all(procs: dict[str, subprocess.Popen], logdir: Path) -> None:
             raise RuntimeError(f"run '{name}' failed (exit {proc.returncode}); see {logdir / name / 'stdout.log'}")
 
 
-def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+def run_folder(logdir: Path) -> Path:
+    """The one run folder `python -m learner --logdir logdir` created."""
     (run_dir,) = [p for p in logdir.iterdir() if p.is_dir()]
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    return run_dir
+
+
+def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_folder(logdir)), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
@@ -225,8 +239,7 @@ def learn_job(arm: str, seed: int, steps: int, budget: list[str], out: Path, epi
     else:
         extra, overrides = _split(LEARN_ARMS[arm])
         sets = [a for o in [*budget, *overrides] for a in ("--set", o)]
-        cmd = [sys.executable, "-m", "learner", "--mode", "serial", "--quiet", "--seed", str(seed),
-               "--max-timesteps", str(steps), "--logdir", str(run_dir / "tb"), *extra, *sets]
+        cmd = learner_cmd(seed, steps, run_dir / "tb", [*extra, *sets])
     return cmd, {"cmd": cmd[1:], "episodes": episodes}
 
 
@@ -243,13 +256,8 @@ def run_jobs(jobs: dict[tuple[str, int], tuple[list[str], dict]], out: Path, par
     while pending or running:
         while pending and len(running) < parallel:
             arm, seed, cmd, marker = pending.pop(0)
-            run_dir = out / arm / f"s{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
-            log = open(run_dir / "stdout.log", "w")
             print(f"{arm} seed {seed}: started", flush=True)
-            running.append((arm, seed, marker, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                                               env={**os.environ, "OMP_NUM_THREADS": "1"})))
+            running.append((arm, seed, marker, spawn(cmd, out / arm / f"s{seed}")))
         time.sleep(2)
         for job in [j for j in running if j[3].poll() is not None]:
             arm, seed, marker, proc = job
@@ -260,8 +268,7 @@ def run_jobs(jobs: dict[tuple[str, int], tuple[list[str], dict]], out: Path, par
             if arm not in PEERS:
                 from learner.evaluate import evaluate_checkpoint
 
-                (run,) = [d for d in (run_dir / "tb").iterdir() if d.is_dir()]
-                metrics, _, _ = evaluate_checkpoint(run, marker["episodes"], HELD_OUT_SEED)
+                metrics, _, _ = evaluate_checkpoint(run_folder(run_dir / "tb"), marker["episodes"], HELD_OUT_SEED)
                 (run_dir / "final.json").write_text(json.dumps({"final": metrics}, indent=1))
             (run_dir / "finished.json").write_text(json.dumps(marker))
             print(f"{arm} seed {seed}: finished", flush=True)
