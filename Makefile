@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv bench-venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling bench-learner experiment-norm experiment-learn clean up down logs scale
+.PHONY: venv bench-venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling bench-learner experiment-norm experiment-learn screenshot clean up down logs scale
 
 venv: $(STAMP)
 
@@ -36,6 +36,7 @@ soak: $(STAMP)
 	$(PY) -m tests.bench.soak --minutes $(MINUTES)
 
 tensorboard: $(STAMP)
+	@echo "the overview: http://127.0.0.1:6006/#custom_scalars"
 	$(VENV)/bin/tensorboard --logdir runs --host 127.0.0.1 --port 6006
 
 clean:
@@ -62,6 +63,10 @@ experiment-norm: $(BENCH_STAMP)
 
 experiment-learn: $(BENCH_STAMP)
 	$(PY) -m tests.bench.experiments learn $(ARGS)
+
+# results/overview.png: a short run's overview in headless Chromium (needs a system chromium).
+screenshot: $(STAMP)
+	$(PY) -m tests.bench.screenshot $(ARGS)
 
 bench-foundation: $(STAMP)
 	$(PY) -m tests.bench.foundation

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from common.config import Config
+from common.driving import TERMINATIONS
 from common.env import DrivingEnv, SimulatorFailure
 
 log = logging.getLogger(__name__)
@@ -14,25 +16,54 @@ log = logging.getLogger(__name__)
 PolicyFn = Callable[[dict[str, np.ndarray]], np.ndarray]
 """Observation -> action; a policy with a `reset()` method (the baseline's PID) is reset at each episode start."""
 MAX_VIDEO_FRAMES = 300
+"""Steps filmed per video episode (30 s of the embedded simulator, 15 s of CARLA)."""
 EPISODE_ATTEMPTS = 3
 
 
+def annotate(frame: np.ndarray, lines: list[str]) -> np.ndarray:
+    """`frame` with `lines` of text drawn over a dark band at its top."""
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(frame)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, image.width, 12 * len(lines) + 4), fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + 12 * i), line, fill=(255, 255, 255))
+    return np.asarray(image)
+
+
 def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None) -> dict[str, float | str | None]:
-    """One deterministic episode; with `frames`, appends a picture of every other step to it."""
+    """One deterministic episode. With `frames`, appends a picture of each step (up to
+    `MAX_VIDEO_FRAMES`) with the step, speed, action and reward drawn on it, then a last picture
+    naming the termination reason, held for one second of the video."""
     obs, _ = env.reset(seed=seed)
     if hasattr(policy, "reset"):
         policy.reset()
-    total, steps, invasions, done = 0.0, 0, 0, False
+    total, steps, invasions, speed, done = 0.0, 0, 0, 0.0, False
     info: dict = {}
     while not done:
-        if frames is not None and steps % 2 == 0 and len(frames) < MAX_VIDEO_FRAMES:
-            frames.append(env.render())
-        obs, reward, terminated, truncated, info = env.step(policy(obs))
+        action = policy(obs)
+        obs, reward, terminated, truncated, info = env.step(action)
         total += reward
         steps += 1
         invasions += int(info["lane_invasion"])
+        speed += info["speed"]
         done = terminated or truncated
-    return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"]}
+        if frames is not None and len(frames) < MAX_VIDEO_FRAMES:
+            frames.append(annotate(env.render(), [
+                f"step {steps}  {info['speed']:4.1f} m/s  return {total:6.1f}",
+                f"steer {action[0]:+.2f}  throttle {action[1]:+.2f}  reward {reward:+.2f}",
+            ]))
+    if frames is not None:
+        last = annotate(env.render(), [f"end: {info['termination']} at step {steps}", f"return {total:.1f}"])
+        frames.extend([last] * video_fps(env))
+    return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"],
+            "mean_speed": speed / steps, "progress_m": info["progress"], "progress_pct": info["progress_pct"]}
+
+
+def video_fps(env: DrivingEnv) -> int:
+    """Frames per second that play an episode in real time (one frame per env step)."""
+    return max(1, round(1.0 / env.backend.dt))
 
 
 def run_episode_retrying(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None) -> dict[str, Any]:
@@ -65,7 +96,48 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
         "eval/collision_rate": reasons.count("collision") / episodes,
         "eval/avg_lane_invasions": float(np.mean([r["lane_invasions"] for r in results])),
         "eval/avg_episode_length": float(np.mean([r["length"] for r in results])),
+        "eval/mean_speed": float(np.mean([r["mean_speed"] for r in results])),
+        "eval/route_progress_m": float(np.mean([r["progress_m"] for r in results])),
+        "eval/route_progress_pct": float(np.mean([r["progress_pct"] for r in results])),
+        **{f"eval/termination_{t}": reasons.count(t) / episodes for t in TERMINATIONS},
     }
+
+
+REFERENCE_KEYS = {"baseline": ("mean_reward", "success_rate", "collision_rate", "route_progress_pct"),
+                  "random": ("mean_reward",)}
+
+
+def reference_results(env: DrivingEnv, cfg: Config, episodes: int, seed: int) -> dict[str, dict[str, float]]:
+    """eval/* of a uniformly random policy and of the classical baseline (PID + pure pursuit)
+    on the evaluation seeds `seed`, `seed + 1`, ...: what a learning curve is read against."""
+    from actors.baseline import baseline_for  # it evaluates with this module's functions
+
+    rng = np.random.default_rng(0)
+    return {
+        "random": evaluate(env, lambda _: rng.uniform(-1, 1, 2).astype(np.float32), episodes, seed),
+        "baseline": evaluate(env, baseline_for(cfg, env.backend.dt), episodes, seed),
+    }
+
+
+def reference_lines(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`reference_results` as the eval/baseline_* and eval/random_* constants logged with every evaluation."""
+    return {f"eval/{who}_{k}": results[who][f"eval/{k}"] for who, keys in REFERENCE_KEYS.items() for k in keys}
+
+
+class References:
+    """The reference lines of a run, evaluated on its first evaluation only: the evaluation
+    seeds never change, so neither do the baseline's and the random policy's results."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lines: dict[str, float] | None = None
+
+    def __call__(self, env: DrivingEnv, seed: int) -> dict[str, float]:
+        if not self.cfg.eval.references:
+            return {}
+        if self.lines is None:
+            self.lines = reference_lines(reference_results(env, self.cfg, self.cfg.eval.num_episodes, seed))
+        return self.lines
 
 
 class EvalWorker:
@@ -83,6 +155,7 @@ class EvalWorker:
         self.cfg = from_dict(cfg_dict)
         self.env = make_env(self.cfg, slot=self.cfg.actors.num_actors)
         self.actor = Actor(policy_for(self.cfg.cnn).eval(), self.cfg, np.random.default_rng(0), torch.device("cpu"))
+        self.references = References(self.cfg)
 
     def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:
         """Metrics of `eval.num_episodes` deterministic episodes under `weights`, and a GIF of the first."""
@@ -92,6 +165,7 @@ class EvalWorker:
         load_policy_bytes(self.actor.policy, weights)
         frames: list | None = [] if video else None
         metrics = evaluate(self.env, self.actor.eval_action, self.cfg.eval.num_episodes, seed, frames)
+        metrics |= self.references(self.env, seed)
         if not frames:
             return metrics, None, (0, 0)
-        return metrics, encode_gif(frames), frames[0].shape[:2]
+        return metrics, encode_gif(frames, video_fps(self.env)), frames[0].shape[:2]

@@ -4,7 +4,6 @@ service, newer weights pulled by version. Plain Python, run as a Ray actor by th
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -52,7 +51,6 @@ class RolloutWorker:
     def run(self, steps: int, global_step: int) -> dict[str, Any]:
         """`steps` env steps; `global_step` is the run's env-step count, for the exploration schedule."""
         finished: list[dict[str, float]] = []
-        start = time.perf_counter()
         for i in range(steps):
             if self.steps % self.cfg.actors.weight_sync_steps == 0:
                 self.weights.update()
@@ -64,7 +62,6 @@ class RolloutWorker:
         return {
             "steps": steps,
             "episodes": finished,
-            "steps_per_s": steps / (time.perf_counter() - start),
             "policy_version": self.weights.version,
             "weight_fetches": self.weights.fetches,
             "transitions_dropped": c.transitions_dropped,

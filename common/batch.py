@@ -26,6 +26,8 @@ class Batch:
     """(B, 53) float32 vector features of the next observations."""
     done: torch.Tensor
     """(B,) float32: 1 where the episode terminated (no bootstrap); 0 for time-limit truncation."""
+    discount: torch.Tensor
+    """(B,) float32 gamma^k for the k rewards summed in `reward` (n-step returns; k = 1 for one step)."""
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device) -> "Batch":

@@ -148,6 +148,9 @@ class TD3Config:
     """td3: twin critics, target smoothing, delayed policy; ddpg: one critic, none of these."""
     gamma: float = 0.99
     """Discount factor."""
+    n_step: int = 1
+    """Rewards summed per TD target (n-step returns, as in Ape-X and DrQ-v2): the target bootstraps
+    gamma^n * Q(s_{t+n}), or fewer steps where the episode ended. Uncorrected for off-policy data."""
     tau: float = 0.005
     """Polyak factor of the target networks (CNNs included)."""
     policy_noise: float = 0.2
@@ -311,6 +314,9 @@ class EvalConfig:
     """Added to the run seed for the evaluation env, so eval episodes differ from training ones."""
     video: bool = True
     """Distributed mode: record the first evaluation episode as an animated eval/video."""
+    references: bool = True
+    """On the first evaluation, also run the classical baseline and a uniformly random policy on
+    the same seeds, logged with every evaluation as eval/baseline_* and eval/random_* lines."""
 
 
 @dataclass
@@ -322,7 +328,12 @@ class LoggingConfig:
     debug: bool = False
     """Log learner diagnostics every 10 updates instead of every `log_interval` and print debug lines."""
     log_interval: int = 100
-    """Updates between learner diagnostics in TensorBoard."""
+    """Updates between learner diagnostics in TensorBoard (or `log_seconds`, whichever comes first)."""
+    log_seconds: float = 20.0
+    """Seconds after which the learner logs its diagnostics even before `log_interval` updates,
+    so a slow device (a CPU) still draws curves rather than dots."""
+    episode_window: int = 20
+    """Finished training episodes over which train/termination_* fractions are taken."""
     quiet: bool = False
     """Plain log lines instead of the live status line."""
 
@@ -493,6 +504,7 @@ def validate(cfg: Config) -> None:
     """Rejects values that type-check but cannot work together."""
     t, r, e = cfg.td3, cfg.replay, cfg.env
     _require(0.0 < t.gamma <= 1.0, f"td3.gamma={t.gamma} must be in (0, 1]")
+    _require(t.n_step >= 1, f"td3.n_step={t.n_step} must be at least 1")
     _require(0.0 < t.tau <= 1.0, f"td3.tau={t.tau} must be in (0, 1]")
     _require(t.policy_delay >= 1, f"td3.policy_delay={t.policy_delay} must be >= 1")
     _require(t.batch_size >= 1, f"td3.batch_size={t.batch_size} must be >= 1")
@@ -518,6 +530,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.learner.min_cnn_lr > 0, "learner.min_cnn_lr must be > 0")
     _require(cfg.eval.freq >= 0 and cfg.eval.num_episodes >= 1, "eval.freq must be >= 0 and eval.num_episodes >= 1")
     _require(cfg.logging.log_interval >= 1, "logging.log_interval must be >= 1")
+    _require(cfg.logging.log_seconds > 0, f"logging.log_seconds={cfg.logging.log_seconds} must be positive")
+    _require(cfg.logging.episode_window >= 1, f"logging.episode_window={cfg.logging.episode_window} must be >= 1")
     _require(e.max_episode_steps >= 1, "env.max_episode_steps must be >= 1")
     _require(e.route_length_m > 0, "env.route_length_m must be > 0")
     _require(e.max_lateral_deviation_m > 0, "env.max_lateral_deviation_m must be > 0")
@@ -547,8 +561,33 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+_DISPLAY_ORDER = ("seed", "mode", "td3", "cnn", "learner", "replay", "actors", "eval", "env", "carla", "logging")
+
+
+def for_display(cfg: Config) -> dict[str, Any]:
+    """The sections that apply to this run, hyperparameters first: no `carla` section on the
+    embedded backend and no `env.embedded` on CARLA. For the config text and the HPARAMS tab."""
+    data = to_dict(cfg)
+    if cfg.env.backend == "carla":
+        data["env"].pop("embedded")
+    else:
+        data.pop("carla")
+    return {k: data[k] for k in _DISPLAY_ORDER if k in data}
+
+
+def flat_hparams(cfg: Config) -> dict[str, bool | int | float | str]:
+    """`for_display` flattened to dotted keys with TensorBoard-hparams values (lists become text)."""
+    out: dict[str, bool | int | float | str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+        else:
+            out[prefix] = node if isinstance(node, (bool, int, float, str)) else str(node)
+
+    walk(for_display(cfg), "")
+    return out
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -118,6 +118,7 @@ class DrivingEnv(gym.Env):
             "collision": bool(state.collision),
             "speed": state.speed,
             "progress": state.progress,
+            "progress_pct": 100.0 * state.progress / self.cfg.route_length_m,
             "obstacle_distance": state.obstacle_distance,
         }
         return self._observation(state), reward, terminated, truncated, info

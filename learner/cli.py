@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.env.backend}_s{cfg.seed}"
     print(f"run directory: {run_dir}\nwatch it:      tensorboard --logdir {run_dir.parent} --host 127.0.0.1 "
-          "(or: make tensorboard)", flush=True)
+          "(or: make tensorboard), then open http://127.0.0.1:6006/#custom_scalars (the overview)", flush=True)
     try:
         Run(cfg, run_dir, resume=ckpt).init().run()
     except (ServiceUnavailable, ActorsFailing) as exc:

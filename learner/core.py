@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from common.config import Config, to_dict, to_yaml
-from common.metrics import MetricLogger
+from common.config import Config, flat_hparams, for_display, to_dict
+from common.metrics import MetricLogger, TerminationWindow
 from learner import checkpoint
 from learner.learner import Learner, rss_and_gpu_metrics
 from learner.td3 import TD3
@@ -20,6 +21,9 @@ from replay_server.ring import FrameRing
 from replay_server.service import open_replay
 
 log = logging.getLogger(__name__)
+HPARAM_METRICS = ("eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/route_progress_pct",
+                  "train/episode_reward")
+"""The HPARAMS tab's metric columns: each run's latest value of these tags."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -52,7 +56,9 @@ class TrainingCore:
             self._restore(resume)
         self.replay = open_replay(cfg, run_dir, self.ring, via_redis)
         self.logger = MetricLogger(run_dir)
-        self.logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
+        self.logger.text("config", "```\n" + yaml.safe_dump(for_display(cfg), sort_keys=False) + "\n```")
+        self.logger.hparams(flat_hparams(cfg), HPARAM_METRICS)
+        self.terminations = TerminationWindow(cfg.logging.episode_window)
         self.learner = Learner(self.agent, self.ring, cfg, self.logger, self.sample_rng)
         if resume is not None:
             self.logger.log({"alerts/learner_resumes": self.resumes}, self.env_step)
@@ -75,13 +81,17 @@ class TrainingCore:
         """The env step of the last perf log."""
         return self._window[1]
 
-    def log_perf(self, extra: dict[str, float] | None = None) -> dict[str, float]:
+    def log_perf(self, extra: dict[str, float] | None = None, actor_steps: dict[int, int] | None = None) -> dict[str, float]:
+        """perf/* over the window since the last call; `actor_steps` (env steps per actor in that
+        window) become per-actor rates over the very same window, so they add up to the total."""
         now = time.perf_counter()
         t0, steps0, updates0 = self._window
         dt = max(now - t0, 1e-9)
         perf = {
+            **{f"perf/env_steps_per_s_actor{i}": n / dt for i, n in (actor_steps or {}).items()},
             "perf/env_steps_per_s": (self.env_step - steps0) / dt,
             "perf/updates_per_s": (self.agent.updates - updates0) / dt,
+            "perf/updates_per_env_step": (self.agent.updates - updates0) / max(self.env_step - steps0, 1),
             **self.replay.metrics(),
             **rss_and_gpu_metrics(self.device),
             **(extra or {}),
@@ -89,6 +99,11 @@ class TrainingCore:
         self.logger.log(perf, self.env_step)
         self._window = (now, self.env_step, self.agent.updates)
         return perf
+
+    def log_episode(self, episode: dict[str, float]) -> None:
+        """A finished training episode (from any actor), with termination fractions over recent ones."""
+        self.logger.log(self.terminations.apply(episode), self.env_step)
+        self.episodes += 1
 
     def log_eval(self, metrics: dict[str, float], env_step: int | None = None) -> None:
         """Eval metrics at `env_step`, the step whose weights were evaluated (default: now)."""

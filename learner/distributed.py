@@ -82,7 +82,7 @@ class DistributedRun:
         self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0
-        self.actor_speed: dict[int, float] = {}
+        self.actor_steps: dict[int, int] = {}  # env steps per actor since the last perf log
         self.actor_versions: dict[int, int] = {}
         self.reports: dict[int, dict[str, Any]] = {}  # each actor's latest report: its counters
         dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
@@ -152,9 +152,8 @@ class DistributedRun:
             new_steps += report["steps"]
             core.env_step += report["steps"]
             for episode in report["episodes"]:
-                core.logger.log(episode, core.env_step)
-                core.episodes += 1
-            self.actor_speed[index] = report["steps_per_s"]
+                core.log_episode(episode)
+            self.actor_steps[index] = self.actor_steps.get(index, 0) + report["steps"]
             self.actor_versions[index] = report["policy_version"]
             self.reports[index] = report
         actors.restart_due()
@@ -214,16 +213,18 @@ class DistributedRun:
         } if env else {}
         extra = {
             "actors/alive": actors.alive,
+            "actors/target": self.cfg.actors.num_actors,
             "actors/restarts": actors.restarts,
             "actors/policy_lag": max(lag) if lag else 0.0,
             "actors/weight_fetches": total("weight_fetches"),
             "replay/dropped": total("transitions_dropped"),
+            "replay/send_failures": total("send_failures"),
             "actors/nonfinite_dropped": total("nonfinite_dropped"),
             "actors/simulator_failures": total("simulator_failures"),
             **backend,
-            **{f"perf/env_steps_per_s_actor{i}": v for i, v in self.actor_speed.items()},
         }
-        perf = core.log_perf(extra)
+        perf = core.log_perf(extra, self.actor_steps)
+        self.actor_steps = dict.fromkeys(self.actor_steps, 0)
         status = (
             f"step {core.env_step}/{self.cfg.learner.max_timesteps} | {perf['perf/updates_per_s']:.1f} upd/s | "
             f"{perf['perf/env_steps_per_s']:.0f} steps/s | return {core.logger.latest.get('train/episode_reward', math.nan):.1f} | "

@@ -21,7 +21,7 @@ import torch
 
 from actors.actor import Actor
 from actors.envs import make_env
-from actors.evaluator import run_episode_retrying, summarize
+from actors.evaluator import run_episode_retrying, summarize, video_fps
 from common.config import Config, ConfigError, load_config
 from common.metrics import encode_gif
 from learner import checkpoint
@@ -29,7 +29,7 @@ from learner import checkpoint
 
 def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[str] | None = None,
                         video_episodes: set[int] | None = None) -> tuple[dict[str, float], list[dict[str, Any]], list]:
-    """(eval metrics, per-episode results, video frames of `video_episodes`)."""
+    """(eval metrics, per-episode results, an animated GIF of `video_episodes` or None)."""
     cfg: Config = load_config(overrides=overrides, base=checkpoint.saved_config(path))
     policy = checkpoint.load_policy(path, cfg)
     actor = Actor(policy, cfg, np.random.default_rng(0), torch.device("cpu"))
@@ -39,9 +39,10 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[st
         results = [run_episode_retrying(env, actor.eval_action, seed + i,
                                         frames if video_episodes and i in video_episodes else None)
                    for i in range(episodes)]
+        gif = encode_gif(frames, video_fps(env)) if frames else None
     finally:
         env.close()
-    return summarize(results), results, frames
+    return summarize(results), results, gif
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {int(i) for i in args.video_episodes.split(",") if i.strip()} if args.video else set()
         if any(not 0 <= i < args.episodes for i in chosen):
             raise ConfigError(f"--video-episodes={args.video_episodes} must be indices in [0, {args.episodes})")
-        metrics, results, frames = evaluate_checkpoint(Path(args.path), args.episodes, args.seed, overrides, chosen)
+        metrics, results, gif = evaluate_checkpoint(Path(args.path), args.episodes, args.seed, overrides, chosen)
     except (ValueError, checkpoint.CheckpointError) as exc:  # ValueError: ConfigError, bad --video-episodes
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:28s} {value:10.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"metrics": metrics, "episodes": results, "seed": args.seed}, indent=1))
-    if args.video and frames:
-        Path(args.video).write_bytes(encode_gif(frames))
-        print(f"video: {args.video} ({len(frames)} frames)")
+    if args.video and gif:
+        Path(args.video).write_bytes(gif)
+        print(f"video: {args.video} ({len(gif) // 1024} KB)")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from common.batch import Batch
 from common.config import Config
 from common.driving import ACTION_NAMES
 from common.metrics import MetricLogger
+from common.tags import reference_lines
 from learner.td3 import TD3
 from replay_server.ingest import RateLimiter
 from replay_server.ring import FrameRing
@@ -30,6 +32,7 @@ class Learner:
         self.rng = rng
         self.limiter = RateLimiter(max(r.min_size_to_sample, cfg.td3.batch_size), r.samples_per_insert, r.error_buffer)
         self.interval = 10 if cfg.logging.debug else cfg.logging.log_interval
+        self._last_log = time.monotonic()
 
     def ready(self, env_step: int) -> bool:
         """Learning has started and the rate limiter lets the learner sample."""
@@ -38,18 +41,34 @@ class Learner:
         )
 
     def step(self, env_step: int) -> dict[str, float]:
-        arrays = self.limiter.sample(self.ring, self.cfg.td3.batch_size, self.rng)
+        t = self.cfg.td3
+        arrays = self.limiter.sample(self.ring, t.batch_size, self.rng, t.n_step, t.gamma)
         metrics = self.agent.update(Batch.from_numpy(arrays, self.agent.device))
         # A skipped (non-finite) update does not advance the counter, so log its alert explicitly.
-        if self.agent.updates % self.interval == 0 or metrics["alerts/nonfinite_loss"]:
-            self.logger.log(metrics, env_step)
-            if self.agent.last_actions is not None and "train/actor_loss" in metrics:
-                for i, name in enumerate(ACTION_NAMES):
-                    self.logger.histogram(f"debug/action_{name}", self.agent.last_actions[:, i].cpu(), env_step)
-            if self.cfg.logging.debug:
-                log.debug("update %d: %s", self.agent.updates,
-                          {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/", "debug/cnn"))})
+        if self._due(metrics) or metrics["alerts/nonfinite_loss"]:
+            self._log(metrics, env_step)
         return metrics
+
+    def _due(self, metrics: dict[str, float]) -> bool:
+        """Every `log_interval` updates, or `log_seconds` after the last log (a slow device still
+        draws curves); a late log waits for an actor update, so the actor's panels get the point too."""
+        if self.agent.updates % self.interval == 0:
+            return True
+        late = time.monotonic() - self._last_log >= self.cfg.logging.log_seconds
+        warming_up = self.agent.updates <= self.cfg.td3.critic_warmup_updates
+        return late and ("train/actor_loss" in metrics or warming_up)
+
+    def _log(self, metrics: dict[str, float], env_step: int) -> None:
+        self._last_log = time.monotonic()
+        self.logger.log({**metrics, "train/updates": self.agent.updates, **reference_lines()}, env_step)
+        if self.agent.last_actions is not None and "train/actor_loss" in metrics:
+            for i, name in enumerate(ACTION_NAMES):
+                self.logger.histogram(f"debug/action_{name}", self.agent.last_actions[:, i].cpu(), env_step)
+        if self.agent.last_q is not None:
+            self.logger.histogram("debug/q", self.agent.last_q.float().cpu(), env_step)
+        if self.cfg.logging.debug:
+            log.debug("update %d: %s", self.agent.updates,
+                      {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/", "debug/cnn"))})
 
 
 def rss_and_gpu_metrics(device: torch.device) -> dict[str, float]:

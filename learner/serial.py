@@ -14,7 +14,7 @@ import numpy as np
 from actors.actor import Actor
 from actors.adder import ChunkAdder
 from actors.envs import make_env
-from actors.evaluator import evaluate
+from actors.evaluator import References, evaluate
 from actors.runner import EpisodeRunner
 from common.config import Config
 from learner.core import TrainingCore
@@ -44,6 +44,7 @@ class SerialRun:
         if "actor_rng" in self.core.saved:
             self.actor.rng.bit_generator.state = self.core.saved["actor_rng"]
         self.adder = ChunkAdder(actor_id=0, chunk_steps=cfg.replay.chunk_steps, sink=self.core.replay.insert)
+        self.references = References(cfg)
         return self
 
     @property
@@ -65,8 +66,7 @@ class SerialRun:
                     update_credit -= 1.0
                     core.learner.step(core.env_step)
             if finished is not None:
-                core.logger.log(finished, core.env_step)
-                core.episodes = self.runner.episodes
+                core.log_episode(finished)
             if core.env_step % 1000 == 0:
                 self._log_perf()
             if cfg.eval.freq and core.env_step % cfg.eval.freq == 0:
@@ -101,10 +101,10 @@ class SerialRun:
     def _evaluate(self) -> None:
         policy = self.core.agent.actor
         policy.eval()
-        metrics = evaluate(self.eval_env, self.actor.eval_action, self.cfg.eval.num_episodes,
-                           self.cfg.seed + self.cfg.eval.seed_offset)
+        seed = self.cfg.seed + self.cfg.eval.seed_offset
+        metrics = evaluate(self.eval_env, self.actor.eval_action, self.cfg.eval.num_episodes, seed)
         policy.train()
-        self.core.log_eval(metrics)
+        self.core.log_eval(metrics | self.references(self.eval_env, seed))
 
     def _checkpoint(self) -> None:
         self.adder.flush()  # a chunk may end mid-episode; the next one continues it

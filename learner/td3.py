@@ -64,13 +64,15 @@ def random_shift(frames: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def _clip(prefix: str, model: Policy | Critic, max_norm: float) -> dict[str, float]:
-    """Clips the CNN and the MLP gradients separately; reports norms before and after."""
+    """Clips the CNN and the MLP gradients separately; reports each norm before clipping (after
+    it is min(norm, max_norm)). A part with no gradient at all (the actor's CNN when it reads the
+    critic's features) reports nothing rather than a flat zero."""
     head = model.head if isinstance(model, Policy) else model.heads
     metrics = {}
     for part, module in (("cnn", model.cnn), ("mlp", head)):
-        before = float(nn.utils.clip_grad_norm_(module.parameters(), max_norm))
-        metrics[f"gradients/{prefix}_{part}_norm_before_clip"] = before
-        metrics[f"gradients/{prefix}_{part}_norm"] = min(before, max_norm)
+        if all(p.grad is None for p in module.parameters()):
+            continue
+        metrics[f"gradients/{prefix}_{part}_norm"] = float(nn.utils.clip_grad_norm_(module.parameters(), max_norm))
     return metrics
 
 
@@ -129,7 +131,8 @@ class TD3:
         self.updates = 0
         self.bad_streak = 0
         self._good: dict[str, dict] | None = None
-        self.last_actions: torch.Tensor | None = None
+        self.last_actions: torch.Tensor | None = None  # the last actor update's batch actions (histograms)
+        self.last_q: torch.Tensor | None = None  # the last critic update's Q1 (histogram)
         """The policy's actions on the last actor-update batch, for the action histograms."""
 
     def _autocast(self) -> AbstractContextManager:
@@ -141,14 +144,17 @@ class TD3:
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     def _alerts(self, grads: dict[str, float]) -> dict[str, float]:
-        worst = max(v for k, v in grads.items() if k.endswith("_before_clip"))
+        worst = max(v for k, v in grads.items() if k.startswith("gradients/"))
         return {
             "alerts/gradient_explosion_warning": float(worst > self.learner_cfg.grad_warning_norm),
             "alerts/gradient_explosion_critical": float(worst > self.learner_cfg.grad_critical_norm),
         }
 
     def target_q(self, batch: Batch) -> torch.Tensor:
-        """r + gamma * (1 - done) * min_i Q'_i(s', pi'(s') + clipped noise), all from target nets."""
+        """r + gamma^k * (1 - done) * min_i Q'_i(s', pi'(s') + clipped noise), all from target nets.
+
+        r sums k rewards (n-step returns) and gamma^k comes with the batch, so one-step and n-step
+        batches share this line."""
         t = self.cfg
         with torch.no_grad():
             with self._autocast():
@@ -161,7 +167,7 @@ class TD3:
                     next_action = (next_action + noise).clamp(-1.0, 1.0)
                 next_qs = self.critic_target.heads(critic_features.float(), batch.next_vector, next_action)
                 next_q = torch.stack(next_qs).min(dim=0).values
-                return batch.reward + t.gamma * (1.0 - batch.done) * next_q
+                return batch.reward + batch.discount * (1.0 - batch.done) * next_q
 
     @staticmethod
     def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, prefix: str, model: nn.Module, clip: float) -> dict[str, float] | None:
@@ -187,7 +193,9 @@ class TD3:
         grads = self._step(loss, self.critic_opt, "critic", self.critic, self.cfg.critic_grad_clip)
         if grads is None:
             return {"alerts/nonfinite_loss": 1.0}
-        metrics = {"train/critic_loss": float(loss.detach()), **grads, **feature_stats("critic_cnn_", features)}
+        metrics = {"train/critic_loss": float(loss.detach()), "debug/q_target_mean": float(y.mean()),
+                   **grads, **feature_stats("critic_cnn_", features)}
+        self.last_q = qs[0].detach()
         for i, q in enumerate(qs, start=1):
             metrics[f"debug/q{i}_mean"] = float(q.detach().mean())
             metrics[f"debug/td_error_q{i}"] = float((q.detach() - y).abs().mean())

@@ -103,6 +103,7 @@ class RateLimiter:
             return True
         return self.sampled + batch_size - inserted * self.samples_per_insert <= self.error_buffer
 
-    def sample(self, ring: FrameRing, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def sample(self, ring: FrameRing, batch_size: int, rng: np.random.Generator, n_step: int = 1,
+               gamma: float = 0.99) -> dict[str, np.ndarray]:
         self.sampled += batch_size
-        return ring.sample(batch_size, rng)
+        return ring.sample(batch_size, rng, n_step, gamma)

@@ -13,6 +13,11 @@ Frame-index arithmetic (the classic off-by-one lives here):
 - FIFO: transitions leave in insertion order, and before a frame slot is overwritten every
   transition that still refers to the old frame is evicted first, so a sample can never mix
   frames of different ages.
+
+n-step returns: each transition keeps the global index of the next transition of its episode
+(`successor`, -1 until that one arrives, and forever after a terminal or truncated step). A
+sample follows those links up to n - 1 times, so it never crosses episodes; a successor is newer
+than its predecessor, so FIFO eviction never leaves a link to a transition that is gone.
 """
 
 from __future__ import annotations
@@ -43,13 +48,15 @@ class FrameRing:
         self.action = np.zeros((n, ACTION_DIM), np.float32)
         self.reward = np.zeros((n,), np.float32)
         self.done = np.zeros((n,), np.float32)
+        self.successor = np.full((n,), -1, np.int64)
         self.frames_added = 0  # next frame id
         self.head = 0  # transitions ever added
         self.tail = 0  # oldest live transition (global index)
-        # (actor, episode) -> (next start step, ids of its last frames): consecutive chunks of an
-        # episode share up to 4 frames, which are then stored once here too, and a chunk resent
-        # after a lost acknowledgement is recognised.
-        self._episodes: OrderedDict[tuple[int, int], tuple[int, list[int]]] = OrderedDict()
+        # (actor, episode) -> (next start step, ids of its last frames, global index of its last
+        # transition): consecutive chunks of an episode share up to 4 frames, which are then stored
+        # once here too, their transitions are linked for n-step returns, and a chunk resent after a
+        # lost acknowledgement is recognised.
+        self._episodes: OrderedDict[tuple[int, int], tuple[int, list[int], int]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.head - self.tail
@@ -66,7 +73,8 @@ class FrameRing:
 
     def add_transition(
         self, frame_ids: np.ndarray, vector: np.ndarray, action: np.ndarray, reward: float, next_vector: np.ndarray, done: bool
-    ) -> None:
+    ) -> int:
+        """Stores one transition and returns its global index."""
         if len(self) == self.capacity:
             self.tail += 1
         i = self.head % self.capacity
@@ -76,7 +84,13 @@ class FrameRing:
         self.reward[i] = reward
         self.next_vector[i] = next_vector
         self.done[i] = float(done)
+        self.successor[i] = -1
         self.head += 1
+        return self.head - 1
+
+    def _link(self, previous: int, current: int) -> None:
+        if previous >= self.tail:  # an evicted transition's slot belongs to someone else now
+            self.successor[previous % self.capacity] = current
 
     def add_chunk(self, chunk: Chunk) -> bool:
         """Stores a decoded chunk: its new frames once, its transitions as frame ids.
@@ -96,10 +110,14 @@ class FrameRing:
                 ids = list(shared)
         ids += [self.add_frame(f) for f in chunk.frames[len(ids):]]
         stacks = np.asarray(ids, np.int64)[chunk.stack_rows()]
+        previous = known[2] if known is not None and known[0] == chunk.start_step else -1
         for i in range(chunk.steps):
-            self.add_transition(stacks[i], chunk.vectors[i], chunk.actions[i], float(chunk.rewards[i]),
-                                chunk.vectors[i + 1], bool(chunk.terminated[i]))
-        self._episodes[key] = (chunk.start_step + chunk.steps, ids[-FRAME_STACK:])
+            current = self.add_transition(stacks[i], chunk.vectors[i], chunk.actions[i], float(chunk.rewards[i]),
+                                          chunk.vectors[i + 1], bool(chunk.terminated[i]))
+            if previous >= 0:
+                self._link(previous, current)
+            previous = current
+        self._episodes[key] = (chunk.start_step + chunk.steps, ids[-FRAME_STACK:], previous)
         while len(self._episodes) > 4096:
             self._episodes.popitem(last=False)
         return True
@@ -109,25 +127,44 @@ class FrameRing:
             raise ValueError("cannot sample from an empty replay")
         return (rng.integers(self.tail, self.head, size=batch_size)) % self.capacity
 
-    def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Rebuilds stacked observations for ring slots `idx`."""
-        stacks = self.frames[self.frame_ids[idx] % self.frame_capacity]  # (B, 5, 84, 84)
+    def gather(self, idx: np.ndarray, n_step: int = 1, gamma: float = 0.99) -> dict[str, np.ndarray]:
+        """Rebuilds stacked observations for ring slots `idx`, with n-step returns.
+
+        `reward` is the discounted sum of up to `n_step` rewards of the episode from `idx` on, the
+        next observation and `done` are those of the last step summed, and `discount` is
+        gamma^k for the k steps summed: fewer than n where the episode ended or its next
+        transitions have not arrived yet.
+        """
+        last = idx.copy()
+        reward = self.reward[idx].astype(np.float64)
+        discount = np.full(len(idx), gamma, np.float64)
+        for _ in range(n_step - 1):
+            nxt = self.successor[last]
+            go = (nxt >= 0) & (self.done[last] == 0.0)
+            if not go.any():
+                break
+            last = np.where(go, nxt % self.capacity, last)
+            reward += np.where(go, discount * self.reward[last], 0.0)
+            discount = np.where(go, discount * gamma, discount)
+        first = self.frames[self.frame_ids[idx, :FRAME_STACK] % self.frame_capacity]
+        final = self.frames[self.frame_ids[last, 1:] % self.frame_capacity]
         return {
-            "image": stacks[:, :FRAME_STACK],
+            "image": first,
             "vector": self.vector[idx],
             "action": self.action[idx],
-            "reward": self.reward[idx],
-            "next_image": stacks[:, 1:],
-            "next_vector": self.next_vector[idx],
-            "done": self.done[idx],
+            "reward": reward.astype(np.float32),
+            "next_image": final,
+            "next_vector": self.next_vector[last],
+            "done": self.done[last],
+            "discount": discount.astype(np.float32),
         }
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return self.gather(self.sample_indices(batch_size, rng))
+    def sample(self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99) -> dict[str, np.ndarray]:
+        return self.gather(self.sample_indices(batch_size, rng), n_step, gamma)
 
     # -- persistence (numpy arrays only; loaded with allow_pickle=False) --------------------
     _FRAME_ARRAYS = ("frames",)
-    _TRANSITION_ARRAYS = ("frame_ids", "vector", "next_vector", "action", "reward", "done")
+    _TRANSITION_ARRAYS = ("frame_ids", "vector", "next_vector", "action", "reward", "done", "successor")
 
     def state(self) -> dict[str, np.ndarray]:
         """The filled part of every array (a fresh ring saves small) plus the counters."""
@@ -146,6 +183,8 @@ class FrameRing:
         filled = {k: min(frames_added, frame_capacity) for k in cls._FRAME_ARRAYS}
         filled |= {k: min(head, capacity) for k in cls._TRANSITION_ARRAYS}
         for k, n in filled.items():
+            if k == "successor" and k not in state:
+                continue  # saved before n-step links existed: no links, so 1-step samples
             target = getattr(ring, k)[:n]
             if state[k].shape != target.shape or state[k].dtype != target.dtype:
                 raise ValueError(f"replay state array '{k}' is {state[k].shape} {state[k].dtype}, "

@@ -138,16 +138,21 @@ class RedisReplayService:
 
     def metrics(self) -> dict[str, float]:
         c, i = self.client.counters, self.ingest.counters
+        # "inserted" means the same in every mode: into the learner's ring. What this process sent
+        # to Redis only exists where it sends (serial mode); rollout actors report their own.
+        sending = {
+            "replay/sent": c.transitions_inserted,
+            "replay/dropped": c.transitions_dropped,
+            "replay/send_failures": c.send_failures,
+        } if c.transitions_inserted or c.send_failures else {}
         return {
             "replay/redis_restarts": self.redis_restarts,
             "replay/poll_failures": self.poll_failures,
             "replay/size": len(self.ring),
-            "replay/inserted": c.transitions_inserted,
-            "replay/dropped": c.transitions_dropped,
-            "replay/send_failures": c.send_failures,
-            "replay/ingested": i.transitions,
+            "replay/inserted": i.transitions,
             "replay/duplicates": i.duplicates,
             "replay/skipped": i.skipped_foreign + i.skipped_undecodable + i.skipped_oversized,
+            **sending,
         }
 
     def close(self) -> None:

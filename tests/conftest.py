@@ -43,4 +43,5 @@ def random_batch_arrays(b: int, seed: int = 0, reward_scale: float = 1.0) -> dic
         "action": rng.uniform(-1, 1, (b, 2)).astype(np.float32),
         "reward": (rng.normal(size=b) * reward_scale).astype(np.float32),
         "done": (np.arange(b) == 1).astype(np.float32),
+        "discount": (0.99 ** rng.integers(1, 4, b)).astype(np.float32),  # 1- to 3-step returns
     }

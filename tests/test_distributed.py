@@ -1,6 +1,5 @@
 """The distributed runtime on a real local Ray cluster (and a two-node one)."""
 
-import os
 import signal
 
 import pytest
@@ -8,6 +7,8 @@ import ray
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.config import load_config
+from common.metrics import read_scalars
+from common.tags import describe
 from learner.distributed import DistributedRun
 
 FAST = [
@@ -21,9 +22,8 @@ FAST = [
 
 
 def scalars(run_dir, tag):
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return acc, [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    logged = read_scalars(run_dir)
+    return logged, [(step, value) for _, step, value in logged.get(tag, [])]
 
 
 @pytest.fixture(autouse=True)
@@ -42,15 +42,24 @@ def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
     ring = run.core.ring
     # transitions from both actors reached the learner
     assert {k[0] for k in ring._episodes} == {0, 1}
-    acc, lag = scalars(tmp_path / "run", "actors/policy_lag")
+    logged, lag = scalars(tmp_path / "run", "actors/policy_lag")
     _, fetches = scalars(tmp_path / "run", "actors/weight_fetches")
     assert fetches and fetches[-1][1] >= 2  # weight versions reached the actors
     for tag in ("eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/avg_lane_invasions",
                 "eval/avg_episode_length", "perf/env_steps_per_s", "perf/updates_per_s", "replay/size",
                 "replay/dropped", "actors/alive", "actors/restarts", "perf/weight_broadcast_ms", "perf/learner_rss_mb",
-                "perf/env_steps_per_s_actor0", "train/critic_loss", "train/episode_reward"):
-        assert tag in acc.Tags()["scalars"], tag
-    assert "eval/video" in acc.Tags()["images"]
+                "perf/env_steps_per_s_actor0", "train/critic_loss", "train/episode_reward", "actors/target",
+                "eval/baseline_success_rate", "train/updates"):
+        assert tag in logged, tag
+    assert not [t for t in logged if describe(t) is None]
+    # The per-actor rates are taken over the total's window, so they add up to it.
+    total = dict(scalars(tmp_path / "run", "perf/env_steps_per_s")[1])
+    per_actor = [dict(scalars(tmp_path / "run", f"perf/env_steps_per_s_actor{i}")[1]) for i in range(2)]
+    for step, value in total.items():
+        assert sum(a.get(step, 0.0) for a in per_actor) == pytest.approx(value, rel=1e-6)
+    images = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
+    images.Reload()
+    assert "eval/video" in images.Tags()["images"]
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from actors.adder import ChunkAdder
 from actors.envs import make_env
 from common.config import load_config
-from actors.adder import ChunkAdder
 from replay_server.ring import FrameRing
 
 
@@ -117,3 +117,61 @@ def test_state_round_trip(recorded, tmp_path):
 def test_empty_ring_refuses_to_sample():
     with pytest.raises(ValueError, match="empty"):
         FrameRing(10).sample(4, np.random.default_rng(0))
+
+
+def expected_n_step(transitions, i: int, n: int, gamma: float):
+    """The n-step target's inputs for recorded transition i, computed from the recording alone."""
+    reward, discount, j = 0.0, 1.0, i
+    while True:
+        reward += discount * float(transitions[j][2])
+        discount *= gamma
+        if j - i + 1 == n or transitions[j][4] or transitions[j][5] or j + 1 == len(transitions):
+            return reward, discount, transitions[j]
+        j += 1
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_n_step_returns_follow_one_episode_across_chunks_and_interleaved_actors(recorded, n):
+    """Two actors' chunks interleave in the ring; each sample sums only its own episode's rewards."""
+    transitions, resets = recorded
+    assert any(t[4] for t in transitions) and any(t[5] for t in transitions)
+    shifted = [(o, a + 10.0, r + 100.0, x, te, tr) for o, a, r, x, te, tr in transitions]
+    ring = FrameRing(capacity=1000)
+    adders = [ChunkAdder(actor_id=k, chunk_steps=4, sink=ring.add_chunk) for k in range(2)]
+    streams = [transitions, shifted]
+    starts = [iter(resets), iter(resets)]
+    for k in range(2):
+        adders[k].reset(next(starts[k]))
+    for step in range(len(transitions)):
+        for k in range(2):  # one step each, so the two episodes' chunks alternate in the ring
+            _, action, reward, nxt, terminated, truncated = streams[k][step]
+            adders[k].add(action, float(reward), nxt, terminated, truncated)
+            if terminated or truncated:
+                adders[k].reset(next(starts[k]))
+    for adder in adders:
+        adder.flush()
+    gamma = 0.9
+    got = ring.gather(np.arange(len(ring)), n_step=n, gamma=gamma)
+    for slot in range(len(ring)):
+        stream = shifted if got["action"][slot, 0] > 5 else transitions
+        i = int(np.flatnonzero(np.array([t[1][0] for t in stream]) == got["action"][slot, 0])[0])
+        reward, discount, last = expected_n_step(stream, i, n, gamma)
+        assert got["reward"][slot] == pytest.approx(reward, rel=1e-5)
+        assert got["discount"][slot] == pytest.approx(discount, rel=1e-6)
+        assert got["done"][slot] == float(last[4])
+        np.testing.assert_array_equal(got["next_image"][slot], last[3]["image"])
+        np.testing.assert_array_equal(got["next_vector"][slot], last[3]["vector"])
+        np.testing.assert_array_equal(got["image"][slot], stream[i][0]["image"])
+
+
+def test_n_step_stops_where_the_next_transition_was_evicted_or_never_came(recorded):
+    transitions, resets = recorded
+    ring = FrameRing(capacity=30)
+    fill(ring, transitions, resets)
+    newest = (ring.head - 1) % ring.capacity
+    got = ring.gather(np.array([newest]), n_step=5, gamma=0.5)
+    assert got["discount"][0] == pytest.approx(0.5)  # its successor has not arrived: one step
+    state = ring.state()
+    del state["successor"]  # a checkpoint written before n-step links: loads, samples one step
+    old = FrameRing.from_state(state).gather(np.arange(len(ring)), n_step=5, gamma=0.5)
+    np.testing.assert_array_equal(old["reward"], ring.reward[np.arange(len(ring))])

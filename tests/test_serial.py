@@ -1,8 +1,11 @@
 import json
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from common.metrics import read_scalars
+from common.tags import describe
 from learner.cli import main
 from learner.evaluate import main as evaluate_main
 
@@ -11,20 +14,27 @@ SMOKE = [
     "--set", "td3.batch_size=16", "--set", "td3.learning_starts=100", "--set", "replay.capacity=2000",
     "--set", "replay.min_size_to_sample=16", "--set", "td3.critic_warmup_updates=10",
     "--set", "env.max_episode_steps=60", "--set", "learner.updates_per_step=0.5",
-    "--set", "logging.log_interval=10",
+    "--set", "logging.log_interval=10", "--set", "logging.log_seconds=1000",
 ]
 
 SEED_TAGS = [
     "debug/cnn_features_l2_norm", "debug/cnn_feature_mean", "debug/cnn_feature_std", "debug/cnn_feature_min",
     "debug/cnn_feature_max", "train/critic_loss", "train/actor_loss", "debug/q1_mean", "debug/q2_mean",
     "debug/td_error_q1", "debug/td_error_q2",
-    *(f"gradients/{who}_{part}_norm{when}" for who in ("actor", "critic") for part in ("cnn", "mlp") for when in ("", "_before_clip")),
+    "gradients/critic_cnn_norm", "gradients/critic_mlp_norm", "gradients/actor_mlp_norm",
     "alerts/gradient_explosion_warning", "alerts/gradient_explosion_critical", "alerts/feature_explosion",
     "agent/cnn_lr", "agent/mlp_lr", "train/episode_reward", "train/episode_length", "train/collisions_per_episode",
     "train/lane_invasions_per_episode",
     *(f"rewards/{c}" for c in ("efficiency", "lane_keeping", "comfort", "safety", "progress")),
     "eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/avg_episode_length", "eval/avg_lane_invasions",
     "perf/updates_per_s", "perf/env_steps_per_s",
+    # the overview's tags
+    "train/updates", "perf/updates_per_env_step", "debug/q_target_mean", "train/mean_speed", "train/route_progress_m",
+    "train/route_progress_pct", "eval/mean_speed", "eval/route_progress_m", "eval/route_progress_pct",
+    *(f"{w}/termination_{r}" for w in ("train", "eval")
+      for r in ("collision", "off_road", "lane_departure", "route_completed", "timeout")),
+    "eval/baseline_mean_reward", "eval/baseline_success_rate", "eval/baseline_collision_rate",
+    "eval/baseline_route_progress_pct", "eval/random_mean_reward", "debug/reference_feature_l2_warning",
     # the action-lock dashboard
     "debug/actor_pretanh_abs_mean", "debug/actor_pretanh_abs_max", "debug/dq_da_norm", "alerts/action_saturation",
     "train/pretanh_penalty",
@@ -34,24 +44,33 @@ SEED_TAGS = [
 
 
 def events(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "histograms": 0})
     acc.Reload()
     return acc
+
+
+def values(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    return [(step, value) for _, step, value in read_scalars(run_dir)[tag]]
 
 
 def test_serial_smoke_run_logs_the_seed_tags_and_checkpoints(tmp_path):
     assert main([*SMOKE, "--max-timesteps", "300", "--logdir", str(tmp_path)]) == 0
     (run_dir,) = tmp_path.iterdir()
-    acc = events(run_dir)
-    missing = [t for t in SEED_TAGS if t not in acc.Tags()["scalars"]]
+    logged = read_scalars(run_dir)
+    missing = [t for t in SEED_TAGS if t not in logged]
     assert not missing, missing
+    assert not [t for t in logged if describe(t) is None]  # every tag explains itself
+    acc = events(run_dir)
     assert any("config" in t for t in acc.Tags()["tensors"])  # the resolved config as text
     # env steps are the x-axis
-    assert max(e.step for e in acc.Scalars("train/critic_loss")) <= 300
+    assert max(step for step, _ in values(run_dir, "train/critic_loss")) <= 300
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000000300"
-    l2 = [e.value for e in acc.Scalars("debug/cnn_features_l2_norm")]
-    assert max(l2) < 100
-    assert {"debug/action_steer", "debug/action_throttle"} <= set(acc.Tags()["histograms"])
+    assert max(v for _, v in values(run_dir, "debug/cnn_features_l2_norm")) < 100
+    assert {"debug/action_steer", "debug/action_throttle", "debug/q"} <= set(acc.Tags()["histograms"])
+    # termination fractions over recent episodes sum to 1
+    fractions = [values(run_dir, f"train/termination_{r}")[-1][1]
+                 for r in ("collision", "off_road", "lane_departure", "route_completed", "timeout")]
+    assert sum(fractions) == pytest.approx(1.0)
     # The checkpoint evaluates from the command line, on seeds of the caller's choosing.
     report, gif = tmp_path / "eval.json", tmp_path / "eval.gif"
     assert evaluate_main([str(run_dir), "--episodes", "2", "--seed", "500", "--json", str(report),
@@ -78,7 +97,7 @@ def test_resume_latest_continues_the_run(tmp_path):
     assert ckpts == ["step_000000200", "step_000000300"]
     # 50 updates per 100 steps after learning starts, logged every 10: 5 logs before the resume and
     # 5 after it. A restart from step 0 would have logged 10 after it.
-    steps = sorted(e.step for e in events(run_dir).Scalars("train/critic_loss"))
+    steps = sorted(step for step, _ in values(run_dir, "train/critic_loss"))
     assert len(steps) == 10 and steps[5] > 200
 
 
@@ -102,8 +121,7 @@ def test_serial_run_through_the_redis_replay_service_resumes_from_redis(tmp_path
     assert not (ckpt / "replay.npz").exists()  # the replay lives in Redis, persisted by its AOF
     assert (run_dir / "redis" / "appendonly.aof").exists()
     assert main(["--resume", "latest", "--max-timesteps", "260", "--logdir", str(tmp_path)]) == 0
-    acc = events(run_dir)
-    sizes = [e.value for e in acc.Scalars("replay/size")]
+    sizes = [v for _, v in values(run_dir, "replay/size")]
     assert sizes[-1] == 260  # 200 read back from Redis at restart + 60 new
 
 

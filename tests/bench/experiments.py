@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from common.metrics import read_scalars
 from tests.bench.peer import PEERS
 from tests.bench.report import RESULTS, machine
 
@@ -90,9 +90,7 @@ def run_folder(logdir: Path) -> Path:
 
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_folder(logdir)), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: [(step, value) for _, step, value in points] for tag, points in read_scalars(run_folder(logdir)).items()}
 
 
 def plot(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path, log_tags: set[str], title: str,
@@ -217,6 +215,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-encoder": ["td3.actor_encoder=own"],
     "default-adamw": ["td3.weight_decay_style=l2"],
     "default+augment": ["td3.augment_shift=4"],
+    "default+nstep3": ["td3.n_step=3"],
+    "default+nstep5": ["td3.n_step=5"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
@@ -332,21 +332,17 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
 
 def reference_policies(overrides: list[str], episodes: int) -> dict[str, dict[str, float]]:
     """eval/* of a uniformly random policy and of the baseline, on the held-out evaluation seeds."""
-    from actors.baseline import baseline_for
     from actors.envs import make_env
-    from actors.evaluator import evaluate
+    from actors.evaluator import reference_results
     from common.config import load_config
 
     cfg = load_config(overrides=overrides)
     env = make_env(cfg)
-    rng = np.random.default_rng(0)
     try:
-        return {
-            "random policy": evaluate(env, lambda _: rng.uniform(-1, 1, 2).astype(np.float32), episodes, HELD_OUT_SEED),
-            "PID + pure pursuit": evaluate(env, baseline_for(cfg, env.backend.dt), episodes, HELD_OUT_SEED),
-        }
+        refs = reference_results(env, cfg, episodes, HELD_OUT_SEED)
     finally:
         env.close()
+    return {"random policy": refs["random"], "PID + pure pursuit": refs["baseline"]}
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from common.metrics import read_scalars
 from tests.bench.report import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,16 +74,15 @@ def slope_mb_per_hour(times: list[float], values: list[float]) -> float:
 
 
 def throughput(run_dir: Path, warm_up_s: float, start_wall: float) -> dict[str, float]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
+    logged = read_scalars(run_dir)
     out = {}
     for tag in ("perf/env_steps_per_s", "perf/updates_per_s"):
-        events = [e for e in acc.Scalars(tag) if e.wall_time - start_wall >= warm_up_s] if tag in acc.Tags()["scalars"] else []
-        third = len(events) // 3
+        values = [v for wall, _, v in logged.get(tag, []) if wall - start_wall >= warm_up_s]
+        third = len(values) // 3
         if third == 0:
             continue
-        first = float(np.mean([e.value for e in events[:third]]))
-        last = float(np.mean([e.value for e in events[-third:]]))
+        first = float(np.mean(values[:third]))
+        last = float(np.mean(values[-third:]))
         key = tag.split("/")[1]
         out[f"{key} first third"] = first
         out[f"{key} last third"] = last

@@ -1,0 +1,157 @@
+"""What a researcher sees in TensorBoard: described tags, the overview layout, hyperparameters,
+curves on a slow device, termination fractions and an annotated video — checked through
+TensorBoard's own HTTP API where it matters."""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import load_config
+from common.metrics import TerminationWindow
+from common.tags import TAGS, describe, layout, markdown_table
+from learner.cli import main
+from tests.test_serial import SMOKE
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_metrics_table_is_the_tag_table():
+    text = README.read_text()
+    table = text.split("<!-- tags:begin -->\n", 1)[1].split("\n<!-- tags:end -->", 1)[0]
+    assert table == markdown_table(), "README's metrics table is stale: paste `python -m common.tags` into it"
+
+
+def test_every_tag_in_the_overview_is_described():
+    for category in layout().values():
+        for _, (_, tags) in category.items():
+            for tag in tags:
+                if ".*" in tag:  # a regex over several tags: it must match some described pattern
+                    assert any(re.fullmatch(tag, t.replace("*", "x")) for t in TAGS), tag
+                else:
+                    assert describe(tag) is not None, tag
+
+
+def test_termination_fractions_cover_the_last_episodes():
+    window = TerminationWindow(size=4)
+    reasons = ["collision", "timeout", "collision", "route_completed", "route_completed"]
+    out = {}
+    for reason in reasons:
+        episode = {f"train/termination_{r}": float(r == reason)
+                   for r in ("collision", "off_road", "lane_departure", "route_completed", "timeout")}
+        out = window.apply({"train/episode_reward": 1.0, **episode})
+    # the last four: timeout, collision, route_completed, route_completed
+    assert out["train/termination_route_completed"] == 0.5
+    assert out["train/termination_collision"] == 0.25 and out["train/termination_timeout"] == 0.25
+    assert out["train/episode_reward"] == 1.0
+
+
+class Recorder:
+    def __init__(self):
+        self.logged, self.histograms = [], []
+
+    def log(self, metrics, step):
+        self.logged.append(metrics)
+
+    def histogram(self, tag, values, step):
+        self.histograms.append(tag)
+
+
+def test_learner_logs_by_time_on_a_slow_device():
+    from learner.learner import Learner
+    from learner.td3 import TD3
+    from replay_server.ring import FrameRing
+    from tests.conftest import random_batch_arrays
+
+    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "td3.critic_warmup_updates=0",
+                                 "logging.log_interval=1000", "logging.log_seconds=0.001"])
+    torch.manual_seed(0)
+    learner = Learner(TD3(cfg, torch.device("cpu")), FrameRing(16), cfg, Recorder(), np.random.default_rng(0))
+    learner.limiter.sample = lambda ring, b, rng, n_step, gamma: random_batch_arrays(4)
+    for _ in range(4):
+        time.sleep(0.002)
+        learner.step(env_step=10)
+    logged = learner.logger.logged
+    # Far from 1000 updates, yet logged: on actor updates only, so each point has the actor's tags.
+    assert [m["train/updates"] for m in logged] == [2.0, 4.0]
+    assert all("train/actor_loss" in m for m in logged)
+    assert {"debug/q", "debug/action_steer"} <= set(learner.logger.histograms)
+
+
+def test_evaluation_video_is_annotated_and_real_time():
+    from actors.envs import make_env
+    from actors.evaluator import run_episode, video_fps
+
+    env = make_env(load_config(overrides=["env.max_episode_steps=12"]))
+    frames: list = []
+    try:
+        result = run_episode(env, lambda obs: np.array([0.0, 0.3], np.float32), seed=5, frames=frames)
+        raw = env.render()
+    finally:
+        env.close()
+    fps = video_fps(env)
+    assert fps == 10  # one frame per 0.1 s env step
+    assert len(frames) == result["length"] + fps  # every step, then the end held for a second
+    assert frames[0].shape == raw.shape
+    assert frames[0][:20].mean() < raw[:20].mean()  # the overlay's dark band with text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """A short serial run, served by a real TensorBoard."""
+    logdir = tmp_path_factory.mktemp("tb")
+    assert main([*SMOKE, "--max-timesteps", "200", "--logdir", str(logdir)]) == 0
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port),
+                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _get(f"{base}/data/plugin/scalars/tags"):  # empty until the first load finishes
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("TensorBoard did not serve the run within 60 s")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_tensorboard_serves_the_overview_hparams_and_descriptions(served_run):
+    base = served_run
+    categories = [c["title"] for c in _get(f"{base}/data/plugin/custom_scalars/layout")["category"]]
+    assert categories[0] == "1 learning" and len(categories) == len(layout())
+    (run_tags,) = _get(f"{base}/data/plugin/scalars/tags").values()
+    undescribed = [tag for tag, info in run_tags.items() if not info["description"]]
+    assert not undescribed, undescribed
+    experiment = _get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+    names = {h["name"] for h in experiment["hparamInfos"]}
+    assert {"td3.gamma", "td3.n_step", "cnn.trunk_dim", "env.scenario"} <= names
+    assert not any(n.startswith("carla.") for n in names)  # an embedded run shows no CARLA settings
+    assert "eval/success_rate" in {m["name"]["tag"] for m in experiment["metricInfos"]}
