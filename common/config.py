@@ -67,6 +67,11 @@ class EmbeddedConfig:
     """Upper bound on other vehicles for scenario 0/1/2 (light/medium/heavy traffic)."""
     render_scaling: float = 1.75
     """Pixels per metre of the top-down 84x84 camera (1.75 shows about 48 m)."""
+    camera_vehicles: Literal["contrast", "highway"] = "contrast"
+    """How the camera draws vehicles. contrast: filled footprints, other vehicles black and the
+    ego light gray on the gray road; highway: highway-env's own drawing, thin outlines whose fill
+    is within ~30 gray levels of the road (traffic barely shows; checkpoints from before this
+    switch were trained on it)."""
 
 
 @dataclass

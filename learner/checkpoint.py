@@ -137,8 +137,9 @@ def saved_config(path: Path) -> Config:
     ckpt = resolve(path)
     try:
         data = json.loads((ckpt / "state.json").read_text())["config"]
-        # Checkpoints from before cnn.trunk_dim existed had no trunk.
+        # Checkpoints from before these switches existed had no trunk and saw highway-env's vehicles.
         data.setdefault("cnn", {}).setdefault("trunk_dim", 0)
+        data.setdefault("env", {}).setdefault("embedded", {}).setdefault("camera_vehicles", "highway")
         return from_dict(data)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint '{ckpt}' holds no usable config: {exc}") from exc

@@ -61,6 +61,28 @@ def test_frames_are_real_pictures_even_with_the_dummy_sdl_driver():
     assert std > 10 and bright > 0.002 and unique >= 3
 
 
+def test_the_camera_shows_traffic_in_contrast():
+    """Other vehicles are black and the ego light gray on the contrast camera; highway-env's own
+    drawing leaves the lead car within a few dozen gray levels of the road."""
+    from actors.envs.render import EGO_SHADE, OTHER_SHADE
+
+    def frame_near_the_lead_car(camera: str) -> np.ndarray:
+        e = make_env(load_config(overrides=[f"env.embedded.camera_vehicles={camera}"]))
+        try:
+            obs, _ = e.reset(seed=100001)
+            for _ in range(15):  # full throttle until the lead car is a few metres ahead
+                obs, *_ = e.step(np.array([0.0, 1.0], np.float32))
+            return obs["image"][-1]
+        finally:
+            e.close()
+
+    contrast = frame_near_the_lead_car("contrast")
+    ego = np.abs(contrast[34:50, 34:50].astype(int) - EGO_SHADE) <= 1  # the gray conversion rounds down
+    assert ego.sum() >= 15  # the ego's footprint, at the centre
+    assert (contrast == OTHER_SHADE).sum() >= 15  # the lead car's
+    assert (frame_near_the_lead_car("highway") < 40).sum() < (contrast == OTHER_SHADE).sum()
+
+
 def test_route_features_stay_valid_along_the_whole_route(env):
     """The old system's waypoint-index bug zeroed the route features after a while."""
     obs, _ = env.reset(seed=3)

@@ -122,8 +122,9 @@ class HighwayBackend:
         road = self._env.road
         if self._camera is None:
             # The racetrack geometry is the same every episode: draw it once.
-            self._camera = TopDownCamera(road, FRAME_SIZE, self.cfg.embedded.render_scaling)
-        return self._camera.gray(road, self._env.vehicle.position)
+            emb = self.cfg.embedded
+            self._camera = TopDownCamera(road, FRAME_SIZE, emb.render_scaling, emb.camera_vehicles)
+        return self._camera.gray(road, self._env.vehicle.position, self._env.vehicle)
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)

@@ -16,6 +16,8 @@ from highway_env.road.road import Road
 from highway_env.vehicle.graphics import VehicleGraphics
 
 GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)
+OTHER_SHADE, EGO_SHADE = 0, 200
+"""Gray levels of the `contrast` camera's vehicles, against road 100 and lane markings 255."""
 _MARGIN_M = 60.0
 
 
@@ -33,7 +35,7 @@ def _road_bounds(road: Road) -> tuple[np.ndarray, np.ndarray]:
 class TopDownCamera:
     """Renders `size` x `size` pixel views centred on a vehicle at `scaling` px/m."""
 
-    def __init__(self, road: Road, size: int, scaling: float) -> None:
+    def __init__(self, road: Road, size: int, scaling: float, vehicles: str = "highway") -> None:
         lo, hi = _road_bounds(road)
         big = tuple(int(np.ceil(v)) for v in (hi - lo) * scaling)
         self._road_surface = WorldSurface(big, 0, pygame.Surface(big))
@@ -43,21 +45,31 @@ class TopDownCamera:
         self._view = WorldSurface((size, size), 0, pygame.Surface((size, size)))
         self._view.scaling = scaling
         self._view.centering_position = [0.5, 0.5]
+        self.vehicles = vehicles
 
-    def rgb(self, road: Road, centre: np.ndarray) -> np.ndarray:
-        """(size, size, 3) uint8 view of the road and every vehicle around `centre`."""
+    def rgb(self, road: Road, centre: np.ndarray, ego: object | None = None) -> np.ndarray:
+        """(size, size, 3) uint8 view of the road and every vehicle around `centre`.
+
+        `vehicles="highway"` draws them as highway-env does (thin outlines whose fill is close to
+        the road's gray); "contrast" fills each footprint with one flat shade, the other vehicles
+        black and `ego` light gray, so traffic stands out after the gray conversion."""
         view = self._view
         view.move_display_window_to(centre)
         view.fill(view.GREY)
         dx, dy = (self._road_surface.origin - view.origin) * view.scaling
         view.blit(self._road_surface, (int(round(dx)), int(round(dy))))
         for vehicle in road.vehicles:
-            if view.is_visible(vehicle.position):
+            if not view.is_visible(vehicle.position):
+                continue
+            if self.vehicles == "contrast":
+                shade = EGO_SHADE if vehicle is ego else OTHER_SHADE
+                pygame.draw.polygon(view, (shade,) * 3, [view.vec2pix(p) for p in vehicle.polygon()[:4]])
+            else:
                 VehicleGraphics.display(vehicle, view, offscreen=True)
         # surfarray is (x, y, c); images are (row=y, col=x).
         return np.ascontiguousarray(pygame.surfarray.array3d(view).transpose(1, 0, 2))
 
-    def gray(self, road: Road, centre: np.ndarray) -> np.ndarray:
+    def gray(self, road: Road, centre: np.ndarray, ego: object | None = None) -> np.ndarray:
         """(size, size) uint8 grayscale view."""
-        rgb = self.rgb(road, centre).astype(np.float32)
+        rgb = self.rgb(road, centre, ego).astype(np.float32)
         return np.clip(rgb @ GRAY_WEIGHTS, 0, 255).astype(np.uint8)
