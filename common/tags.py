@@ -43,7 +43,7 @@ TAGS: dict[str, str] = {
     "debug/cnn_feature_*": "Mean, std, min or max of the actor CNN's features over the batch.",
     "debug/critic_cnn_features_l2_norm": "Mean per-sample L2 norm of the critic CNN's features.",
     "debug/critic_cnn_feature_*": "Mean, std, min or max of the critic CNN's features over the batch.",
-    "debug/reference_feature_l2_*": "The seeds' feature-L2 threshold (warning 50, critical 100): a reference line.",
+    "debug/reference_feature_*": "One of the seeds' CNN-health thresholds (L2 50 / 100, mean ±10, std 50): a reference line.",
     "debug/actor_pretanh_abs_mean": "Mean |z| of the actor's output before tanh; beyond ~2.6 tanh passes no gradient.",
     "debug/actor_pretanh_abs_max": "Max |z| of the actor's output before tanh over the batch.",
     "debug/action_saturated_*": "Fraction of the batch's policy actions with |a| > 0.99 in this dimension.",
@@ -151,8 +151,10 @@ def layout() -> dict[str, dict[str, list]]:
         "4 CNN health (seeds: L2 warn 50, critical 100; |mean| < 10; std < 50)": {
             "feature L2 (per sample)": ["Multiline", [*feature_refs, "debug/reference_feature_l2_warning",
                                                        "debug/reference_feature_l2_critical"]],
-            "feature mean": ["Multiline", ["debug/cnn_feature_mean", "debug/critic_cnn_feature_mean"]],
-            "feature std": ["Multiline", ["debug/cnn_feature_std", "debug/critic_cnn_feature_std"]],
+            "feature mean": ["Multiline", ["debug/cnn_feature_mean", "debug/critic_cnn_feature_mean",
+                                           "debug/reference_feature_mean_high", "debug/reference_feature_mean_low"]],
+            "feature std": ["Multiline", ["debug/cnn_feature_std", "debug/critic_cnn_feature_std",
+                                          "debug/reference_feature_std_limit"]],
         },
         "5 actions": {
             "saturated fraction (|a| > 0.99)": ["Multiline", _expand("debug/action_saturated_*", ACTION_NAMES)],
@@ -183,9 +185,12 @@ def layout() -> dict[str, dict[str, list]]:
 
 
 def reference_lines() -> dict[str, float]:
-    """Constant series drawn beside the CNN feature norms (the seeds' thresholds)."""
+    """Constant series drawn beside the CNN feature statistics (the seeds' thresholds)."""
     return {"debug/reference_feature_l2_warning": FEATURE_L2_WARNING,
-            "debug/reference_feature_l2_critical": FEATURE_L2_CRITICAL}
+            "debug/reference_feature_l2_critical": FEATURE_L2_CRITICAL,
+            "debug/reference_feature_mean_high": FEATURE_MEAN_LIMIT,
+            "debug/reference_feature_mean_low": -FEATURE_MEAN_LIMIT,
+            "debug/reference_feature_std_limit": FEATURE_STD_LIMIT}
 
 
 def markdown_table() -> str:

@@ -110,7 +110,10 @@ class TrainingCore:
         step = self.env_step if env_step is None else env_step
         self.logger.log(metrics, step)
         self.last_eval = metrics
-        log.info("eval at step %d: %s", step, {k: round(v, 3) for k, v in metrics.items()})
+        log.info("eval at step %d: return %.1f, success %.2f, collisions %.2f, %.0f steps, %.1f m/s (baseline: success %s)",
+                 step, metrics["eval/mean_reward"], metrics["eval/success_rate"], metrics["eval/collision_rate"],
+                 metrics["eval/avg_episode_length"], metrics["eval/mean_speed"],
+                 f"{metrics['eval/baseline_success_rate']:.2f}" if "eval/baseline_success_rate" in metrics else "off")
 
     def checkpoint(self, role_state: dict[str, Any]) -> Path:
         """Writes a checkpoint; `role_state` (JSON) comes back as `saved` on resume."""
