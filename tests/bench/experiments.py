@@ -215,6 +215,7 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-encoder": ["td3.actor_encoder=own"],
     "default-adamw": ["td3.weight_decay_style=l2"],
     "default+augment": ["td3.augment_shift=4"],
+    "default-camera": ["env.embedded.camera_vehicles=highway"],
     "default+nstep3": ["td3.n_step=3"],
     "default+nstep5": ["td3.n_step=5"],
 }
