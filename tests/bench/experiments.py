@@ -218,8 +218,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-camera": ["env.embedded.camera_vehicles=highway"],
     "default+nstep3": ["td3.n_step=3"],
     "default+nstep5": ["td3.n_step=5"],
-    "default+rscale": ["td3.reward_scale=0.02"],
-    "default+rscale+nstep3": ["td3.reward_scale=0.02", "td3.n_step=3"],
+    "default+tau": ["td3.tau=0.01"],
+    "default+tau+nstep3": ["td3.tau=0.01", "td3.n_step=3"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
