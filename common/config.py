@@ -153,13 +153,11 @@ class TD3Config:
     """td3: twin critics, target smoothing, delayed policy; ddpg: one critic, none of these."""
     gamma: float = 0.99
     """Discount factor."""
-    reward_scale: float = 1.0
-    """Multiplies every reward in the TD target (the replay keeps them raw). Adam moves the
-    critic's output by roughly lr-sized steps, so returns in the hundreds take tens of thousands
-    of updates to reach; a scale that brings Q to O(1-10) lets a short run learn values."""
     n_step: int = 1
     """Rewards summed per TD target (n-step returns, as in Ape-X and DrQ-v2): the target bootstraps
-    gamma^n * Q(s_{t+n}), or fewer steps where the episode ended. Uncorrected for off-policy data."""
+    gamma^n * Q(s_{t+n}), or fewer steps where the episode ended. Uncorrected for off-policy data.
+    With Polyak targets, Q approaches its fixed point with a time constant of about
+    1 / (tau * (1 - gamma^n)) updates: 20,000 at tau 0.005, n 1; 3,400 at tau 0.01, n 3."""
     tau: float = 0.005
     """Polyak factor of the target networks (CNNs included)."""
     policy_noise: float = 0.2
@@ -514,7 +512,6 @@ def validate(cfg: Config) -> None:
     t, r, e = cfg.td3, cfg.replay, cfg.env
     _require(0.0 < t.gamma <= 1.0, f"td3.gamma={t.gamma} must be in (0, 1]")
     _require(t.n_step >= 1, f"td3.n_step={t.n_step} must be at least 1")
-    _require(t.reward_scale > 0, f"td3.reward_scale={t.reward_scale} must be positive")
     _require(0.0 < t.tau <= 1.0, f"td3.tau={t.tau} must be in (0, 1]")
     _require(t.policy_delay >= 1, f"td3.policy_delay={t.policy_delay} must be >= 1")
     _require(t.batch_size >= 1, f"td3.batch_size={t.batch_size} must be >= 1")

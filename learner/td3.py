@@ -151,8 +151,7 @@ class TD3:
         }
 
     def target_q(self, batch: Batch) -> torch.Tensor:
-        """c r + gamma^k * (1 - done) * min_i Q'_i(s', pi'(s') + clipped noise), all from target nets
-        (c = `td3.reward_scale`).
+        """r + gamma^k * (1 - done) * min_i Q'_i(s', pi'(s') + clipped noise), all from target nets.
 
         r sums k rewards (n-step returns) and gamma^k comes with the batch, so one-step and n-step
         batches share this line."""
@@ -168,7 +167,7 @@ class TD3:
                     next_action = (next_action + noise).clamp(-1.0, 1.0)
                 next_qs = self.critic_target.heads(critic_features.float(), batch.next_vector, next_action)
                 next_q = torch.stack(next_qs).min(dim=0).values
-                return t.reward_scale * batch.reward + batch.discount * (1.0 - batch.done) * next_q
+                return batch.reward + batch.discount * (1.0 - batch.done) * next_q
 
     @staticmethod
     def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, prefix: str, model: nn.Module, clip: float) -> dict[str, float] | None:
