@@ -120,7 +120,12 @@ class CarlaConfig:
     at the first point. Empty: a route generated per episode by walking map waypoints from a
     random spawn point."""
     traffic: list[int] = field(default_factory=lambda: [20, 50, 100])
-    """NPC vehicles on autopilot for scenario 0/1/2."""
+    """NPC vehicles on autopilot for scenario 0/1/2 (cars only: blueprints with base_type 'car')."""
+    hybrid_physics_from: int = 50
+    """Scenarios with at least this many NPC vehicles run the Traffic Manager's hybrid physics:
+    full physics only within `hybrid_physics_radius_m` of the ego (role_name 'hero'); 0 = never."""
+    hybrid_physics_radius_m: float = 70.0
+    """Radius around the ego inside which NPCs keep full physics in hybrid mode, m."""
     timeout_s: float = 10.0
     """Client time-out; a tick (or camera frame) slower than this is a hung server."""
     start_timeout_s: float = 120.0
@@ -546,6 +551,8 @@ def validate(cfg: Config) -> None:
     c = cfg.carla
     _require(len(c.traffic) == 3 and min(c.traffic) >= 0,
              f"carla.traffic={c.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")
+    _require(c.hybrid_physics_from >= 0 and c.hybrid_physics_radius_m > 0,
+             "carla.hybrid_physics_from must be >= 0 and carla.hybrid_physics_radius_m > 0")
     _require(c.timeout_s > 0 and c.start_timeout_s > 0, "carla.timeout_s and carla.start_timeout_s must be > 0")
     _require(c.restart_every_episodes >= 0, "carla.restart_every_episodes must be >= 0")
     _require(0 < c.port < 65536 and 0 < c.tm_port < 65536, "carla.port and carla.tm_port must be TCP ports")

@@ -104,6 +104,7 @@ TAGS: dict[str, str] = {
     "actors/simulator_failures": "Episodes lost to a simulator hang or crash.",
     "actors/carla_restarts": "CARLA servers relaunched by the actors' supervisors.",
     "actors/carla_tick_ms": "Mean CARLA world tick time of the actors, ms.",
+    "actors/npc_spawn_failures": "NPC vehicles CARLA could not spawn (occupied or too few spawn points), all episodes.",
 }
 
 

@@ -209,6 +209,7 @@ class DistributedRun:
         env = [r["env"] for r in self.reports.values() if r["env"]]
         backend = {  # the CARLA backend's health; the embedded one reports nothing
             "actors/carla_restarts": float(sum(e["carla_restarts"] for e in env)),
+            "actors/npc_spawn_failures": float(sum(e["npc_spawn_failures"] for e in env)),
             "actors/carla_tick_ms": float(np.mean([e["carla_tick_ms"] for e in env])),
         } if env else {}
         extra = {

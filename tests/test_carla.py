@@ -213,6 +213,30 @@ def test_reset_and_close_clean_up_everything(tmp_path, carla_double):
     assert not world.get_settings().synchronous_mode and world._tm_sync[backend.server.ports.tm] is False
 
 
+def test_traffic_is_cars_the_ego_is_the_hero_and_big_fleets_run_hybrid_physics(tmp_path, carla_double, caplog):
+    env = make_env(carla_config(tmp_path, "env.scenario=2", "carla.traffic=[3,5,30]", "carla.hybrid_physics_from=20"))
+    backend = env.backend
+    try:
+        env.reset(seed=3)
+        world = backend.world
+        npcs = [world._actors[i] for i in backend._npcs]
+        # No bicycles, motorbikes or trucks in the traffic, though the library holds them.
+        assert npcs and all(a._attributes["base_type"] == "car" for a in npcs)
+        assert {bp.get_attribute("base_type").as_str() for bp in world.get_blueprint_library().filter("vehicle.*")} > {"car"}
+        assert backend._ego._attributes["role_name"] == "hero"
+        assert world._tm_hybrid == (True, 70.0)  # 30 NPCs >= 20
+        # The track has 16 spawn points: the NPCs that did not fit are counted and logged, not hidden.
+        assert backend.metrics()["npc_spawn_failures"] == 30 - len(npcs) > 0
+        assert "NPC vehicles not spawned" in caplog.text
+    finally:
+        env.close()
+    small = make_env(carla_config(tmp_path, "env.scenario=0", "carla.hybrid_physics_from=20"))
+    try:
+        assert small.backend.world._tm_hybrid[0] is False  # 3 NPCs: full physics
+    finally:
+        small.close()
+
+
 def test_lateral_offset_is_signed_and_lane_invasion_counted_once(tmp_path, carla_double):
     env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
     try:

@@ -124,6 +124,7 @@ class CarlaBackend:
         self._speed = 0.0
         self._s_start = 0.0
         self._tick_s, self._ticks = 0.0, 0
+        self.npc_spawn_failures = 0
 
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -138,6 +139,9 @@ class CarlaBackend:
         world.apply_settings(settings)
         self.tm = self.client.get_trafficmanager(self.server.ports.tm)
         self.tm.set_synchronous_mode(True)
+        threshold = self.cfg.hybrid_physics_from
+        self.tm.set_hybrid_physics_mode(bool(threshold) and self.cfg.traffic[self.env_cfg.scenario] >= threshold)
+        self.tm.set_hybrid_physics_radius(self.cfg.hybrid_physics_radius_m)
         self.world = world
         self.map = world.get_map()
         self.blueprints = world.get_blueprint_library()
@@ -178,7 +182,9 @@ class CarlaBackend:
         rng = np.random.default_rng(seed)
         points, ego_tf = self._route_for(rng)
         self._route = Route(points * np.array([1.0, -1.0]))
-        self._ego = self.world.spawn_actor(self.blueprints.find(self.cfg.vehicle), ego_tf)
+        ego_bp = self.blueprints.find(self.cfg.vehicle)
+        ego_bp.set_attribute("role_name", "hero")  # what hybrid physics and CARLA's tools look for
+        self._ego = self.world.spawn_actor(ego_bp, ego_tf)
         sensors = self._sensors = _Sensors()
         mount = c.Transform(c.Location(x=CAMERA_X, z=CAMERA_Z))
         for name, tf, callback in (
@@ -200,14 +206,24 @@ class CarlaBackend:
     def _spawn_traffic(self, rng: np.random.Generator, ego_tf: Any) -> None:
         cmd = self.carla.command
         free = [tf for tf in self.map.get_spawn_points() if tf.location.distance(ego_tf.location) > 10.0]
-        count = min(self.cfg.traffic[self.env_cfg.scenario], len(free))
-        vehicles = self.blueprints.filter("vehicle.*")
+        wanted = self.cfg.traffic[self.env_cfg.scenario]
+        count = min(wanted, len(free))
+        # Cars only: "vehicle.*" also holds bicycles, motorbikes and trucks.
+        cars = [bp for bp in self.blueprints.filter("vehicle.*")
+                if bp.has_attribute("base_type") and bp.get_attribute("base_type").as_str() == "car"]
         batch = [
-            cmd.SpawnActor(vehicles[int(rng.integers(len(vehicles)))], free[i])
+            cmd.SpawnActor(cars[int(rng.integers(len(cars)))], free[i])
             .then(cmd.SetAutopilot(cmd.FutureActor, True, self.server.ports.tm))
             for i in rng.permutation(len(free))[:count]
         ]
-        self._npcs = [r.actor_id for r in self.client.apply_batch_sync(batch, False) if not r.error]
+        results = self.client.apply_batch_sync(batch, False)
+        self._npcs = [r.actor_id for r in results if not r.error]
+        failed = wanted - len(self._npcs)
+        if failed:
+            self.npc_spawn_failures += failed
+            errors = sorted({r.error for r in results if r.error})
+            log.warning("%d of %d NPC vehicles not spawned (%d free spawn points; %s)",
+                        failed, wanted, len(free), "; ".join(errors) or "too few spawn points")
 
     def _destroy(self) -> None:
         """Stops the sensors and destroys everything this env spawned, in one batch."""
@@ -301,7 +317,8 @@ class CarlaBackend:
     def metrics(self) -> dict[str, float]:
         tick_ms = 1000.0 * self._tick_s / self._ticks if self._ticks else 0.0
         self._tick_s, self._ticks = 0.0, 0
-        return {"carla_restarts": float(self.server.restarts), "carla_tick_ms": tick_ms}
+        return {"carla_restarts": float(self.server.restarts), "carla_tick_ms": tick_ms,
+                "npc_spawn_failures": float(self.npc_spawn_failures)}
 
     def close(self) -> None:
         """Destroys what was spawned and turns synchronous mode off, so a server we connected to

@@ -128,12 +128,43 @@ class Map:
 
 
 # -- actors ------------------------------------------------------------------------------------
+class ActorAttribute:
+    id: str
+
+    def __init__(self, id: str, value: str) -> None:
+        self.id = id
+        self._value = value
+
+    def as_str(self) -> str:
+        return self._value
+
+
+# A vehicle blueprint's base_type in CARLA 0.9.16 (car, truck, van, motorcycle, bicycle): the
+# library mixes them, so `filter("vehicle.*")` alone also draws bikes and trucks as traffic.
+_BASE_TYPES = {
+    "vehicle.tesla.model3": "car", "vehicle.audi.tt": "car", "vehicle.lincoln.mkz_2020": "car",
+    "vehicle.carlamotors.carlacola": "truck", "vehicle.kawasaki.ninja": "motorcycle", "vehicle.bh.crossbike": "bicycle",
+}
+
+
 class ActorBlueprint:
     id: str
 
     def __init__(self, id: str) -> None:
         self.id = id
-        self._attributes: dict[str, str] = {}
+        # Every vehicle blueprint carries base_type and a role_name (the Traffic Manager's hybrid
+        # physics centres on the vehicle whose role_name is "hero").
+        self._attributes: dict[str, str] = (
+            {"base_type": _BASE_TYPES[id], "role_name": "autopilot"} if id.startswith("vehicle.") else {}
+        )
+
+    def has_attribute(self, id: str) -> bool:
+        return id in self._attributes
+
+    def get_attribute(self, id: str) -> ActorAttribute:
+        if id not in self._attributes:
+            raise IndexError(f"attribute '{id}' not found in blueprint '{self.id}'")
+        return ActorAttribute(id, self._attributes[id])
 
     def set_attribute(self, id: str, value: str) -> None:
         self._attributes[id] = value
@@ -239,6 +270,12 @@ class TrafficManager:
     def set_random_device_seed(self, value: int) -> None:
         self._world._tm_seed = value
 
+    def set_hybrid_physics_mode(self, enabled: bool = True) -> None:
+        self._world._tm_hybrid = (enabled, self._world._tm_hybrid[1])
+
+    def set_hybrid_physics_radius(self, r: float = 70.0) -> None:
+        self._world._tm_hybrid = (self._world._tm_hybrid[0], r)
+
     def get_port(self) -> int:
         return self._port
 
@@ -260,6 +297,7 @@ class World:
         self._listeners: dict[int, Callable[[Any], Any]] = {}
         self._autopilot: set[int] = set()
         self._tm_sync: dict[int, bool] = {}
+        self._tm_hybrid: tuple[bool, float] = (False, 70.0)  # (hybrid physics on, radius m)
         self._tm_seed: int | None = None
         self._last_offset: dict[int, float] = {}
 
@@ -276,8 +314,7 @@ class World:
         return self._frame
 
     def get_blueprint_library(self) -> BlueprintLibrary:
-        return BlueprintLibrary(["vehicle.tesla.model3", "vehicle.audi.tt", "vehicle.lincoln.mkz_2020",
-                                 "sensor.camera.rgb", "sensor.other.collision", "sensor.other.lane_invasion",
+        return BlueprintLibrary([*_BASE_TYPES, "sensor.camera.rgb", "sensor.other.collision", "sensor.other.lane_invasion",
                                  "sensor.other.obstacle"])
 
     def spawn_actor(self, blueprint: ActorBlueprint, transform: Transform, attach_to: Actor | None = None) -> Actor:
