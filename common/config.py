@@ -121,6 +121,9 @@ class CarlaConfig:
     random spawn point."""
     traffic: list[int] = field(default_factory=lambda: [20, 50, 100])
     """NPC vehicles on autopilot for scenario 0/1/2 (cars only: blueprints with base_type 'car')."""
+    settle_ticks: int = 2
+    """Ticks after spawning, before an episode's first observation: sensors may send nothing on
+    their first tick (a missing first frame is then no hung server) and the car lands."""
     hybrid_physics_from: int = 50
     """Scenarios with at least this many NPC vehicles run the Traffic Manager's hybrid physics:
     full physics only within `hybrid_physics_radius_m` of the ego (role_name 'hero'); 0 = never."""
@@ -551,6 +554,7 @@ def validate(cfg: Config) -> None:
     c = cfg.carla
     _require(len(c.traffic) == 3 and min(c.traffic) >= 0,
              f"carla.traffic={c.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")
+    _require(c.settle_ticks >= 1, f"carla.settle_ticks={c.settle_ticks} must be >= 1 (a camera may skip its first tick)")
     _require(c.hybrid_physics_from >= 0 and c.hybrid_physics_radius_m > 0,
              "carla.hybrid_physics_from must be >= 0 and carla.hybrid_physics_radius_m > 0")
     _require(c.timeout_s > 0 and c.start_timeout_s > 0, "carla.timeout_s and carla.start_timeout_s must be > 0")

@@ -237,6 +237,19 @@ def test_traffic_is_cars_the_ego_is_the_hero_and_big_fleets_run_hybrid_physics(t
         small.close()
 
 
+def test_a_camera_silent_on_its_first_ticks_is_no_server_failure(tmp_path, carla_double, monkeypatch):
+    """Sensors may send nothing on the first ticks after they are created (leaderboard#171): the
+    env settles for `carla.settle_ticks` before its first observation instead of relaunching."""
+    monkeypatch.setattr(carla_double.World, "_camera_silent_ticks", 2)
+    env = make_env(carla_config(tmp_path, "carla.settle_ticks=3"))
+    try:
+        obs, _ = env.reset(seed=1)
+        env.step(np.array([0.0, 0.5], np.float32))
+        assert env.backend.server.restarts == 0 and obs["image"].shape == (4, 84, 84)
+    finally:
+        env.close()
+
+
 def test_lateral_offset_is_signed_and_lane_invasion_counted_once(tmp_path, carla_double):
     env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
     try:

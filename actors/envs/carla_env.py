@@ -201,7 +201,10 @@ class CarlaBackend:
             self._sensor_actors.append(actor)
         self._spawn_traffic(rng, ego_tf)
         self.tm.set_random_device_seed(int(rng.integers(2**31)))
-        return self.world.tick(self.cfg.timeout_s)
+        frame = self.world.tick(self.cfg.timeout_s)
+        for _ in range(self.cfg.settle_ticks):  # the first observation is the last settle tick's
+            frame = self.world.tick(self.cfg.timeout_s)
+        return frame
 
     def _spawn_traffic(self, rng: np.random.Generator, ego_tf: Any) -> None:
         cmd = self.carla.command

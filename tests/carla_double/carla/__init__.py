@@ -202,6 +202,7 @@ class Actor:
         self._transform = transform
         self._speed = 0.0
         self._parent: Actor | None = None
+        self._born = world._frame
 
     def get_transform(self) -> Transform:
         t = self._transform
@@ -285,6 +286,9 @@ class World:
 
     _stale_images = False
     """Test knob: deliver the previous frame's camera image before the current one."""
+    _camera_silent_ticks = 1
+    """A camera sends nothing on this many ticks after it is created, as real sensors may not
+    (leaderboard#171: no data on the first tick after spawning)."""
 
     def __init__(self, town: str, connection: "_Connection") -> None:
         self._map = Map(town)
@@ -361,6 +365,8 @@ class World:
         loc = parent._transform.location
         others = [a for a in self._actors.values() if isinstance(a, Vehicle) and a is not parent]
         if sensor._type == "sensor.camera.rgb":
+            if frame - sensor._born <= self._camera_silent_ticks:
+                return
             w, h = int(sensor._attributes.get("image_size_x", 800)), int(sensor._attributes.get("image_size_y", 600))
             images = ([Image(frame - 1, w, h)] if self._stale_images else []) + [Image(frame, w, h)]
             # Camera data arrives on another thread, as from CARLA's streaming port.
