@@ -131,6 +131,12 @@ class CarlaConfig:
     """Radius around the ego inside which NPCs keep full physics in hybrid mode, m."""
     timeout_s: float = 10.0
     """Client time-out; a tick (or camera frame) slower than this is a hung server."""
+    setup_timeout_s: float = 300.0
+    """Client time-out while connecting and loading the map, which takes minutes on a cold
+    server (the leaderboard allows 300 s for setup and 60 s per tick); ticks use `timeout_s`."""
+    quality_level: Literal["Epic", "Low"] = "Epic"
+    """Rendering quality of launched servers; Low (`-quality-level=Low`) renders faster, with
+    simpler materials and no shadows."""
     start_timeout_s: float = 120.0
     """Deadline for a server to answer after a launch or restart, or when connecting; then the env
     fails with an error naming the address."""
@@ -557,7 +563,8 @@ def validate(cfg: Config) -> None:
     _require(c.settle_ticks >= 1, f"carla.settle_ticks={c.settle_ticks} must be >= 1 (a camera may skip its first tick)")
     _require(c.hybrid_physics_from >= 0 and c.hybrid_physics_radius_m > 0,
              "carla.hybrid_physics_from must be >= 0 and carla.hybrid_physics_radius_m > 0")
-    _require(c.timeout_s > 0 and c.start_timeout_s > 0, "carla.timeout_s and carla.start_timeout_s must be > 0")
+    _require(c.timeout_s > 0 and c.start_timeout_s > 0 and c.setup_timeout_s > 0,
+             "carla.timeout_s, carla.start_timeout_s and carla.setup_timeout_s must be > 0")
     _require(c.restart_every_episodes >= 0, "carla.restart_every_episodes must be >= 0")
     _require(0 < c.port < 65536 and 0 < c.tm_port < 65536, "carla.port and carla.tm_port must be TCP ports")
     emb = e.embedded

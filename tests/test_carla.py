@@ -237,6 +237,21 @@ def test_traffic_is_cars_the_ego_is_the_hero_and_big_fleets_run_hybrid_physics(t
         small.close()
 
 
+def test_map_loading_gets_the_setup_timeout_and_ticks_the_short_one(tmp_path, carla_double, monkeypatch):
+    """A cold server loads its map for minutes: that must not count as a hung server, while a
+    tick slower than carla.timeout_s still does. Launched servers get the quality flag."""
+    monkeypatch.setenv("FAKE_CARLA_LOAD_S", "1.5")
+    env = make_env(carla_config(tmp_path, "carla.setup_timeout_s=10", "carla.quality_level=Low"))  # ticks: 1 s
+    try:
+        env.reset(seed=1)
+        assert env.backend.client._conn.timeout == 1.0
+        assert "-quality-level=Low" in env.backend.server.command()
+    finally:
+        env.close()
+    with pytest.raises(Exception, match="time-out|timed out"):
+        make_env(carla_config(tmp_path, "carla.setup_timeout_s=1.0"))
+
+
 def test_a_camera_silent_on_its_first_ticks_is_no_server_failure(tmp_path, carla_double, monkeypatch):
     """Sensors may send nothing on the first ticks after they are created (leaderboard#171): the
     env settles for `carla.settle_ticks` before its first observation instead of relaunching."""

@@ -129,7 +129,7 @@ class CarlaBackend:
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> None:
         self.client = self.carla.Client(self.cfg.host, self.server.ports.rpc)
-        self.client.set_timeout(self.cfg.timeout_s)
+        self.client.set_timeout(self.cfg.setup_timeout_s)  # a cold server loads its map for minutes
         world = self.client.get_world()
         if not world.get_map().name.endswith(self.cfg.town):
             world = self.client.load_world(self.cfg.town)
@@ -142,6 +142,7 @@ class CarlaBackend:
         threshold = self.cfg.hybrid_physics_from
         self.tm.set_hybrid_physics_mode(bool(threshold) and self.cfg.traffic[self.env_cfg.scenario] >= threshold)
         self.tm.set_hybrid_physics_radius(self.cfg.hybrid_physics_radius_m)
+        self.client.set_timeout(self.cfg.timeout_s)  # from here on, a slow answer is a hung server
         self.world = world
         self.map = world.get_map()
         self.blueprints = world.get_blueprint_library()

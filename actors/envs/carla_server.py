@@ -91,6 +91,7 @@ class CarlaServer:
             f"-carla-rpc-port={self.ports.rpc}",
             f"-carla-streaming-port={self.ports.streaming}",
             f"-carla-secondary-port={self.ports.secondary}",
+            f"-quality-level={self.cfg.quality_level}",
         ]
 
     def start(self) -> None:

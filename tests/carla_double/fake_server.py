@@ -1,5 +1,6 @@
 """Stand-in for CarlaUE4.sh: listens on `-carla-rpc-port=N`, answers the double's version ('v'),
-incarnation ('h'), spawn ('s') and tick ('t') requests, and can be told to fail.
+incarnation ('h'), spawn ('s'), tick ('t') and map-load ('l') requests, and can be told to fail.
+A map load takes FAKE_CARLA_LOAD_S seconds (default 0): a real one takes seconds to minutes.
 
 Like CarlaUE4.sh, which starts the real binary as a child, it keeps a child process in its
 process group (its pid goes to stderr as 'child pid N'), so tests can check the whole group dies.
@@ -55,6 +56,8 @@ def main() -> None:
                         time.sleep(3600)
                     if fault == "die" and n > after:
                         os.kill(os.getpid(), signal.SIGSEGV)
+                if op == b"l":
+                    time.sleep(float(os.environ.get("FAKE_CARLA_LOAD_S", "0")))
                 reply = {b"v": "0.9.16", b"h": str(os.getpid())}.get(op, "k")
                 conn.sendall(reply.encode() + b"\n")
 

@@ -453,6 +453,8 @@ class Client:
 
     def set_timeout(self, seconds: float) -> None:
         self._timeout = seconds
+        if self._conn is not None:  # applies to every later call, as in the real client
+            self._conn.timeout = seconds
 
     def get_server_version(self) -> str:
         return self._connection().call(b"v")
@@ -467,6 +469,7 @@ class Client:
 
     def load_world(self, map_name: str) -> World:
         conn = self._connection()
+        conn.call(b"l", self._timeout)  # blocks while the server loads the map, as the real call does
         world = _worlds[(self._host, self._port, conn.call(b"h"))] = World(map_name, conn)
         return world
 
