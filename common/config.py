@@ -102,7 +102,7 @@ class CarlaConfig:
 
     launch: bool = True
     """Launch a server per env with `server_command`; false connects to running servers instead."""
-    server_command: str = "/home/carla/CarlaUE4.sh -RenderOffScreen -nosound"
+    server_command: str = "/workspace/CarlaUE4.sh -RenderOffScreen -nosound"
     """Command that starts a server (the path in the carlasim/carla image); the RPC, streaming and
     secondary port flags are appended."""
     host: str = "127.0.0.1"

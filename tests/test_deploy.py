@@ -94,6 +94,28 @@ def test_images_run_as_non_root_and_entrypoints_exist():
     assert cfg.env.backend == "carla" and cfg.actors.resources == {"carla": 1.0} and cfg.carla.launch
 
 
+def test_actor_image_brings_a_python_the_carla_wheel_exists_for():
+    """Ubuntu 20.04's python3 is 3.8, for which carla 0.9.16 and our pins have no wheels: the image
+    copies Python 3.10-3.12 from a build stage and makes its venv with it."""
+    actor = (ROOT / "deploy/docker/actor.Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?", actor, re.M)
+    assert stages[-1][0] == "carlasim/carla:0.9.16"
+    image, name = stages[0]
+    version = re.fullmatch(r"python:3\.(\d+)-slim-bullseye", image)
+    assert version and 10 <= int(version.group(1)) <= 12 and name, image
+    assert re.search(rf"^COPY --from={name} /usr/local/bin/", actor, re.M)
+    assert re.search(rf"python3\.{version.group(1)} -m venv /opt/venv", actor)
+    assert not re.search(r"apt-get install[^\n]*\bpython3\b", actor), "the system python3 (3.8) must not be used"
+    # The 0.9.16 image keeps CARLA under /workspace; the build checks the path the config uses.
+    assert "RUN test -x /workspace/CarlaUE4.sh" in actor
+    for cfg in (load_config(), load_config(ROOT / "deploy/configs/carla.yaml")):
+        assert cfg.carla.server_command.split()[0] == "/workspace/CarlaUE4.sh"
+
+
+def test_carla_workers_run_an_init_that_reaps_orphans():
+    assert _compose_config()["services"]["carla-worker"].get("init") is True
+
+
 def test_makefile_and_readme_describe_the_same_cluster():
     make = (ROOT / "Makefile").read_text()
     for target in ("up", "down", "logs", "scale"):

@@ -1,14 +1,29 @@
 # The actor image: a CARLA 0.9.16 server plus our package and a Ray worker that advertises the
 # `carla` resource, so rollout actors (actors.resources: {carla: 1}) land here and launch the
 # server beside them. Built from the repository root: docker compose build carla-worker
+#
+# carlasim/carla:0.9.16 is Ubuntu 20.04, whose python3 is 3.8: neither the carla 0.9.16 wheel
+# nor our pinned packages exist for it. Python 3.11 comes from the official image built on
+# Debian 11 (glibc 2.31, as Ubuntu 20.04), copied in whole: no download beyond the registries.
+FROM python:3.11-slim-bullseye AS python
+
 FROM carlasim/carla:0.9.16
 
 USER root
+# CARLA lives under /workspace in the 0.9.16 image (0.9.15 and earlier: /home/carla); the
+# default carla.server_command points there, so a different layout fails here, not at run time.
+RUN test -x /workspace/CarlaUE4.sh
+COPY --from=python /usr/local/bin/ /usr/local/bin/
+COPY --from=python /usr/local/lib/ /usr/local/lib/
+COPY --from=python /usr/local/include/ /usr/local/include/
+# The shared libraries that Python build links against, under the same names on Ubuntu 20.04.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get install -y --no-install-recommends ca-certificates libssl1.1 libffi7 libsqlite3-0 zlib1g \
+       libbz2-1.0 liblzma5 libreadline8 libncursesw6 libuuid1 libexpat1 libgdbm6 \
+    && rm -rf /var/lib/apt/lists/* \
+    && ldconfig && python3.11 -c "import ssl, sqlite3, ctypes, lzma, bz2, zlib"
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m venv /opt/venv \
+RUN python3.11 -m venv /opt/venv \
     # Actors run the policy on the CPU: torch's CPU build (2.13.0+cpu satisfies torch==2.13.0).
     && pip install --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
