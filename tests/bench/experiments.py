@@ -216,10 +216,10 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-adamw": ["td3.weight_decay_style=l2"],
     "default+augment": ["td3.augment_shift=4"],
     "default-camera": ["env.embedded.camera_vehicles=highway"],
-    "default+nstep3": ["td3.n_step=3"],
+    "default-tau": ["td3.tau=0.005"],
+    "default-nstep": ["td3.n_step=1"],
+    "default-tau-nstep": ["td3.tau=0.005", "td3.n_step=1"],
     "default+nstep5": ["td3.n_step=5"],
-    "default+tau": ["td3.tau=0.01"],
-    "default+tau+nstep3": ["td3.tau=0.01", "td3.n_step=3"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
