@@ -83,7 +83,6 @@ class DistributedRun:
         self.eval_future: Any = None
         self.eval_step = 0
         self.actor_steps: dict[int, int] = {}  # env steps per actor since the last perf log
-        self.holds = 0  # loop passes in which idle actors waited for the learner
         self.actor_versions: dict[int, int] = {}
         self.reports: dict[int, dict[str, Any]] = {}  # each actor's latest report: its counters
         dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
@@ -114,9 +113,7 @@ class DistributedRun:
         last_perf = time.monotonic()
         try:
             while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
-                debt = cfg.learner.max_update_debt
-                # Held only while the learner can work the debt down: never a deadlock.
-                new_steps = self._collect_reports(hold=bool(debt) and credit > debt and core.learner.ready(core.env_step))
+                new_steps = self._collect_reports()
                 if core.env_step > cfg.td3.learning_starts:
                     credit += new_steps * cfg.learner.updates_per_step
                 core.replay.poll()
@@ -133,7 +130,7 @@ class DistributedRun:
                     last_perf = time.monotonic()
                 if new_steps == 0 and credit < 1:
                     time.sleep(0.005)
-            self._finish(credit)
+            self._finish()
         finally:
             signal.signal(signal.SIGINT, previous)
             self.close()
@@ -148,9 +145,7 @@ class DistributedRun:
     def _next_multiple(self, every: int) -> int:
         return (self.core.env_step // every + 1) * every if every else sys.maxsize
 
-    def _collect_reports(self, hold: bool = False) -> int:
-        """Reads the actors' reports; hands idle actors new work unless `hold` (the learner is
-        too far behind)."""
+    def _collect_reports(self) -> int:
         core, actors = self.core, self.actors
         new_steps = 0
         for index, report in actors.collect():
@@ -162,9 +157,6 @@ class DistributedRun:
             self.actor_versions[index] = report["policy_version"]
             self.reports[index] = report
         actors.restart_due()
-        if hold:
-            self.holds += 1
-            return new_steps
         for index in actors.idle():
             actors.launch(index, self.cfg.actors.steps_per_report, core.env_step)
         return new_steps
@@ -223,7 +215,6 @@ class DistributedRun:
         extra = {
             "actors/alive": actors.alive,
             "actors/target": self.cfg.actors.num_actors,
-            "actors/held_for_learner": self.holds,
             "actors/restarts": actors.restarts,
             "actors/policy_lag": max(lag) if lag else 0.0,
             "actors/weight_fetches": total("weight_fetches"),
@@ -249,24 +240,12 @@ class DistributedRun:
     def _checkpoint(self) -> None:
         self.core.checkpoint({"weights_version": self.version})
 
-    def _finish(self, credit: float) -> None:
-        """The end of the budget or a Ctrl-C: the updates still owed, a last evaluation (unless
-        interrupted) and a checkpoint.
-
-        The learner may owe up to `learner.max_update_debt` updates (more with the limit off); it
-        does them with the actors stopped."""
+    def _finish(self) -> None:
+        """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint."""
         self.core.replay.poll()
-        self.actors.shutdown()
-        if not self.stop_requested and credit >= 1.0 and self.core.learner.ready(self.core.env_step):
-            log.info("actors done at step %d; the learner does its %d owed updates", self.core.env_step, int(credit))
-            last_perf = time.monotonic()
-            while credit >= 1.0 and not self.stop_requested and self.core.learner.ready(self.core.env_step):
-                credit = self._train(credit)
-                if time.monotonic() - last_perf > PERF_EVERY_S:
-                    self._log_perf()
-                    last_perf = time.monotonic()
         if self.core.env_step != self.core.window_start_step:  # not logged a moment ago
             self._log_perf()
+        self.actors.shutdown()
         if not self.stop_requested:
             self._collect_eval(wait=True)
             if self.core.env_step != self.eval_step or not self.core.last_eval:
