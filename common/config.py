@@ -225,6 +225,10 @@ class LearnerConfig:
     """Env-step budget of the run."""
     updates_per_step: float = 1.0
     """Learner updates per env step once learning has started (0.5 = one update every 2 steps)."""
+    max_update_debt: int = 200
+    """Distributed mode: updates the learner may owe before it hands the actors no new work, so
+    actors that outrun a slow learner (a CPU) cannot turn updates_per_step into a fiction (the
+    work already handed out still comes in). 0 never holds actors back."""
     checkpoint_freq: int = 50_000
     """Env steps between checkpoints (one is also written at the end)."""
     feature_l2_threshold: float = 50.0
@@ -548,6 +552,7 @@ def validate(cfg: Config) -> None:
     _require(r.samples_per_insert >= 0 and r.error_buffer >= 0, "replay.samples_per_insert and replay.error_buffer must be >= 0")
     _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")
     _require(cfg.learner.updates_per_step > 0, "learner.updates_per_step must be > 0")
+    _require(cfg.learner.max_update_debt >= 0, "learner.max_update_debt must be >= 0")
     _require(cfg.learner.checkpoint_freq > 0, "learner.checkpoint_freq must be > 0")
     _require(cfg.learner.min_cnn_lr > 0, "learner.min_cnn_lr must be > 0")
     _require(cfg.eval.freq >= 0 and cfg.eval.num_episodes >= 1, "eval.freq must be >= 0 and eval.num_episodes >= 1")

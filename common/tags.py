@@ -98,6 +98,7 @@ TAGS: dict[str, str] = {
     "actors/alive": "Rollout actors running now.",
     "actors/target": "Rollout actors the run wants (actors.num_actors).",
     "actors/restarts": "Rollout actors restarted after a crash or a kill.",
+    "actors/held_for_learner": "Loop passes in which idle actors got no work: the learner owed over learner.max_update_debt updates.",
     "actors/policy_lag": "Weight versions the most outdated actor is behind the learner.",
     "actors/weight_fetches": "Weight versions fetched by all actors.",
     "actors/nonfinite_dropped": "Env steps with a NaN/inf observation or reward, dropped before the replay.",

@@ -83,6 +83,7 @@ class DistributedRun:
         self.eval_future: Any = None
         self.eval_step = 0
         self.actor_steps: dict[int, int] = {}  # env steps per actor since the last perf log
+        self.holds = 0  # loop passes in which idle actors waited for the learner
         self.actor_versions: dict[int, int] = {}
         self.reports: dict[int, dict[str, Any]] = {}  # each actor's latest report: its counters
         dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
@@ -113,7 +114,9 @@ class DistributedRun:
         last_perf = time.monotonic()
         try:
             while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
-                new_steps = self._collect_reports()
+                debt = cfg.learner.max_update_debt
+                # Held only while the learner can work the debt down: never a deadlock.
+                new_steps = self._collect_reports(hold=bool(debt) and credit > debt and core.learner.ready(core.env_step))
                 if core.env_step > cfg.td3.learning_starts:
                     credit += new_steps * cfg.learner.updates_per_step
                 core.replay.poll()
@@ -145,7 +148,9 @@ class DistributedRun:
     def _next_multiple(self, every: int) -> int:
         return (self.core.env_step // every + 1) * every if every else sys.maxsize
 
-    def _collect_reports(self) -> int:
+    def _collect_reports(self, hold: bool = False) -> int:
+        """Reads the actors' reports; hands idle actors new work unless `hold` (the learner is
+        too far behind)."""
         core, actors = self.core, self.actors
         new_steps = 0
         for index, report in actors.collect():
@@ -157,6 +162,9 @@ class DistributedRun:
             self.actor_versions[index] = report["policy_version"]
             self.reports[index] = report
         actors.restart_due()
+        if hold:
+            self.holds += 1
+            return new_steps
         for index in actors.idle():
             actors.launch(index, self.cfg.actors.steps_per_report, core.env_step)
         return new_steps
@@ -215,6 +223,7 @@ class DistributedRun:
         extra = {
             "actors/alive": actors.alive,
             "actors/target": self.cfg.actors.num_actors,
+            "actors/held_for_learner": self.holds,
             "actors/restarts": actors.restarts,
             "actors/policy_lag": max(lag) if lag else 0.0,
             "actors/weight_fetches": total("weight_fetches"),

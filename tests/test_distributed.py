@@ -34,11 +34,16 @@ def no_ray_left():
 
 
 def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
-    cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=400"])
+    cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=400",
+                                 "learner.updates_per_step=1", "learner.max_update_debt=5"])
     run = DistributedRun(cfg, tmp_path / "run").init()
     ray.get([h.pid.remote() for h in run.actors.handles.values()])  # both started, so neither can take the whole budget
     final = run.run()
     assert final["eval/avg_episode_length"] > 0
+    # Actors wait while the learner owes over 5 updates: updates_per_step holds, up to the debt and
+    # the work already handed out (one report of 50 steps per actor).
+    assert run.holds > 0
+    assert run.core.agent.updates >= (400 - 100) - 5 - 2 * 50
     ring = run.core.ring
     # transitions from both actors reached the learner
     assert {k[0] for k in ring._episodes} == {0, 1}
