@@ -110,7 +110,8 @@ REFERENCE_KEYS = {"baseline": ("mean_reward", "success_rate", "collision_rate", 
 def reference_results(env: DrivingEnv, cfg: Config, episodes: int, seed: int) -> dict[str, dict[str, float]]:
     """eval/* of a uniformly random policy and of the classical baseline (PID + pure pursuit)
     on the evaluation seeds `seed`, `seed + 1`, ...: what a learning curve is read against."""
-    from actors.baseline import baseline_for  # it evaluates with this module's functions
+    # Imported here: actors.baseline evaluates with this module's functions.
+    from actors.baseline import baseline_for
 
     rng = np.random.default_rng(0)
     return {
