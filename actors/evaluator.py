@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common.config import Config
-from common.driving import TERMINATIONS
+from common.driving import EVAL_ONLY_TERMINATIONS
 from common.env import DrivingEnv, SimulatorFailure
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
         "eval/mean_speed": float(np.mean([r["mean_speed"] for r in results])),
         "eval/route_progress_m": float(np.mean([r["progress_m"] for r in results])),
         "eval/route_progress_pct": float(np.mean([r["progress_pct"] for r in results])),
-        **{f"eval/termination_{t}": reasons.count(t) / episodes for t in TERMINATIONS},
+        # The other ways to end: a collision and a completed route are the two rates above.
+        **{f"eval/termination_{t}": reasons.count(t) / episodes for t in EVAL_ONLY_TERMINATIONS},
     }
 
 
@@ -120,7 +121,7 @@ def reference_results(env: DrivingEnv, cfg: Config, episodes: int, seed: int) ->
     }
 
 
-def reference_lines(results: dict[str, dict[str, float]]) -> dict[str, float]:
+def reference_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """`reference_results` as the eval/baseline_* and eval/random_* constants logged with every evaluation."""
     return {f"eval/{who}_{k}": results[who][f"eval/{k}"] for who, keys in REFERENCE_KEYS.items() for k in keys}
 
@@ -137,7 +138,7 @@ class References:
         if not self.cfg.eval.references:
             return {}
         if self.lines is None:
-            self.lines = reference_lines(reference_results(env, self.cfg, self.cfg.eval.num_episodes, seed))
+            self.lines = reference_metrics(reference_results(env, self.cfg, self.cfg.eval.num_episodes, seed))
         return self.lines
 
 

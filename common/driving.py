@@ -28,6 +28,8 @@ LATERAL_NORM = 3.5
 LOOKAHEAD_NORM = 50.0
 
 TERMINATIONS = ("collision", "off_road", "lane_departure", "route_completed", "timeout")
+EVAL_ONLY_TERMINATIONS = ("off_road", "lane_departure", "timeout")
+"""Reasons with an eval/termination_* tag; the other two are eval/collision_rate and eval/success_rate."""
 REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
 
 

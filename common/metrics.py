@@ -195,7 +195,5 @@ class TerminationWindow:
 
     def apply(self, episode: dict[str, float]) -> dict[str, float]:
         keys = [f"train/termination_{r}" for r in TERMINATIONS]
-        if not all(k in episode for k in keys):
-            return episode
         self.recent.append({k: episode[k] for k in keys})
         return episode | {k: float(np.mean([e[k] for e in self.recent])) for k in keys}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 
-from common.driving import ACTION_NAMES, REWARD_COMPONENTS, TERMINATIONS
+from common.driving import ACTION_NAMES, EVAL_ONLY_TERMINATIONS, REWARD_COMPONENTS, TERMINATIONS
 
 # The seeds' thresholds (005_*.txt): warning / critical feature L2, |mean| and std of features.
 FEATURE_L2_WARNING, FEATURE_L2_CRITICAL, FEATURE_MEAN_LIMIT, FEATURE_STD_LIMIT = 50.0, 100.0, 10.0, 50.0
@@ -71,7 +71,7 @@ TAGS: dict[str, str] = {
     "eval/mean_speed": "Mean speed over the evaluation episodes, m/s.",
     "eval/route_progress_m": "Mean metres driven along the route per evaluation episode.",
     "eval/route_progress_pct": "Mean route progress per evaluation episode, % of env.route_length_m.",
-    "eval/termination_*": "Fraction of evaluation episodes that ended this way.",
+    "eval/termination_*": "Fraction of evaluation episodes that ended this way (collisions and completed routes: the two rates).",
     "eval/baseline_*": "The classical baseline (PID + pure pursuit) on the same evaluation seeds: a reference line.",
     "eval/random_*": "A uniformly random policy on the same evaluation seeds: a reference line.",
     "eval/video": "The first evaluation episode, with step, speed, action and reward drawn on it.",
@@ -98,7 +98,8 @@ TAGS: dict[str, str] = {
     "actors/alive": "Rollout actors running now.",
     "actors/target": "Rollout actors the run wants (actors.num_actors).",
     "actors/restarts": "Rollout actors restarted after a crash or a kill.",
-    "actors/held_for_learner": "Loop passes in which idle actors got no work: the learner owed over learner.max_update_debt updates.",
+    "actors/held_for_learner": ("Loop passes in which idle actors got no work: the learner owed over "
+                                "learner.max_update_debt updates."),
     "actors/policy_lag": "Weight versions the most outdated actor is behind the learner.",
     "actors/weight_fetches": "Weight versions fetched by all actors.",
     "actors/nonfinite_dropped": "Env steps with a NaN/inf observation or reward, dropped before the replay.",
@@ -137,7 +138,8 @@ def layout() -> dict[str, dict[str, list]]:
         },
         "2 why episodes end": {
             "training episodes": ["Multiline", _expand("train/termination_*", terms)],
-            "evaluation episodes": ["Multiline", _expand("eval/termination_*", terms)],
+            "evaluation episodes": ["Multiline", ["eval/success_rate", "eval/collision_rate",
+                                                   *_expand("eval/termination_*", EVAL_ONLY_TERMINATIONS)]],
             "speed m/s": ["Multiline", ["train/mean_speed", "eval/mean_speed"]],
             "route progress %": ["Multiline", ["train/route_progress_pct", "eval/route_progress_pct"]],
             "reward components": ["Multiline", _expand("rewards/*", REWARD_COMPONENTS)],

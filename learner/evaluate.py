@@ -28,7 +28,7 @@ from learner import checkpoint
 
 
 def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[str] | None = None,
-                        video_episodes: set[int] | None = None) -> tuple[dict[str, float], list[dict[str, Any]], list]:
+                        video_episodes: set[int] | None = None) -> tuple[dict[str, float], list[dict[str, Any]], bytes | None]:
     """(eval metrics, per-episode results, an animated GIF of `video_episodes` or None)."""
     cfg: Config = load_config(overrides=overrides, base=checkpoint.saved_config(path))
     policy = checkpoint.load_policy(path, cfg)

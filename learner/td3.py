@@ -131,9 +131,10 @@ class TD3:
         self.updates = 0
         self.bad_streak = 0
         self._good: dict[str, dict] | None = None
-        self.last_actions: torch.Tensor | None = None  # the last actor update's batch actions (histograms)
-        self.last_q: torch.Tensor | None = None  # the last critic update's Q1 (histogram)
+        self.last_actions: torch.Tensor | None = None
         """The policy's actions on the last actor-update batch, for the action histograms."""
+        self.last_q: torch.Tensor | None = None
+        """Critic 1's Q on the last critic-update batch, for the Q histogram."""
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
