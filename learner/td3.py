@@ -1,9 +1,12 @@
 """TD3 (and DDPG) with separate, normalized actor and critic CNNs, each with a target copy.
 
 The target action comes from the *target actor CNN + target actor head*; the target Q values
-from the *target critic CNN + target critic heads*. The old system computed the target action
-with the online critic's CNN and had no target CNNs; `tests/test_td3.py` pins down which CNN
-feeds which quantity.
+from the *target critic CNN + target critic heads*. When the actor reads the critic's features
+(`td3.actor_encoder=critic`, the default) the target actor head reads the target critic CNN's
+too, and the actor update reuses the features the critic update computed (DrQ-v2's arrangement):
+two CNN forward passes per update fewer. The old system computed the target action with the
+online critic's CNN and had no target CNNs; `tests/test_td3.py` pins down which CNN feeds which
+quantity.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class TD3:
         self.twin = t.algo == "td3"
         self.actor = policy_for(cfg.cnn).to(device)
         self.critic = Critic(cfg.cnn.norm, num_q=2 if self.twin else 1, trunk_dim=cfg.cnn.trunk_dim).to(device)
-        if cfg.learner.channels_last:
+        if cfg.learner.channels_last and device.type == "cuda":
             self.actor.cnn.to(memory_format=torch.channels_last)
             self.critic.cnn.to(memory_format=torch.channels_last)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
@@ -159,8 +162,11 @@ class TD3:
         t = self.cfg
         with torch.no_grad():
             with self._autocast():
-                actor_features = self.actor_target.cnn(batch.next_image)
                 critic_features = self.critic_target.cnn(batch.next_image)
+                # With the critic's encoder the actor CNN is a copy of the critic's, so its target
+                # would be a lagging copy of the target critic CNN: read that one instead.
+                shared = t.actor_encoder == "critic"
+                actor_features = critic_features if shared else self.actor_target.cnn(batch.next_image)
             with self._fp32():
                 next_action = self.actor_target.head(actor_features.float(), batch.next_vector)
                 if self.twin and t.policy_noise > 0:
@@ -184,10 +190,16 @@ class TD3:
         opt.step()
         return grads
 
-    def update_critic(self, batch: Batch) -> dict[str, float]:
-        y = self.target_q(batch)
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """The critic CNN's features of `batch.image` (with gradients)."""
         with self._autocast():
-            features = self.critic.cnn(batch.image)
+            return self.critic.cnn(batch.image)
+
+    def update_critic(self, batch: Batch, features: torch.Tensor | None = None) -> dict[str, float]:
+        """`features`: `encode(batch)`, computed here when not given."""
+        y = self.target_q(batch)
+        if features is None:
+            features = self.encode(batch)
         with self._fp32():
             qs = self.critic.heads(features.float(), batch.vector, batch.action)
             loss = sum(F.mse_loss(q, y) for q in qs)
@@ -202,11 +214,14 @@ class TD3:
             metrics[f"debug/td_error_q{i}"] = float((q.detach() - y).abs().mean())
         return metrics
 
-    def update_actor(self, batch: Batch) -> dict[str, float]:
+    def update_actor(self, batch: Batch, critic_features: torch.Tensor | None = None) -> dict[str, float]:
+        """`critic_features`: the critic CNN's (detached) features of `batch.image`, as the critic
+        update saw them before its step (DrQ-v2 reuses them too); computed here when not given."""
         t = self.cfg
         with self._autocast():
-            with torch.no_grad():
-                critic_features = self.critic.cnn(batch.image)
+            if critic_features is None:
+                with torch.no_grad():
+                    critic_features = self.critic.cnn(batch.image)
             if t.actor_encoder == "critic":
                 # The actor reads the critic's features; its CNN only mirrors the critic's, so the
                 # published policy stays self-contained.
@@ -255,14 +270,15 @@ class TD3:
             pad = self.cfg.augment_shift
             batch = dataclasses.replace(batch, image=random_shift(batch.image, pad),
                                         next_image=random_shift(batch.next_image, pad))
-        metrics = self.update_critic(batch)
+        features = self.encode(batch)
+        metrics = self.update_critic(batch, features)
         if "alerts/nonfinite_loss" in metrics:
             return self._nonfinite(metrics)
         self.updates += 1
         delay = self.cfg.policy_delay if self.twin else 1
         if self.updates % delay == 0:
             if self.updates > self.cfg.critic_warmup_updates:
-                actor_metrics = self.update_actor(batch)
+                actor_metrics = self.update_actor(batch, features.detach())
                 if "alerts/nonfinite_loss" in actor_metrics:
                     return self._nonfinite(metrics | actor_metrics)
                 metrics |= actor_metrics

@@ -25,7 +25,8 @@ def reference_target(agent: TD3, batch: Batch, noise: torch.Tensor | None = None
     """r + gamma^k (1 - d) min(Q1', Q2') written out by hand from the target modules."""
     with torch.no_grad():
         x = batch.next_image.float() / 127.5 - 1.0
-        a = torch.tanh(agent.actor_target.head.net(torch.cat([agent.actor_target.head.trunk(agent.actor_target.cnn(x)), batch.next_vector], 1)))
+        actor_cnn = agent.critic_target.cnn if agent.cfg.actor_encoder == "critic" else agent.actor_target.cnn
+        a = torch.tanh(agent.actor_target.head.net(torch.cat([agent.actor_target.head.trunk(actor_cnn(x)), batch.next_vector], 1)))
         if noise is not None:
             a = (a + noise.clamp(-0.5, 0.5)).clamp(-1, 1)
         z = torch.cat([agent.critic_target.heads.trunk(agent.critic_target.cnn(x)), batch.next_vector, a], 1)
@@ -85,18 +86,26 @@ def test_each_quantity_comes_from_the_right_cnn():
     calls = _record_cnn_calls(agent)
     agent.update_critic(batch)
     img, nxt = batch.image.data_ptr(), batch.next_image.data_ptr()
-    assert sorted(calls) == sorted([("actor_target", nxt), ("critic_target", nxt), ("critic", img)])
+    # The default: the actor reads the critic CNN's features, its target the target critic CNN's.
+    assert sorted(calls) == sorted([("critic_target", nxt), ("critic", img)])
     calls.clear()
-    agent.update_actor(batch)  # the default: the actor reads the critic CNN's features
+    agent.update_actor(batch)
     assert calls == [("critic", img)]
+    calls.clear()
+    agent.update(batch)
+    agent.update(batch)  # critic + actor: the actor reuses the critic update's features
+    assert sorted(calls) == sorted([("critic_target", nxt), ("critic", img)] * 2)
     own = make_agent("td3.actor_encoder=own")
     calls = _record_cnn_calls(own)
+    own.update_critic(batch)
+    assert sorted(calls) == sorted([("actor_target", nxt), ("critic_target", nxt), ("critic", img)])
+    calls.clear()
     own.update_actor(batch)
     assert sorted(calls) == sorted([("actor", img), ("critic", img)])
 
 
 def test_target_action_ignores_the_online_cnns_and_uses_the_target_ones():
-    agent = make_agent("td3.policy_noise=0.0")
+    agent = make_agent("td3.policy_noise=0.0", "td3.actor_encoder=own")
     batch = tiny_batch()
     before = agent.target_q(batch)
     with torch.no_grad():
@@ -113,13 +122,13 @@ def test_target_action_ignores_the_online_cnns_and_uses_the_target_ones():
 
 
 def test_targets_follow_with_polyak_averaging_on_actor_steps_only():
-    agent = make_agent()
+    agent = make_agent("td3.tau=0.3")  # large enough that a wrong factor exceeds the tolerance
     batch = tiny_batch()
     t0 = agent.critic_target.cnn.conv1.weight.clone()
     agent.update(batch)  # critic only
     torch.testing.assert_close(agent.critic_target.cnn.conv1.weight, t0)
     agent.update(batch)  # critic + actor + targets
-    expected = 0.995 * t0 + 0.005 * agent.critic.cnn.conv1.weight
+    expected = 0.7 * t0 + 0.3 * agent.critic.cnn.conv1.weight
     torch.testing.assert_close(agent.critic_target.cnn.conv1.weight, expected)
 
 
