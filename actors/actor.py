@@ -41,23 +41,34 @@ class Actor:
         frac = min(max(env_step - self.learning_starts, 0) / c.expl_noise_decay_steps, 1.0)
         return self.noise_scale * (c.expl_noise_start + frac * (c.expl_noise_end - c.expl_noise_start))
 
+    def acts_on_policy(self, env_step: int) -> bool:
+        """Whether `select_action` at `env_step` needs the policy (not during the random start)."""
+        return env_step >= self.learning_starts
+
     @torch.no_grad()
+    def policy_actions(self, observations: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """(K, 2) deterministic actions of the current policy for K observations, one forward pass."""
+        image = torch.from_numpy(np.stack([o["image"] for o in observations])).to(self.device)
+        vector = torch.from_numpy(np.stack([o["vector"] for o in observations])).to(self.device)
+        return self.policy(image, vector).float().cpu().numpy()
+
     def policy_action(self, observation: dict[str, np.ndarray]) -> np.ndarray:
         """The deterministic action of the current policy."""
-        image = torch.from_numpy(observation["image"]).unsqueeze(0).to(self.device)
-        vector = torch.from_numpy(observation["vector"]).unsqueeze(0).to(self.device)
-        return self.policy(image, vector).float().squeeze(0).cpu().numpy()
+        return self.policy_actions([observation])[0]
 
     def eval_action(self, observation: dict[str, np.ndarray]) -> np.ndarray:
         """The action an evaluation takes: the policy's, without noise, within the action limit."""
         return self.limit(self.policy_action(observation))
 
-    def select_action(self, observation: dict[str, np.ndarray], env_step: int) -> np.ndarray:
-        if env_step < self.learning_starts:
+    def select_action(self, observation: dict[str, np.ndarray], env_step: int,
+                      policy_action: np.ndarray | None = None) -> np.ndarray:
+        """`policy_action`: the policy's action for `observation` when the caller already has it
+        (one batched forward over several envs); computed here when not given."""
+        if not self.acts_on_policy(env_step):
             self.last_policy_action = None
             action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
         else:
-            self.last_policy_action = self.policy_action(observation)
+            self.last_policy_action = self.policy_action(observation) if policy_action is None else policy_action
             action = self.last_policy_action + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
         return self.limit(np.clip(action, -1.0, 1.0).astype(np.float32))
 

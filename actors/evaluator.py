@@ -149,13 +149,13 @@ class EvalWorker:
         import torch
 
         from actors.actor import Actor
-        from actors.envs import make_env
+        from actors.envs import eval_slot, make_env
         from common.config import from_dict
         from common.networks import policy_for
 
         torch.set_num_threads(1)
         self.cfg = from_dict(cfg_dict)
-        self.env = make_env(self.cfg, slot=self.cfg.actors.num_actors)
+        self.env = make_env(self.cfg, slot=eval_slot(self.cfg))
         self.actor = Actor(policy_for(self.cfg.cnn).eval(), self.cfg, np.random.default_rng(0), torch.device("cpu"))
         self.references = References(self.cfg)
 

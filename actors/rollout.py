@@ -1,5 +1,6 @@
-"""The rollout worker: one env, the policy on CPU with exploration noise, chunks to the replay
-service, newer weights pulled by version. Plain Python, run as a Ray actor by the learner."""
+"""The rollout worker: K envs, the policy on CPU (one batched forward per step) with exploration
+noise, chunks to the replay service, newer weights pulled by version. Plain Python, run as a Ray
+actor by the learner."""
 
 from __future__ import annotations
 
@@ -11,56 +12,76 @@ import torch
 
 from actors.actor import Actor
 from actors.adder import ChunkAdder
-from actors.envs import make_env
-from actors.runner import EpisodeRunner
+from actors.envs import make_env, rollout_slot
+from actors.runner import EpisodeRunner, VectorRunner
 from common.config import from_dict
+from common.env import DrivingEnv
 from common.networks import policy_for
 from common.weights import VariableClient
 from replay_server.client import ReplayClient, connect
 
 
 def noise_scales(n: int, low: float, high: float) -> list[float]:
-    """Ape-X style: actor i explores with low * (high/low)^(i/(n-1))."""
+    """Ape-X style: env i of the run's n explores with low * (high/low)^(i/(n-1))."""
     if n == 1:
         return [float(np.sqrt(low * high))]
     return [float(low * (high / low) ** (i / (n - 1))) for i in range(n)]
 
 
 class RolloutWorker:
-    """Runs env steps in calls of `run()`, between which the learner collects its reports."""
+    """Runs env steps in calls of `run()`, between which the learner collects its reports.
 
-    def __init__(self, cfg_dict: dict[str, Any], index: int, incarnation: int, noise_scale: float,
+    It steps `actors.envs_per_actor` envs together (one batched policy forward per step); env j
+    has its own slot, seed, noise scale `noise_scales[j]`, chunk stream and episodes."""
+
+    def __init__(self, cfg_dict: dict[str, Any], index: int, incarnation: int, noise_scales: list[float],
                  redis_url: str, weight_store: Any) -> None:
         torch.set_num_threads(1)
         cfg = from_dict(cfg_dict)
+        k = cfg.actors.envs_per_actor
+        if len(noise_scales) != k:
+            raise ValueError(f"actor {index}: {len(noise_scales)} noise scales for actors.envs_per_actor={k} envs")
         self.cfg = cfg
         self.index = index
-        seed = cfg.seed + 1000 * (index + 1) + 100_000 * incarnation
-        self.env = make_env(cfg, slot=index)
+        self.envs: list[DrivingEnv] = []
+        try:
+            for j in range(k):
+                self.envs.append(make_env(cfg, slot=rollout_slot(cfg, index, j)))
+        except BaseException:
+            self.close()  # servers already launched for this actor must not outlive it
+            raise
         self.policy = policy_for(cfg.cnn).eval()
-        self.actor = Actor(self.policy, cfg, np.random.default_rng(seed), torch.device("cpu"), noise_scale)
         r = cfg.replay
         self.client = ReplayClient(connect(redis_url), r.stream_key, max_chunks=-(-r.capacity // r.chunk_steps),
                                    buffer_chunks=r.client_buffer_chunks)
-        self.adder = ChunkAdder(actor_id=index, chunk_steps=r.chunk_steps, sink=self.client.insert)
         self.weights = VariableClient(weight_store, self.policy)
         self.weights.update(wait=True)  # start from the learner's current policy
-        self.runner = EpisodeRunner(self.env, self.actor, self.adder, seed)
+        runners = []
+        for j, (env, scale) in enumerate(zip(self.envs, noise_scales)):
+            slot = rollout_slot(cfg, index, j)
+            # With one env per actor, the seeds of the runs before envs_per_actor existed.
+            seed = cfg.seed + 1000 * (slot + 1) + 100_000 * incarnation
+            actor = Actor(self.policy, cfg, np.random.default_rng(seed), torch.device("cpu"), scale)
+            adder = ChunkAdder(actor_id=slot, chunk_steps=r.chunk_steps, sink=self.client.insert)
+            runners.append(EpisodeRunner(env, actor, adder, seed))
+        self.runner = VectorRunner(runners)
         self.steps = 0
 
     def run(self, steps: int, global_step: int) -> dict[str, Any]:
-        """`steps` env steps; `global_step` is the run's env-step count, for the exploration schedule."""
+        """About `steps` env steps over all envs (whole rounds of one step per env); `global_step`
+        is the run's env-step count, for the exploration schedule."""
+        k = len(self.envs)
+        rounds = max(1, -(-steps // k))
         finished: list[dict[str, float]] = []
-        for i in range(steps):
-            if self.steps % self.cfg.actors.weight_sync_steps == 0:
+        for i in range(rounds):
+            sync = self.cfg.actors.weight_sync_steps
+            if (self.steps + k - 1) // sync != (self.steps - 1) // sync:  # a multiple of sync among this round's steps
                 self.weights.update()
-            episode = self.runner.step(global_step + i, policy_version=max(self.weights.version, 0))
-            self.steps += 1
-            if episode is not None:
-                finished.append(episode)
+            finished += self.runner.step(global_step + i * k, policy_version=max(self.weights.version, 0))
+            self.steps += k
         c = self.client.counters
         return {
-            "steps": steps,
+            "steps": rounds * k,
             "episodes": finished,
             "policy_version": self.weights.version,
             "weight_fetches": self.weights.fetches,
@@ -68,8 +89,12 @@ class RolloutWorker:
             "send_failures": c.send_failures,
             "nonfinite_dropped": self.runner.nonfinite,
             "simulator_failures": self.runner.simulator_failures,
-            "env": self.env.backend.metrics(),
+            "envs": [env.backend.metrics() for env in self.envs],
         }
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
 
     def pid(self) -> int:
         return os.getpid()

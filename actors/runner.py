@@ -1,5 +1,6 @@
 """The acting loop shared by serial mode and every rollout actor: one env driven by an `Actor`,
-feeding a `ChunkAdder`, one step at a time."""
+feeding a `ChunkAdder`, one step at a time; a rollout actor steps several such runners together
+with one batched policy forward (`VectorRunner`)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ class EpisodeRunner:
         self.actor.on_episode_start()
         return obs
 
-    def step(self, env_step: int, policy_version: int = 0) -> dict[str, float] | None:
-        """One env step; returns the finished episode's train/* and rewards/* metrics, if one ended."""
-        action = self.actor.select_action(self.obs, env_step)
+    def step(self, env_step: int, policy_version: int = 0, policy_action: np.ndarray | None = None) -> dict[str, float] | None:
+        """One env step; returns the finished episode's train/* and rewards/* metrics, if one ended.
+        `policy_action`: the policy's action for the current observation, if already computed."""
+        action = self.actor.select_action(self.obs, env_step, policy_action)
         try:
             obs, reward, terminated, truncated, info = self.env.step(action)
         except SimulatorFailure as exc:
@@ -67,3 +69,32 @@ class EpisodeRunner:
         self.episodes += 1
         self.obs = self._reset()
         return finished
+
+
+class VectorRunner:
+    """K `EpisodeRunner`s stepped together, with one batched policy forward per step over all of
+    them (every env auto-resets, so all K are always running). Each runner keeps its own env,
+    `Actor` (exploration noise and its random generator), adder, episodes, seeds and stats, so the
+    transitions are those of K separate actors; only the forward pass is shared."""
+
+    def __init__(self, runners: list[EpisodeRunner]) -> None:
+        if not runners:
+            raise ValueError("a VectorRunner needs at least one EpisodeRunner")
+        self.runners = runners
+
+    def step(self, env_step: int, policy_version: int = 0) -> list[dict[str, float]]:
+        """One step of every env; the metrics of the episodes that ended."""
+        lead = self.runners[0].actor
+        actions: list[np.ndarray | None] = [None] * len(self.runners)
+        if lead.acts_on_policy(env_step):
+            actions = list(lead.policy_actions([r.obs for r in self.runners]))
+        finished = (r.step(env_step, policy_version, a) for r, a in zip(self.runners, actions))
+        return [episode for episode in finished if episode is not None]
+
+    @property
+    def nonfinite(self) -> int:
+        return sum(r.nonfinite for r in self.runners)
+
+    @property
+    def simulator_failures(self) -> int:
+        return sum(r.simulator_failures for r in self.runners)

@@ -309,11 +309,17 @@ class ActorsConfig:
     action_scaling_limit: float = 0.6
     """Absolute action limit applied when action_scaling is on."""
     num_actors: int = 2
-    """Rollout actors in distributed mode, one env each."""
+    """Rollout actors in distributed mode."""
+    envs_per_actor: int = 1
+    """Envs each rollout actor steps together, with one batched policy forward per step over all
+    of them (each env keeps its own episodes, seeds, noise scale and chunks; a CARLA env its own
+    server). Serial mode always runs one env."""
     noise_scale_min: float = 0.5
-    """Distributed mode: exploration-noise multiplier of the first actor (Ape-X style spread)."""
+    """Distributed mode: exploration-noise multiplier of the first env of the first actor (Ape-X
+    style spread over every env of the run)."""
     noise_scale_max: float = 2.0
-    """Exploration-noise multiplier of the last actor; the others are spaced geometrically between."""
+    """Exploration-noise multiplier of the last env of the last actor; the others are spaced
+    geometrically between."""
     weight_sync_steps: int = 100
     """Env steps between an actor's (non-blocking) checks for newer policy weights."""
     steps_per_report: int = 200
@@ -549,6 +555,7 @@ def validate(cfg: Config) -> None:
     _require(r.max_chunk_bytes >= 1024, "replay.max_chunk_bytes must be >= 1024")
     _require(r.connect_timeout_s > 0, "replay.connect_timeout_s must be > 0")
     _require(cfg.actors.max_consecutive_deaths >= 0, "actors.max_consecutive_deaths must be >= 0")
+    _require(cfg.actors.envs_per_actor >= 1, f"actors.envs_per_actor={cfg.actors.envs_per_actor} must be >= 1")
     _require(r.min_size_to_sample >= 1, "replay.min_size_to_sample must be >= 1")
     _require(r.samples_per_insert >= 0 and r.error_buffer >= 0, "replay.samples_per_insert and replay.error_buffer must be >= 0")
     _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")

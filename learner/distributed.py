@@ -71,12 +71,13 @@ class DistributedRun:
         self.version = int(self.core.saved.get("weights_version", 0))
         self._publish()
         a = cfg.actors
-        scales = noise_scales(a.num_actors, a.noise_scale_min, a.noise_scale_max)
+        k = a.envs_per_actor
+        scales = noise_scales(a.num_actors * k, a.noise_scale_min, a.noise_scale_max)
         remote_worker = ray.remote(RolloutWorker).options(num_cpus=a.num_cpus, resources=a.resources or None)
         url = self.core.replay.url
 
         def make(index: int, incarnation: int) -> Any:
-            return remote_worker.remote(cfg_dict, index, incarnation, scales[index], url, self.store)
+            return remote_worker.remote(cfg_dict, index, incarnation, scales[index * k:(index + 1) * k], url, self.store)
 
         self.actors = ActorSupervisor(make, a.num_actors, a.restart_backoff_s, a.max_consecutive_deaths)
         self.evaluator = self._make_evaluator()
@@ -88,7 +89,8 @@ class DistributedRun:
         self.reports: dict[int, dict[str, Any]] = {}  # each actor's latest report: its counters
         dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
             "http://127.0.0.1:8265" if cfg.learner.ray_dashboard else "off")
-        log.info("%d rollout actors + 1 evaluator on Ray (dashboard: %s)", a.num_actors, dashboard)
+        log.info("%d rollout actors (%d env%s each) + 1 evaluator on Ray (dashboard: %s)",
+                 a.num_actors, k, "" if k == 1 else "s", dashboard)
         return self
 
     def _make_evaluator(self) -> Any:
@@ -214,7 +216,7 @@ class DistributedRun:
         def total(key: str) -> float:
             return float(sum(r[key] for r in self.reports.values()))
 
-        env = [r["env"] for r in self.reports.values() if r["env"]]
+        env = [e for r in self.reports.values() for e in r["envs"] if e]
         backend = {  # the CARLA backend's health; the embedded one reports nothing
             "actors/carla_restarts": float(sum(e["carla_restarts"] for e in env)),
             "actors/npc_spawn_failures": float(sum(e["npc_spawn_failures"] for e in env)),

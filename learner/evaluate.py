@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from actors.actor import Actor
-from actors.envs import make_env
+from actors.envs import eval_slot, make_env
 from actors.evaluator import run_episode_retrying, summarize, video_fps
 from common.config import Config, ConfigError, load_config
 from common.metrics import encode_gif
@@ -33,7 +33,7 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[st
     cfg: Config = load_config(overrides=overrides, base=checkpoint.saved_config(path))
     policy = checkpoint.load_policy(path, cfg)
     actor = Actor(policy, cfg, np.random.default_rng(0), torch.device("cpu"))
-    env = make_env(cfg, slot=cfg.actors.num_actors)
+    env = make_env(cfg, slot=eval_slot(cfg))
     frames: list = []
     try:
         results = [run_episode_retrying(env, actor.eval_action, seed + i,

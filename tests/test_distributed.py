@@ -75,12 +75,15 @@ def test_actors_are_placed_on_the_node_with_the_simulator_resource(tmp_path):
     sim_node = cluster.add_node(num_cpus=2, resources={"sim": 2})
     try:
         cfg = load_config(overrides=[*FAST, "actors.num_actors=2", "learner.max_timesteps=200", "eval.freq=0",
-                                     f"learner.ray_address={cluster.address}", "actors.resources={sim: 1}"])
+                                     f"learner.ray_address={cluster.address}", "actors.resources={sim: 1}",
+                                     "actors.envs_per_actor=2"])
         run = DistributedRun(cfg, tmp_path / "run").init()
         nodes = {ray.get(h.node_id.remote()) for h in run.actors.handles.values()}
         assert nodes == {sim_node.node_id}
         run.run()
         assert run.core.env_step >= 200
+        # Two envs per actor: four chunk streams, one per env slot, reached the learner.
+        assert {k[0] for k in run.core.ring._episodes} == {0, 1, 2, 3}
     finally:
         ray.shutdown()
         cluster.shutdown()

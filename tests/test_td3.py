@@ -26,7 +26,8 @@ def reference_target(agent: TD3, batch: Batch, noise: torch.Tensor | None = None
     with torch.no_grad():
         x = batch.next_image.float() / 127.5 - 1.0
         actor_cnn = agent.critic_target.cnn if agent.cfg.actor_encoder == "critic" else agent.actor_target.cnn
-        a = torch.tanh(agent.actor_target.head.net(torch.cat([agent.actor_target.head.trunk(actor_cnn(x)), batch.next_vector], 1)))
+        head = agent.actor_target.head
+        a = torch.tanh(head.net(torch.cat([head.trunk(actor_cnn(x)), batch.next_vector], 1)))
         if noise is not None:
             a = (a + noise.clamp(-0.5, 0.5)).clamp(-1, 1)
         z = torch.cat([agent.critic_target.heads.trunk(agent.critic_target.cnn(x)), batch.next_vector, a], 1)

@@ -1,7 +1,8 @@
 """Driving environments behind the one contract of `common.env`.
 
-Env slots: rollout actor i has slot i, the evaluator slot `actors.num_actors` (serial mode: 0 for
-training, 1 for evaluation). A CARLA env derives its server's ports from its slot.
+Env slots: env j of rollout actor i has slot i * K + j (K = `actors.envs_per_actor`), the
+evaluator the slot after the last rollout env's (serial mode: 0 for training, 1 for evaluation).
+A CARLA env derives its server's ports from its slot.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ def check_backend(cfg: Config) -> None:
             from actors.envs.carla_env import load_route_file
 
             load_route_file(cfg.carla.route_file, cfg.env.route_length_m)
+
+
+def rollout_slot(cfg: Config, actor: int, env: int) -> int:
+    """The slot of env `env` of rollout actor `actor`."""
+    return actor * cfg.actors.envs_per_actor + env
+
+
+def eval_slot(cfg: Config) -> int:
+    """The evaluator's slot, after every rollout env's."""
+    return cfg.actors.num_actors * cfg.actors.envs_per_actor
 
 
 def make_env(cfg: Config, slot: int = 0) -> DrivingEnv:

@@ -3,6 +3,9 @@
 - raw env steps/s (random actions, one process, no replay);
 - one actor's loop with random actions (env + chunking + Redis inserts) and with the CNN policy
   (env + CPU inference + inserts), as fractions of the raw rate;
+- one policy-driven actor stepping K = 1, 2, 4, 8 envs with one batched forward per step: its
+  total env steps/s against the raw rate (K raw envs stepped in a plain loop on one core run at
+  the raw rate); the target is >= 0.8;
 - aggregate env steps/s of 1 and 2 policy-driven actors, and their ratio.
 """
 
@@ -27,11 +30,14 @@ STEPS = 400
 ROUNDS = 3
 
 
-def actors_rate(url: str, store: object, num_actors: int, policy: bool) -> float:
-    overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0"]
+ENVS_PER_ACTOR = (1, 2, 4, 8)
+
+
+def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1) -> float:
+    overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0", f"actors.envs_per_actor={envs}"]
     cfg = dataclasses.asdict(load_config(overrides=overrides))
     worker = ray.remote(RolloutWorker).options(num_cpus=1)
-    actors = [worker.remote(cfg, i, 0, 1.0, url, store) for i in range(num_actors)]
+    actors = [worker.remote(cfg, i, 0, [1.0] * envs, url, store) for i in range(num_actors)]
     ray.get([a.run.remote(50, 10**6) for a in actors])  # warm-up: imports, first weights
     start = time.perf_counter()
     for _ in range(ROUNDS):
@@ -52,6 +58,7 @@ def run() -> dict[str, float]:
             random_loop = actors_rate(server.url, store, 1, policy=False)
             one = actors_rate(server.url, store, 1, policy=True)
             two = actors_rate(server.url, store, 2, policy=True)
+            per_k = {k: actors_rate(server.url, store, 1, policy=True, envs=k) for k in ENVS_PER_ACTOR}
     finally:
         ray.shutdown()
     return {
@@ -62,6 +69,8 @@ def run() -> dict[str, float]:
         "actor_loop_policy_vs_raw": one / raw,
         "two_actors_policy_steps_per_s": two,
         "two_vs_one_actor_ratio": two / one,
+        **{f"actor_loop_policy_{k}_envs_steps_per_s": rate for k, rate in per_k.items()},
+        **{f"actor_loop_policy_{k}_envs_vs_raw": rate / raw for k, rate in per_k.items()},
     }
 
 

@@ -1,0 +1,71 @@
+"""Acting: several envs per rollout actor, with one batched policy forward per step."""
+
+import numpy as np
+import pytest
+import torch
+
+from actors.actor import Actor
+from actors.adder import ChunkAdder
+from actors.envs import eval_slot, make_env, rollout_slot
+from actors.rollout import noise_scales
+from actors.runner import EpisodeRunner, VectorRunner
+from common.config import load_config
+from common.networks import policy_for
+
+CPU = torch.device("cpu")
+K = 3
+ROUNDS = 70  # the random start (20 steps), then the policy; short episodes, so resets are covered
+
+
+def make_runner(cfg, policy, slot: int, chunks: list) -> EpisodeRunner:
+    seed = 1000 * (slot + 1)
+    actor = Actor(policy, cfg, np.random.default_rng(seed), CPU, noise_scale=0.5 + slot)
+    adder = ChunkAdder(actor_id=slot, chunk_steps=16, sink=chunks.append)
+    return EpisodeRunner(make_env(cfg, slot=slot), actor, adder, seed)
+
+
+def test_k_envs_in_one_actor_make_the_transitions_of_k_separate_actors():
+    cfg = load_config(overrides=["td3.learning_starts=20", "env.max_episode_steps=25"])
+    torch.manual_seed(0)
+    policy = policy_for(cfg.cnn).eval()
+    separate: list[list] = [[] for _ in range(K)]
+    for slot in range(K):
+        runner = make_runner(cfg, policy, slot, separate[slot])
+        for step in range(ROUNDS):
+            runner.step(step * K)
+        runner.adder.flush()
+        runner.env.close()
+    together: list[list] = [[] for _ in range(K)]
+    vector = VectorRunner([make_runner(cfg, policy, slot, together[slot]) for slot in range(K)])
+    episodes = 0
+    for step in range(ROUNDS):
+        episodes += len(vector.step(step * K))
+    for runner in vector.runners:
+        runner.adder.flush()
+        runner.env.close()
+    assert episodes >= K  # every env finished at least one episode
+    for slot in range(K):
+        assert len(together[slot]) == len(separate[slot]) > 0
+        for a, b in zip(together[slot], separate[slot]):
+            assert (a.actor_id, a.episode_id - together[slot][0].episode_id, a.start_step) == \
+                (b.actor_id, b.episode_id - separate[slot][0].episode_id, b.start_step)
+            # A batched forward may sum in another order than a batch of one: float tolerance.
+            np.testing.assert_allclose(a.actions, b.actions, atol=1e-5)
+            np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-4)
+            np.testing.assert_allclose(a.rewards, b.rewards, atol=1e-4)
+            assert (a.terminated == b.terminated).all() and (a.truncated == b.truncated).all()
+            assert np.mean(a.frames != b.frames) < 0.01
+
+
+def test_slots_and_noise_scales_spread_over_every_env_of_the_run():
+    cfg = load_config(overrides=["actors.num_actors=3", "actors.envs_per_actor=2"])
+    slots = [rollout_slot(cfg, i, j) for i in range(3) for j in range(2)]
+    assert slots == list(range(6)) and eval_slot(cfg) == 6
+    scales = noise_scales(6, 0.5, 2.0)
+    assert scales[0] == pytest.approx(0.5) and scales[-1] == pytest.approx(2.0)
+    assert all(a < b for a, b in zip(scales, scales[1:]))
+
+
+def test_a_vector_runner_needs_a_runner():
+    with pytest.raises(ValueError, match="at least one"):
+        VectorRunner([])
