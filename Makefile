@@ -97,10 +97,12 @@ down:
 logs:
 	$(COMPOSE) logs -f --tail=100
 
-# make scale N=<workers>: N carla-workers, N-1 rollout actors (kept in .env). The learner restarts
-# with the new actor count: it checkpoints on the way down and resumes from that checkpoint.
+# make scale N=<workers>: N carla-workers while training goes on. The CARLA config's elastic actors
+# (actors.elastic_resource: carla) follow the workers' slots: N-1 rollout actors plus the evaluator.
+# NUM_ACTORS in .env is updated so that the next `make up` starts as many; the learner is not
+# recreated (--no-recreate), so it keeps training.
 scale: .env
 	@test -n "$(N)" && [ "$(N)" -ge 2 ] || { echo "usage: make scale N=<carla workers, >= 2>" >&2; exit 2; }
 	sed -i 's/^NUM_ACTORS=.*/NUM_ACTORS=$(shell echo $$(( $(N) - 1 )))/' .env
 	grep -q '^NUM_ACTORS=' .env || echo "NUM_ACTORS=$$(( $(N) - 1 ))" >> .env
-	$(COMPOSE) up -d --scale carla-worker=$(N)
+	$(COMPOSE) up -d --no-recreate --scale carla-worker=$(N)

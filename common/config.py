@@ -328,6 +328,13 @@ class ActorsConfig:
     """CPUs each rollout actor and the evaluator reserve in Ray (fractions let 2 actors fit 2 cores)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources each rollout actor needs, e.g. {carla: 1} to land on CARLA nodes."""
+    elastic_resource: str = ""
+    """Elastic actors: a resource of `resources` whose cluster-wide total sets the actor count
+    instead of `num_actors`: as many actors as the live nodes have room for, less one share for the
+    evaluator. Workers that join get actors within `elastic_check_s`; actors of a node that leaves
+    are retired, not counted as deaths. Empty: always `num_actors`."""
+    elastic_check_s: float = 5.0
+    """Seconds between two looks at the cluster's resources when `elastic_resource` is set."""
     restart_backoff_s: float = 1.0
     """First delay before restarting a dead actor; doubles per consecutive death of that actor, up to 60 s."""
     max_consecutive_deaths: int = 10
@@ -555,6 +562,11 @@ def validate(cfg: Config) -> None:
     _require(r.max_chunk_bytes >= 1024, "replay.max_chunk_bytes must be >= 1024")
     _require(r.connect_timeout_s > 0, "replay.connect_timeout_s must be > 0")
     _require(cfg.actors.max_consecutive_deaths >= 0, "actors.max_consecutive_deaths must be >= 0")
+    ea = cfg.actors.elastic_resource
+    _require(not ea or cfg.actors.resources.get(ea, 0) > 0,
+             f"actors.elastic_resource={ea!r} must be one of actors.resources with a positive amount, "
+             f"got actors.resources={cfg.actors.resources}")
+    _require(cfg.actors.elastic_check_s > 0, "actors.elastic_check_s must be > 0")
     _require(cfg.actors.envs_per_actor >= 1, f"actors.envs_per_actor={cfg.actors.envs_per_actor} must be >= 1")
     _require(r.min_size_to_sample >= 1, "replay.min_size_to_sample must be >= 1")
     _require(r.samples_per_insert >= 0 and r.error_buffer >= 0, "replay.samples_per_insert and replay.error_buffer must be >= 0")

@@ -23,6 +23,11 @@ VECTOR_DIM = 3 + 2 * LOOKAHEAD_POINTS  # speed, lateral offset, heading error, l
 ACTION_DIM = 2  # [steer, throttle_brake], both in [-1, 1]; throttle_brake > 0 accelerates
 ACTION_NAMES = ("steer", "throttle")  # metric suffixes of the two action dimensions
 
+CARLA_FPS = 20
+"""Ticks per simulated second of the CARLA backend (synchronous mode, fixed delta 0.05 s)."""
+ROUTE_TIME_MARGIN = 1.25
+"""Episode time over the time the route takes at the target speed below which success is out of reach."""
+
 SPEED_NORM = 30.0
 LATERAL_NORM = 3.5
 LOOKAHEAD_NORM = 50.0
@@ -75,6 +80,12 @@ def vector_features(state: DrivingState) -> np.ndarray:
     head = [state.speed / SPEED_NORM, state.lateral_offset / LATERAL_NORM, state.heading_error / math.pi]
     look = np.asarray(state.lookahead, dtype=np.float32).reshape(-1) / LOOKAHEAD_NORM
     return np.concatenate([np.asarray(head, dtype=np.float32), look]).astype(np.float32)
+
+
+def route_time_margin(cfg: EnvConfig, dt: float) -> float:
+    """The episode's time budget (max_episode_steps * dt) over the time the route takes at the
+    target speed: below ROUTE_TIME_MARGIN, even a perfect driver rarely completes it."""
+    return cfg.max_episode_steps * dt / (cfg.route_length_m / cfg.reward.target_speed)
 
 
 def termination(state: DrivingState, step: int, cfg: EnvConfig) -> tuple[bool, bool, str | None]:

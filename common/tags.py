@@ -96,7 +96,8 @@ TAGS: dict[str, str] = {
     "replay/redis_restarts": "Times the learner restarted the redis-server it launched.",
     # -- actors ---------------------------------------------------------------------------------
     "actors/alive": "Rollout actors running now.",
-    "actors/target": "Rollout actors the run wants (actors.num_actors).",
+    "actors/target": "Rollout actors the run wants (actors.num_actors, or what the cluster has room for with actors.elastic_resource).",
+    "actors/retired": "Rollout actors retired because the cluster shrank (elastic actors); not deaths.",
     "actors/restarts": "Rollout actors restarted after a crash or a kill.",
     "actors/held_for_learner": ("Loop passes in which idle actors got no work: the learner owed over "
                                 "learner.max_update_debt updates."),

@@ -77,9 +77,11 @@ class DistributedRun:
         url = self.core.replay.url
 
         def make(index: int, incarnation: int) -> Any:
-            return remote_worker.remote(cfg_dict, index, incarnation, scales[index * k:(index + 1) * k], url, self.store)
+            # Elastic actors beyond num_actors reuse the spread from its start.
+            own = [scales[(index * k + j) % len(scales)] for j in range(k)]
+            return remote_worker.remote(cfg_dict, index, incarnation, own, url, self.store)
 
-        self.actors = ActorSupervisor(make, a.num_actors, a.restart_backoff_s, a.max_consecutive_deaths)
+        self.actors = ActorSupervisor(make, self._wanted_actors(), a.restart_backoff_s, a.max_consecutive_deaths)
         self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0
@@ -92,6 +94,19 @@ class DistributedRun:
         log.info("%d rollout actors (%d env%s each) + 1 evaluator on Ray (dashboard: %s)",
                  a.num_actors, k, "" if k == 1 else "s", dashboard)
         return self
+
+    def _wanted_actors(self) -> int:
+        """`actors.num_actors`, or with `actors.elastic_resource` what the live nodes have room for."""
+        a = self.cfg.actors
+        if not a.elastic_resource:
+            return a.num_actors
+        total = ray.cluster_resources().get(a.elastic_resource, 0.0)
+        return max(int(total // a.resources[a.elastic_resource]) - 1, 0)  # one share is the evaluator's
+
+    def _rescale(self) -> None:
+        _, retired = self.actors.resize(self._wanted_actors())
+        for index in retired:
+            self.actor_versions.pop(index, None)  # its last report's counters stay in the totals
 
     def _make_evaluator(self) -> Any:
         # It needs an env like a rollout actor, so the same resources (a CARLA node for CARLA).
@@ -113,7 +128,7 @@ class DistributedRun:
         credit = 0.0
         next_eval = self._next_multiple(cfg.eval.freq)
         next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
-        last_perf = time.monotonic()
+        last_perf = last_rescale = time.monotonic()
         try:
             while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
                 debt = cfg.learner.max_update_debt
@@ -130,6 +145,9 @@ class DistributedRun:
                 if core.env_step >= next_ckpt:
                     self._checkpoint()
                     next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
+                if cfg.actors.elastic_resource and time.monotonic() - last_rescale > cfg.actors.elastic_check_s:
+                    self._rescale()
+                    last_rescale = time.monotonic()
                 if time.monotonic() - last_perf > PERF_EVERY_S:
                     self._log_perf()
                     last_perf = time.monotonic()
@@ -224,7 +242,8 @@ class DistributedRun:
         } if env else {}
         extra = {
             "actors/alive": actors.alive,
-            "actors/target": self.cfg.actors.num_actors,
+            "actors/target": actors.target,
+            "actors/retired": actors.retired,
             "actors/held_for_learner": self.holds,
             "actors/restarts": actors.restarts,
             "actors/policy_lag": max(lag) if lag else 0.0,
@@ -240,7 +259,7 @@ class DistributedRun:
         status = (
             f"step {core.env_step}/{self.cfg.learner.max_timesteps} | {perf['perf/updates_per_s']:.1f} upd/s | "
             f"{perf['perf/env_steps_per_s']:.0f} steps/s | return {core.logger.latest.get('train/episode_reward', math.nan):.1f} | "
-            f"eval success {core.last_eval.get('eval/success_rate', math.nan):.2f} | actors {actors.alive}/{self.cfg.actors.num_actors}"
+            f"eval success {core.last_eval.get('eval/success_rate', math.nan):.2f} | actors {actors.alive}/{actors.target}"
         )
         if self.cfg.logging.quiet or not sys.stdout.isatty():
             log.info(status)

@@ -6,6 +6,11 @@ env or simulator is then in an unknown state): it is killed, and recreated after
 learner only ever polls with `ray.wait(timeout=0)`, so a dead actor cannot hang it. An actor that
 dies `max_deaths` times in a row without one report between fails the run (`ActorsFailing`):
 a simulator that cannot start, say, is not going to start on the eleventh try.
+
+`resize(target)` makes the count elastic: it adds actors (new indices, or retired ones again with
+a new incarnation) or retires the surplus, those waiting for a restart first, then those that
+never reported (an actor Ray cannot place yet), then the highest indices. A retired actor's death
+is no death: it stops nothing and is not restarted.
 """
 
 from __future__ import annotations
@@ -38,16 +43,49 @@ class ActorSupervisor:
         self.make = make
         self.backoff_s = backoff_s
         self.max_deaths = max_deaths
-        self.incarnation = dict.fromkeys(range(count), 0)
-        self.handles: dict[int, Any] = {i: make(i, 0) for i in range(count)}
+        self.incarnation: dict[int, int] = {}
+        self.handles: dict[int, Any] = {}
         self.futures: dict[Any, int] = {}
-        self.consecutive_deaths = dict.fromkeys(range(count), 0)
+        self.consecutive_deaths: dict[int, int] = {}
         self.restart_at: dict[int, float] = {}
+        self.reported: set[int] = set()  # live actors whose current incarnation has reported
         self.restarts = 0
+        self.retired = 0
+        self.resize(count)
 
     @property
     def alive(self) -> int:
         return len(self.handles)
+
+    @property
+    def target(self) -> int:
+        """Actors wanted: live ones plus those waiting for a restart."""
+        return len(self.handles) + len(self.restart_at)
+
+    def resize(self, target: int) -> tuple[list[int], list[int]]:
+        """Adds or retires actors until `target` are wanted; returns (added, retired) indices."""
+        added, retired = [], []
+        while self.target < target:
+            index = min(set(range(self.target + 1)) - set(self.handles) - set(self.restart_at))
+            self.incarnation[index] = self.incarnation[index] + 1 if index in self.incarnation else 0
+            self.consecutive_deaths[index] = 0
+            self.handles[index] = self.make(index, self.incarnation[index])
+            added.append(index)
+        while self.target > target:
+            pending = sorted(self.restart_at) or sorted(set(self.handles) - self.reported) or sorted(self.handles)
+            index = pending[-1]
+            self.restart_at.pop(index, None)
+            handle = self.handles.pop(index, None)
+            for future in [f for f, i in self.futures.items() if i == index]:
+                del self.futures[future]
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+            self.reported.discard(index)
+            self.retired += 1
+            retired.append(index)
+        if added or retired:
+            log.info("rollout actors: %d wanted (added %s, retired %s)", target, added, retired)
+        return added, retired
 
     def launch(self, index: int, *args: Any) -> None:
         self.futures[self.handles[index].run.remote(*args)] = index
@@ -71,12 +109,14 @@ class ActorSupervisor:
             try:
                 reports.append((index, ray.get(future)))
                 self.consecutive_deaths[index] = 0
+                self.reported.add(index)
             except RayError as exc:
                 self._bury(index, exc)
         return reports
 
     def _bury(self, index: int, exc: Exception) -> None:
         handle = self.handles.pop(index, None)
+        self.reported.discard(index)
         for future in [f for f, i in self.futures.items() if i == index]:
             del self.futures[future]  # the queued report dies with the actor
         if handle is not None:
@@ -106,3 +146,4 @@ class ActorSupervisor:
             ray.kill(handle, no_restart=True)
         self.handles.clear()
         self.futures.clear()
+        self.restart_at.clear()

@@ -138,7 +138,7 @@ def test_make_scale_keeps_the_actor_count_in_env(tmp_path):
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")
     out = subprocess.run(["make", "scale", "N=4", "COMPOSE=echo compose"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "compose up -d --scale carla-worker=4" in out.stdout
+    assert "compose up -d --no-recreate --scale carla-worker=4" in out.stdout  # the learner keeps training
     assert "NUM_ACTORS=3" in (tmp_path / ".env").read_text().splitlines()
     up = subprocess.run(["make", "-n", "up", "COMPOSE=compose"], capture_output=True, text=True, cwd=tmp_path)
     assert "--scale carla-worker=$(( 3 + 1 ))" in up.stdout

@@ -1,6 +1,8 @@
 """The distributed runtime on a real local Ray cluster (and a two-node one)."""
 
 import signal
+import threading
+import time
 
 import pytest
 import ray
@@ -84,6 +86,60 @@ def test_actors_are_placed_on_the_node_with_the_simulator_resource(tmp_path):
         assert run.core.env_step >= 200
         # Two envs per actor: four chunk streams, one per env slot, reached the learner.
         assert {k[0] for k in run.core.ring._episodes} == {0, 1, 2, 3}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.2)
+
+
+def test_elastic_actors_follow_nodes_that_join_and_leave(tmp_path):
+    """Two-node start with room for one actor (the evaluator takes the other slot); a node joins
+    mid-run and gets an actor whose transitions reach the learner; it leaves and its actor is
+    retired, not counted as a death; the run goes on to the end."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=2, resources={"sim": 2})
+    try:
+        cfg = load_config(overrides=[*FAST, "learner.max_timesteps=1000000", "eval.freq=0",
+                                     f"learner.ray_address={cluster.address}", "actors.resources={sim: 1}",
+                                     "actors.elastic_resource=sim", "actors.elastic_check_s=0.5"])
+        run = DistributedRun(cfg, tmp_path / "run").init()
+        assert run.actors.target == 1
+        seen: dict[str, object] = {}
+
+        def scenario() -> None:
+            try:
+                _wait_for(lambda: run.core.env_step > 0, 120, "first report")
+                node = cluster.add_node(num_cpus=1, resources={"sim": 1})
+                _wait_for(lambda: 1 in run.reports, 180, "the joined node's actor reported")
+                seen["target_after_join"] = run.actors.target
+                cluster.remove_node(node)
+                _wait_for(lambda: run.actors.target == 1, 120, "the left node's actor retired")
+                steps = run.core.env_step
+                _wait_for(lambda: run.core.env_step >= steps + 200, 120, "training went on")
+            except BaseException as exc:  # reported by the main thread
+                seen["error"] = exc
+            finally:
+                run.stop_requested = True
+
+        thread = threading.Thread(target=scenario, daemon=True)
+        thread.start()
+        run.run()
+        thread.join()
+        assert "error" not in seen, seen.get("error")
+        assert seen["target_after_join"] == 2
+        assert run.actors.retired == 1 and run.actors.alive == 1
+        assert {k[0] for k in run.core.ring._episodes} == {0, 1}  # the joined actor's transitions reached the learner
+        _, targets = scalars(tmp_path / "run", "actors/target")
+        assert [v for _, v in targets][0] == 1 and 2 in [v for _, v in targets]
     finally:
         ray.shutdown()
         cluster.shutdown()

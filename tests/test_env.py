@@ -180,3 +180,27 @@ def test_carla_backend_without_a_server_is_a_clear_error(tmp_path):
     cfg = load_config(overrides=["env.backend=carla", f"carla.log_dir={tmp_path}"])
     with pytest.raises(CarlaUnavailable, match="carla.server_command '/workspace/CarlaUE4.sh"):
         make_env(cfg)
+
+
+@pytest.mark.parametrize("config", ["default.yaml", "carla.yaml", "seeds.yaml"])
+def test_shipped_configs_leave_time_to_complete_the_route(config):
+    from actors.envs import step_seconds
+    from common.driving import ROUTE_TIME_MARGIN, route_time_margin
+
+    cfg = load_config(ROOT / "deploy" / "configs" / config)
+    assert route_time_margin(cfg.env, step_seconds(cfg)) >= ROUTE_TIME_MARGIN
+
+
+def test_an_episode_too_short_for_its_route_is_named_at_start(caplog):
+    from actors.envs import check_backend, step_seconds
+    from common.driving import route_time_margin
+
+    # The old carla.yaml: 1,000 steps of 0.05 s = 50 s for a 500 m route at 8 m/s = 62.5 s.
+    cfg = load_config(overrides=["env.backend=carla", "env.max_episode_steps=1000", "env.route_length_m=500"])
+    assert step_seconds(cfg) == pytest.approx(0.05)
+    assert route_time_margin(cfg.env, step_seconds(cfg)) == pytest.approx(0.8)
+    check_backend(load_config(overrides=["env.max_episode_steps=300", "env.route_length_m=300"]))  # 30 s for 37.5 s
+    assert "route completion is out of reach" in caplog.text and "env.max_episode_steps=300" in caplog.text
+    caplog.clear()
+    check_backend(load_config())
+    assert "out of reach" not in caplog.text

@@ -8,13 +8,32 @@ A CARLA env derives its server's ports from its slot.
 from __future__ import annotations
 
 import importlib
+import logging
 
 from common.config import Config, ConfigError
+from common.driving import CARLA_FPS, ROUTE_TIME_MARGIN, route_time_margin
 from common.env import DrivingEnv
+
+log = logging.getLogger(__name__)
+
+
+def step_seconds(cfg: Config) -> float:
+    """Simulated seconds per env step of the configured backend."""
+    return 1.0 / (CARLA_FPS if cfg.env.backend == "carla" else cfg.env.embedded.policy_frequency)
 
 
 def check_backend(cfg: Config) -> None:
-    """Fails at start, before anything is launched, for a backend that cannot be built."""
+    """Fails at start, before anything is launched, for a backend that cannot be built; warns
+    when the episode is too short for the route (smoke tests shorten episodes on purpose)."""
+    e = cfg.env
+    margin = route_time_margin(e, step_seconds(cfg))
+    if margin < ROUTE_TIME_MARGIN:
+        log.warning("route completion is out of reach: env.max_episode_steps=%d x %.3f s = %.1f s, but "
+                    "env.route_length_m=%.0f at env.reward.target_speed=%.1f m/s takes %.1f s (margin %.2f < %.2f); "
+                    "eval/success_rate will stay at 0. Raise max_episode_steps or shorten the route.",
+                    e.max_episode_steps, step_seconds(cfg), e.max_episode_steps * step_seconds(cfg),
+                    e.route_length_m, e.reward.target_speed, e.route_length_m / e.reward.target_speed,
+                    margin, ROUTE_TIME_MARGIN)
     if cfg.env.backend == "carla":
         try:
             importlib.import_module("carla")

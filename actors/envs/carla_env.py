@@ -25,12 +25,11 @@ from PIL import Image
 from actors.envs.carla_server import CarlaServer
 from actors.envs.route import Route
 from common.config import CarlaConfig, ConfigError, EnvConfig
-from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState
+from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState
 from common.env import SimulatorFailure
 
 log = logging.getLogger(__name__)
 
-FPS = 20
 SENSOR_ATTRIBUTES = {
     "sensor.camera.rgb": {"image_size_x": "256", "image_size_y": "144", "fov": "90"},
     "sensor.other.obstacle": {"distance": "20"},  # CARLA's default sees only 5 m ahead
@@ -103,7 +102,7 @@ class _Sensors:
 class CarlaBackend:
     """`DrivingBackend` over a CARLA server (env `slot` of the run, see `carla_server`)."""
 
-    dt = 1.0 / FPS
+    dt = 1.0 / CARLA_FPS
 
     def __init__(self, env_cfg: EnvConfig, cfg: CarlaConfig, slot: int) -> None:
         self.env_cfg = env_cfg
