@@ -421,6 +421,28 @@ def test_envs_made_one_after_another_in_one_process(tmp_path, carla_double):
     assert carla_double._tm_map == {}, "Traffic Managers live in the client processes"
 
 
+def test_serial_mode_training_outlives_the_evaluation_server(tmp_path, carla_double):
+    """Serial mode's training and evaluation envs once shared a process, so each env's world
+    ticks ran the other env's Traffic Manager: a dead evaluation server ended the training
+    process at its next tick. Each env's client now has a process of its own."""
+    from learner.serial import SerialRun
+
+    cfg = carla_config(tmp_path, "env.max_episode_steps=30", "eval.num_episodes=1", "eval.references=false",
+                       "replay.capacity=1000", "learner.device=cpu")
+    run = SerialRun(cfg, tmp_path / "run").init()
+    try:
+        run._evaluate()
+        os.killpg(run.eval_env.backend.server.process.pid, signal.SIGKILL)  # it dies between evaluations
+        run.env.reset(seed=0)
+        _drive(run.env)
+        assert run.env.backend.server.restarts == 0
+        run._evaluate()  # the evaluation env relaunches its server
+        assert run.eval_env.backend.server.restarts == 1 and run.core.last_eval["eval/avg_episode_length"] > 0
+        assert carla_double._tm_map == {}
+    finally:
+        run.close()
+
+
 # -- server lifecycle ----------------------------------------------------------------------------
 def test_ports_never_collide_and_taken_ones_are_skipped(tmp_path):
     cfg = load_config(overrides=[f"carla.port={_free_base(4)}", "carla.tm_port=8000"])
