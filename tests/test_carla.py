@@ -1,6 +1,9 @@
 """The CARLA backend and its server lifecycle, without a CARLA server: the `carla` test double
 (tests/carla_double/carla), checked here against the real carla 0.9.16 package, and a stand-in
-server process (tests/carla_double/fake_server.py) that can hang, crash or refuse to start."""
+server process (tests/carla_double/fake_server.py) that can hang, crash or refuse to start.
+
+The double simulates the world in the client's process, so tests that look into it drive a
+`CarlaSession` in their own process (`session_env`); `make_env` runs the client in a child process."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import importlib
 import inspect
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +24,7 @@ from actors.actor import Actor
 from actors.adder import ChunkAdder
 from actors.baseline import baseline_for
 from actors.envs import check_backend, make_env
+from actors.envs.carla_env import CarlaSession
 from actors.envs.carla_server import (
     PORTS_PER_SERVER,
     SLOT_SPAN,
@@ -31,6 +36,7 @@ from actors.envs.carla_server import (
 from actors.runner import EpisodeRunner
 from common.config import ConfigError, load_config
 from common.driving import LOOKAHEAD_NORM
+from common.env import DrivingEnv, SimulatorFailure
 from replay_server.server import free_port
 
 DOUBLE_ROOT = Path(__file__).parent / "carla_double"
@@ -139,6 +145,29 @@ def carla_config(tmp_path, *extra):
     ])
 
 
+class LocalSession(CarlaSession):
+    """A `CarlaSession` in the test's process on a server of its own, stopped by `close()`."""
+
+    def __init__(self, cfg) -> None:
+        self.server = CarlaServer(cfg.carla, 0)
+        self.server.start()
+        try:
+            super().__init__(cfg.env, cfg.carla, self.server.ports)
+        except BaseException:
+            self.server.kill()
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.server.kill()
+
+
+def session_env(cfg) -> DrivingEnv:
+    return DrivingEnv(LocalSession(cfg), cfg.env)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -157,12 +186,13 @@ def _child_pid(log: Path) -> int:
 # -- episodes against the double -----------------------------------------------------------------
 def test_episode_follows_route_with_the_baseline(tmp_path, carla_double):
     cfg = carla_config(tmp_path)
-    env = make_env(cfg)
+    env = session_env(cfg)
     try:
         obs, _ = env.reset(seed=3)
         world = env.backend.world
         assert world.get_settings().synchronous_mode and world.get_settings().fixed_delta_seconds == 0.05
-        assert world._tm_sync == {env.backend.server.ports.tm: True}
+        tm = carla_double._tm_map[env.backend.ports.tm]
+        assert tm.synchronous and tm.world is world
         assert obs["image"].shape == (4, 84, 84) and obs["image"].dtype == np.uint8
         assert np.all(obs["image"][-1] == (world._frame * 7) % 256)  # the frame of this very tick
         look = obs["vector"][3:].reshape(25, 2) * LOOKAHEAD_NORM
@@ -188,7 +218,7 @@ def test_episode_follows_route_with_the_baseline(tmp_path, carla_double):
 
 def test_stale_camera_images_are_skipped(tmp_path, carla_double, monkeypatch):
     monkeypatch.setattr(carla_double.World, "_stale_images", True)
-    env = make_env(carla_config(tmp_path))
+    env = session_env(carla_config(tmp_path))
     try:
         env.reset(seed=0)
         for _ in range(5):
@@ -199,7 +229,7 @@ def test_stale_camera_images_are_skipped(tmp_path, carla_double, monkeypatch):
 
 
 def test_reset_and_close_clean_up_everything(tmp_path, carla_double):
-    env = make_env(carla_config(tmp_path, "env.scenario=1"))
+    env = session_env(carla_config(tmp_path, "env.scenario=1"))
     backend = env.backend
     env.reset(seed=1)
     world = backend.world
@@ -210,11 +240,13 @@ def test_reset_and_close_clean_up_everything(tmp_path, carla_double):
     assert not first & set(world._actors) and len(world._actors) == 10
     env.close()
     assert world._actors == {} and world._listeners == {}
-    assert not world.get_settings().synchronous_mode and world._tm_sync[backend.server.ports.tm] is False
+    assert not world.get_settings().synchronous_mode
+    assert backend.ports.tm not in carla_double._tm_map and port_free(backend.ports.tm), \
+        "the Traffic Manager is shut down, its port free"
 
 
 def test_traffic_is_cars_the_ego_is_the_hero_and_big_fleets_run_hybrid_physics(tmp_path, carla_double, caplog):
-    env = make_env(carla_config(tmp_path, "env.scenario=2", "carla.traffic=[3,5,30]", "carla.hybrid_physics_from=20"))
+    env = session_env(carla_config(tmp_path, "env.scenario=2", "carla.traffic=[3,5,30]", "carla.hybrid_physics_from=20"))
     backend = env.backend
     try:
         env.reset(seed=3)
@@ -224,15 +256,15 @@ def test_traffic_is_cars_the_ego_is_the_hero_and_big_fleets_run_hybrid_physics(t
         assert npcs and all(a._attributes["base_type"] == "car" for a in npcs)
         assert {bp.get_attribute("base_type").as_str() for bp in world.get_blueprint_library().filter("vehicle.*")} > {"car"}
         assert backend._ego._attributes["role_name"] == "hero"
-        assert world._tm_hybrid == (True, 70.0)  # 30 NPCs >= 20
+        assert carla_double._tm_map[backend.ports.tm].hybrid == (True, 70.0)  # 30 NPCs >= 20
         # The track has 16 spawn points: the NPCs that did not fit are counted and logged, not hidden.
         assert backend.metrics()["npc_spawn_failures"] == 30 - len(npcs) > 0
         assert "NPC vehicles not spawned" in caplog.text
     finally:
         env.close()
-    small = make_env(carla_config(tmp_path, "env.scenario=0", "carla.hybrid_physics_from=20"))
+    small = session_env(carla_config(tmp_path, "env.scenario=0", "carla.hybrid_physics_from=20"))
     try:
-        assert small.backend.world._tm_hybrid[0] is False  # 3 NPCs: full physics
+        assert carla_double._tm_map[small.backend.ports.tm].hybrid[0] is False  # 3 NPCs: full physics
     finally:
         small.close()
 
@@ -241,26 +273,28 @@ def test_map_loading_gets_the_setup_timeout_and_ticks_the_short_one(tmp_path, ca
     """A cold server loads its map for minutes: that must not count as a hung server, while a
     tick slower than carla.timeout_s still does. Launched servers get the quality flag."""
     monkeypatch.setenv("FAKE_CARLA_LOAD_S", "1.5")
-    env = make_env(carla_config(tmp_path, "carla.setup_timeout_s=10", "carla.quality_level=Low"))  # ticks: 1 s
+    env = session_env(carla_config(tmp_path, "carla.setup_timeout_s=10", "carla.quality_level=Low"))  # ticks: 1 s
     try:
         env.reset(seed=1)
         assert env.backend.client._conn.timeout == 1.0
         assert "-quality-level=Low" in env.backend.server.command()
     finally:
         env.close()
-    with pytest.raises(Exception, match="time-out|timed out"):
-        make_env(carla_config(tmp_path, "carla.setup_timeout_s=1.0"))
+    cfg = carla_config(tmp_path, "carla.setup_timeout_s=1.0")
+    with pytest.raises(RuntimeError, match="time-out|timed out"):
+        make_env(cfg)  # the client process's error, raised here
+    assert port_free(cfg.carla.port), "the server launched for it is stopped"
 
 
 def test_a_camera_silent_on_its_first_ticks_is_no_server_failure(tmp_path, carla_double, monkeypatch):
     """Sensors may send nothing on the first ticks after they are created (leaderboard#171): the
     env settles for `carla.settle_ticks` before its first observation instead of relaunching."""
     monkeypatch.setattr(carla_double.World, "_camera_silent_ticks", 2)
-    env = make_env(carla_config(tmp_path, "carla.settle_ticks=3"))
+    env = session_env(carla_config(tmp_path, "carla.settle_ticks=3"))
     try:
-        obs, _ = env.reset(seed=1)
+        obs, _ = env.reset(seed=1)  # a session raises where the backend would relaunch
         env.step(np.array([0.0, 0.5], np.float32))
-        assert env.backend.server.restarts == 0 and obs["image"].shape == (4, 84, 84)
+        assert obs["image"].shape == (4, 84, 84)
     finally:
         env.close()
 
@@ -285,7 +319,7 @@ def test_lateral_offset_is_signed_and_lane_invasion_counted_once(tmp_path, carla
 
 
 def test_collision_with_obstacle_seen_first(tmp_path, carla_double):
-    env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
     try:
         env.reset(seed=0)
         backend = env.backend
@@ -312,7 +346,7 @@ def test_route_file(tmp_path, carla_double):
     theta = np.linspace(0.3, 1.6, 60)
     (tmp_path / "route.txt").write_text("# x y\n" + "\n".join(f"{80 * math.cos(t)} {80 * math.sin(t)}" for t in theta))
     cfg = carla_config(tmp_path, f"carla.route_file={tmp_path / 'route.txt'}")
-    env = make_env(cfg)
+    env = session_env(cfg)
     try:
         obs, _ = env.reset(seed=0)
         loc = env.backend._ego.get_transform().location
@@ -328,6 +362,85 @@ def test_route_file(tmp_path, carla_double):
         check_backend(carla_config(tmp_path, f"carla.route_file={tmp_path / 'short.txt'}"))
     with pytest.raises(ConfigError, match="does not exist"):
         check_backend(carla_config(tmp_path, "carla.route_file=/nonexistent/route.txt"))
+
+
+# -- Traffic Managers: one map per process ------------------------------------------------------
+def test_the_double_keeps_traffic_managers_as_libcarla_does(tmp_path, carla_double):
+    """What the backend is built around (libcarla 0.9.16: TrafficManager.cpp, Simulator.cpp,
+    TrafficManagerLocal.cpp): one map of Traffic Managers per process, keyed by port; every world
+    tick in the process runs a cycle of each synchronous one; get_trafficmanager(port) hands back
+    the port's entry, whatever server it is bound to; one bound to a dead server ends the process
+    at its next cycle, shutting it down included."""
+    cfg = carla_config(tmp_path)
+    servers = [CarlaServer(cfg.carla, slot) for slot in (0, 1)]
+    try:
+        for server in servers:
+            server.start()
+        clients = [carla_double.Client(cfg.carla.host, server.ports.rpc) for server in servers]
+        worlds = [client.get_world() for client in clients]
+        handles = [client.get_trafficmanager(server.ports.tm) for client, server in zip(clients, servers)]
+        for tm in handles:
+            tm.set_synchronous_mode(True)
+        entries = [carla_double._tm_map[server.ports.tm] for server in servers]
+        worlds[0].tick()
+        assert [tm.cycles for tm in entries] == [1, 1], "one world's tick runs every Traffic Manager"
+        servers[1].restart("a test")
+        relaunched = carla_double.Client(cfg.carla.host, servers[1].ports.rpc)
+        handle = relaunched.get_trafficmanager(servers[1].ports.tm)
+        assert carla_double._tm_map[servers[1].ports.tm].world is worlds[1] is not relaunched.get_world(), \
+            "the port's Traffic Manager is the dead server's"
+        with pytest.raises(carla_double._Terminate):
+            relaunched.get_world().tick()
+        with pytest.raises(carla_double._Terminate):
+            handle.shut_down()
+        handles[0].shut_down()
+        assert carla_double._tm_map == {}
+    finally:
+        for server in servers:
+            server.kill()
+
+
+def _drive(env, steps: int = 5) -> None:
+    for _ in range(steps):
+        env.step(np.array([0.0, 0.3], np.float32))
+
+
+def test_envs_made_one_after_another_in_one_process(tmp_path, carla_double):
+    """`learner.evaluate_checkpoint` makes and closes an env on the same slot for each checkpoint,
+    in one process: no Traffic Manager of a closed env (bound to its killed server) may stay in
+    that process's map, to be ticked by the next env's world."""
+    cfg = carla_config(tmp_path)
+    for seed in range(2):
+        env = make_env(cfg)
+        try:
+            env.reset(seed=seed)
+            _drive(env)
+            assert env.backend.server.restarts == 0
+        finally:
+            env.close()
+    assert carla_double._tm_map == {}, "Traffic Managers live in the client processes"
+
+
+def test_serial_mode_training_outlives_the_evaluation_server(tmp_path, carla_double):
+    """Serial mode's training and evaluation envs once shared a process, so each env's world
+    ticks ran the other env's Traffic Manager: a dead evaluation server ended the training
+    process at its next tick. Each env's client now has a process of its own."""
+    from learner.serial import SerialRun
+
+    cfg = carla_config(tmp_path, "env.max_episode_steps=30", "eval.num_episodes=1", "eval.references=false",
+                       "replay.capacity=1000", "learner.device=cpu")
+    run = SerialRun(cfg, tmp_path / "run").init()
+    try:
+        run._evaluate()
+        os.killpg(run.eval_env.backend.server.process.pid, signal.SIGKILL)  # it dies between evaluations
+        run.env.reset(seed=0)
+        _drive(run.env)
+        assert run.env.backend.server.restarts == 0
+        run._evaluate()  # the evaluation env relaunches its server
+        assert run.eval_env.backend.server.restarts == 1 and run.core.last_eval["eval/avg_episode_length"] > 0
+        assert carla_double._tm_map == {}
+    finally:
+        run.close()
 
 
 # -- server lifecycle ----------------------------------------------------------------------------
@@ -357,7 +470,7 @@ def test_hung_or_dead_server_is_relaunched_and_the_episode_dropped(tmp_path, car
     env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]", "env.max_episode_steps=1000"))
     backend = env.backend
     log = backend.server.log_path
-    first_pid, first_child = backend.server.process.pid, _child_pid(log)
+    first_pid, first_child, first_client = backend.server.process.pid, _child_pid(log), backend.client.pid
     chunks: list = []
     runner = _runner(env, chunks)
     try:
@@ -371,6 +484,7 @@ def test_hung_or_dead_server_is_relaunched_and_the_episode_dropped(tmp_path, car
         assert backend.server.restarts == 1 and backend.metrics()["carla_restarts"] == 1
         assert backend.server.process.pid != first_pid
         assert not _alive(first_pid) and not _alive(first_child), "the whole process group is gone"
+        assert backend.client.pid != first_client and not _alive(first_client), "and the client process with it"
         sent = [c for c in chunks if c.episode_id == chunks[0].episode_id]
         assert sum(len(c.actions) for c in sent) >= 24, "chunks sent before the failure stay"
         assert not any(c.terminated.any() or c.truncated.any() for c in sent), "the lost episode is not marked ended"
@@ -381,18 +495,44 @@ def test_hung_or_dead_server_is_relaunched_and_the_episode_dropped(tmp_path, car
         assert text.count("--- launch") == 2 and f"fault {fault} 30" in text and "fault ok" in text
     finally:
         env.close()
-    assert backend.server.process is None
+    assert backend.server.process is None and not _alive(backend.client.pid)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_or_hung_client_process_is_replaced_with_its_server(tmp_path, carla_double, signum):
+    """A client process that dies (as a real one does when a Traffic Manager thread throws) or
+    hangs (libcarla waits for a Traffic Manager cycle without a time-out) loses the episode; the
+    next reset relaunches the server with a new client process."""
+    env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    backend = env.backend
+    try:
+        env.reset(seed=0)
+        first = backend.client.pid
+        os.kill(first, signum)
+        with pytest.raises(SimulatorFailure, match="it died" if signum == signal.SIGKILL else "no answer within 4 s"):
+            env.step(np.zeros(2, np.float32))
+        assert not _alive(first)
+        env.reset(seed=1)
+        env.step(np.zeros(2, np.float32))
+        assert backend.server.restarts == 1 and backend.client.pid != first
+    finally:
+        env.close()
 
 
 def test_scheduled_restart_every_n_episodes(tmp_path, carla_double):
-    env = make_env(carla_config(tmp_path, "carla.restart_every_episodes=2", "carla.traffic=[0,0,0]"))
+    """A relaunch, scheduled or not, replaces the client process too: the stopped server's
+    Traffic Manager goes with it instead of being handed back for the new server."""
+    env = make_env(carla_config(tmp_path, "carla.restart_every_episodes=2"))
     try:
-        pids = []
+        servers, clients = [], []
         for seed in range(5):
             env.reset(seed=seed)
-            pids.append(env.backend.server.process.pid)
-        assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
-        assert env.backend.server.restarts == 2
+            _drive(env)
+            servers.append(env.backend.server.process.pid)
+            clients.append(env.backend.client.pid)
+        assert servers[0] == servers[1] != servers[2] == servers[3] != servers[4]
+        assert clients[0] == clients[1] != clients[2] == clients[3] != clients[4]
+        assert env.backend.server.restarts == 2 and not _alive(clients[0])
     finally:
         env.close()
 
@@ -405,11 +545,15 @@ def test_connect_to_a_running_server_and_unreachable_address(tmp_path, carla_dou
                               stderr=subprocess.DEVNULL)
     try:
         env = make_env(cfg)  # waits (up to start_timeout_s) for the server someone else started
-        obs, _ = env.reset(seed=0)
+        env.reset(seed=0)
         env.step(np.zeros(2, np.float32))
         env.close()
-        assert not env.backend.world.get_settings().synchronous_mode, "the server is left free for others"
         assert server.poll() is None, "a server we only connected to is not killed"
+        env = session_env(cfg)  # the same, in this process, to look at the world it leaves
+        env.reset(seed=0)
+        env.close()
+        assert not env.backend.world.get_settings().synchronous_mode, "the server is left free for others"
+        assert server.poll() is None
     finally:
         server.kill()
         server.wait()

@@ -6,6 +6,14 @@ CARLA's world frame is left-handed (y to the right, yaw clockwise, degrees); the
 vehicle pose are flipped into the right-handed frame of `common.driving` (y' = -y, yaw' = -yaw)
 before anything is measured, so a positive lateral offset is left of the route on both backends.
 A hung or dead server raises `SimulatorFailure` from `step()`; the next `reset()` relaunches it.
+
+The client runs in a process of its own, a new one for each server incarnation (`CarlaSession`
+there, `CarlaBackend` here). libcarla 0.9.16 keeps every Traffic Manager of a process in one static
+map keyed by port and runs a cycle of each synchronous one from every world tick, and a Traffic
+Manager cycle calls its own server from a thread that catches nothing: once its server is dead or
+hung, its next cycle (a tick of any world in the process, its `shut_down()`, a map load in any
+client) ends the process. So a relaunch discards the client process with the server, and no two
+envs share a process's Traffic Managers.
 """
 
 from __future__ import annotations
@@ -13,20 +21,23 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import multiprocessing
 import queue
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from actors.envs.carla_server import CarlaServer
+from actors.envs.carla_server import CarlaServer, Ports
 from actors.envs.route import Route
 from common.config import CarlaConfig, ConfigError, EnvConfig
 from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState
 from common.env import SimulatorFailure
+from replay_server.server import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,11 @@ SENSOR_ATTRIBUTES = {
 CAMERA_X, CAMERA_Z = 1.6, 1.5
 ROUTE_STEP_M = 2.0
 RESET_ATTEMPTS = 3
+ANSWER_TIMEOUTS = 4
+"""A client process that has not answered a step within this many `carla.timeout_s` is taken for
+hung: its own time-outs fire sooner, but libcarla waits for a Traffic Manager cycle without one."""
+START_SLACK_S = 60.0
+"""Seconds a new client process may take to start, on top of `carla.setup_timeout_s` to connect."""
 
 
 def load_route_file(path: str, min_length: float) -> np.ndarray:
@@ -99,21 +115,19 @@ class _Sensors:
         return collision, invasion, min(seen, default=math.inf)
 
 
-class CarlaBackend:
-    """`DrivingBackend` over a CARLA server (env `slot` of the run, see `carla_server`)."""
+class CarlaSession:
+    """One client of the server incarnation at `ports`, in the process it lives in: the driving
+    contract without recovery. A failure raises, and `CarlaBackend` discards the process."""
 
     dt = 1.0 / CARLA_FPS
 
-    def __init__(self, env_cfg: EnvConfig, cfg: CarlaConfig, slot: int) -> None:
+    def __init__(self, env_cfg: EnvConfig, cfg: CarlaConfig, ports: Ports) -> None:
         self.env_cfg = env_cfg
         self.cfg = cfg
+        self.ports = ports
         self.carla = importlib.import_module("carla")
         self.route_points = load_route_file(cfg.route_file, env_cfg.route_length_m) if cfg.route_file else None
-        self.server = CarlaServer(cfg, slot)
-        self.server.start()
         self._connect()
-        self.episodes = 0
-        self.broken = False
         self._ego: Any = None
         self._sensor_actors: list[Any] = []
         self._npcs: list[int] = []
@@ -127,7 +141,7 @@ class CarlaBackend:
 
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> None:
-        self.client = self.carla.Client(self.cfg.host, self.server.ports.rpc)
+        self.client = self.carla.Client(self.cfg.host, self.ports.rpc)
         self.client.set_timeout(self.cfg.setup_timeout_s)  # a cold server loads its map for minutes
         world = self.client.get_world()
         if not world.get_map().name.endswith(self.cfg.town):
@@ -136,7 +150,7 @@ class CarlaBackend:
         settings.synchronous_mode = True
         settings.fixed_delta_seconds = self.dt
         world.apply_settings(settings)
-        self.tm = self.client.get_trafficmanager(self.server.ports.tm)
+        self.tm = self.client.get_trafficmanager(self.ports.tm)
         self.tm.set_synchronous_mode(True)
         threshold = self.cfg.hybrid_physics_from
         self.tm.set_hybrid_physics_mode(bool(threshold) and self.cfg.traffic[self.env_cfg.scenario] >= threshold)
@@ -145,12 +159,6 @@ class CarlaBackend:
         self.world = world
         self.map = world.get_map()
         self.blueprints = world.get_blueprint_library()
-
-    def _recover(self, reason: str) -> None:
-        self.server.restart(reason)
-        self._forget_actors()  # they died with the server
-        self._connect()
-        self.broken = False
 
     # -- episode ---------------------------------------------------------------------------
     def _route_for(self, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
@@ -216,7 +224,7 @@ class CarlaBackend:
                 if bp.has_attribute("base_type") and bp.get_attribute("base_type").as_str() == "car"]
         batch = [
             cmd.SpawnActor(cars[int(rng.integers(len(cars)))], free[i])
-            .then(cmd.SetAutopilot(cmd.FutureActor, True, self.server.ports.tm))
+            .then(cmd.SetAutopilot(cmd.FutureActor, True, self.ports.tm))
             for i in rng.permutation(len(free))[:count]
         ]
         results = self.client.apply_batch_sync(batch, False)
@@ -235,52 +243,29 @@ class CarlaBackend:
         ids = [a.id for a in self._sensor_actors] + ([self._ego.id] if self._ego is not None else []) + self._npcs
         if ids:
             self.client.apply_batch([self.carla.command.DestroyActor(i) for i in ids])
-        self._forget_actors()
-
-    def _forget_actors(self) -> None:
         self._sensor_actors, self._ego, self._npcs = [], None, []
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
-        for attempt in range(RESET_ATTEMPTS):
-            try:
-                if self.broken:
-                    self._recover("the last episode hit a simulator failure")
-                elif self.cfg.launch and self.cfg.restart_every_episodes and self.episodes \
-                        and self.episodes % self.cfg.restart_every_episodes == 0:
-                    self._recover(f"scheduled restart after {self.episodes} episodes")
-                else:
-                    self._destroy()
-                frame = self._spawn(seed)
-                gray = self._camera(frame)
-                self.episodes += 1
-                self._speed, self._s_start = 0.0, 0.0
-                state = self._state(frame)
-                self._s_start = state.progress
-                state.progress = 0.0
-                return gray, state
-            except (RuntimeError, SimulatorFailure) as exc:
-                self.broken = True
-                if attempt == RESET_ATTEMPTS - 1:
-                    raise SimulatorFailure(f"CARLA env {self.server.slot} at {self.server.address}: "
-                                           f"{RESET_ATTEMPTS} resets failed, the last with: {exc}") from exc
-                log.warning("CARLA env %d: reset failed (%s); recovering", self.server.slot, exc)
-        raise AssertionError("unreachable")
+        self._destroy()
+        frame = self._spawn(seed)
+        gray = self._camera(frame)
+        self._speed, self._s_start = 0.0, 0.0
+        state = self._state(frame)
+        self._s_start = state.progress
+        state.progress = 0.0
+        return gray, state
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
         steer, throttle_brake = float(action[0]), float(action[1])
         control = self.carla.VehicleControl(
             throttle=max(throttle_brake, 0.0), steer=steer, brake=max(-throttle_brake, 0.0))
-        try:
-            self._ego.apply_control(control)
-            start = time.perf_counter()
-            frame = self.world.tick(self.cfg.timeout_s)
-            self._tick_s += time.perf_counter() - start
-            self._ticks += 1
-            gray = self._camera(frame)
-            return gray, self._state(frame)
-        except RuntimeError as exc:
-            self.broken = True
-            raise SimulatorFailure(f"CARLA env {self.server.slot} at {self.server.address}: {exc}") from exc
+        self._ego.apply_control(control)
+        start = time.perf_counter()
+        frame = self.world.tick(self.cfg.timeout_s)
+        self._tick_s += time.perf_counter() - start
+        self._ticks += 1
+        gray = self._camera(frame)
+        return gray, self._state(frame)
 
     def _camera(self, frame: int) -> np.ndarray:
         """The camera image of exactly `frame`: older images still queued are dropped."""
@@ -318,23 +303,171 @@ class CarlaBackend:
         return self._rgb
 
     def metrics(self) -> dict[str, float]:
+        """The mean tick and the NPCs not spawned, both since the last call."""
         tick_ms = 1000.0 * self._tick_s / self._ticks if self._ticks else 0.0
-        self._tick_s, self._ticks = 0.0, 0
-        return {"carla_restarts": float(self.server.restarts), "carla_tick_ms": tick_ms,
-                "npc_spawn_failures": float(self.npc_spawn_failures)}
+        failures = float(self.npc_spawn_failures)
+        self._tick_s, self._ticks, self.npc_spawn_failures = 0.0, 0, 0
+        return {"carla_tick_ms": tick_ms, "npc_spawn_failures": failures}
 
     def close(self) -> None:
-        """Destroys what was spawned and turns synchronous mode off, so a server we connected to
-        is not left waiting for ticks; then stops a launched server."""
+        """Destroys what was spawned, turns synchronous mode off, so a server we connected to is
+        not left waiting for ticks, and shuts the Traffic Manager down, freeing its port (only
+        while the server answers: the Traffic Manager's last cycle calls it)."""
+        self._destroy()
+        settings = self.world.get_settings()
+        settings.synchronous_mode = False
+        settings.fixed_delta_seconds = None
+        self.world.apply_settings(settings)
+        self.tm.shut_down()
+
+
+def _serve(conn: Connection, env_cfg: EnvConfig, cfg: CarlaConfig, ports: Ports, log_level: int) -> None:
+    """The client process: starts a `CarlaSession`, then answers each (method, args) from
+    `CarlaBackend` with ("ok", result) or ("error", exception), until "close"."""
+    die_with_parent()
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        session = CarlaSession(env_cfg, cfg, ports)
+    except Exception as exc:  # whatever it is, the backend raises it
+        conn.send(("error", exc))
+        return
+    conn.send(("ok", None))
+    method = ""
+    while method != "close":
+        method, args = conn.recv()
+        try:
+            conn.send(("ok", getattr(session, method)(*args)))
+        except Exception as exc:  # whatever it is, the backend raises it
+            conn.send(("error", exc))
+
+
+class CarlaBackend:
+    """`DrivingBackend` over a CARLA server (env `slot` of the run, see `carla_server`) and a
+    `CarlaSession` in a client process of its own; a hung or dead server is relaunched with a new
+    client process."""
+
+    dt = 1.0 / CARLA_FPS
+
+    def __init__(self, env_cfg: EnvConfig, cfg: CarlaConfig, slot: int) -> None:
+        self.env_cfg = env_cfg
+        self.cfg = cfg
+        self.server = CarlaServer(cfg, slot)
+        self.server.start()
+        try:
+            self._start_client()
+        except BaseException:
+            self.server.kill()
+            raise
+        self.episodes = 0
+        self.broken = False
+        self.npc_spawn_failures = 0.0
+
+    # -- the client process ----------------------------------------------------------------
+    def _start_client(self) -> None:
+        """A client process with a session on the current server; what the session raised while
+        starting is raised here."""
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of libcarla's inherited
+        self._conn, child = context.Pipe()
+        log_level = logging.getLogger().getEffectiveLevel()
+        self.client = context.Process(target=_serve, args=(child, self.env_cfg, self.cfg, self.server.ports, log_level),
+                                      name=f"carla-client-{self.server.slot}", daemon=True)
+        self.client.start()
+        child.close()
+        try:
+            self._answer("start", self.cfg.setup_timeout_s + START_SLACK_S)
+        except BaseException:
+            self._stop_client()
+            raise
+
+    def _stop_client(self) -> None:
+        """Kills the client process: whatever libcarla holds there, a Traffic Manager bound to a
+        dead server above all, ends with it."""
+        self.client.kill()
+        self.client.join()
+        self._conn.close()
+
+    def _request(self, method: str, *args: Any, timeout: float) -> Any:
+        try:
+            self._conn.send((method, args))
+        except OSError:
+            raise RuntimeError(f"the client process is gone (exit code {self.client.exitcode})") from None
+        return self._answer(method, timeout)
+
+    def _answer(self, what: str, timeout: float) -> Any:
+        """The client process's answer to `what`: what the session raised is raised here; its
+        silence for `timeout` seconds or its death raise RuntimeError and stop it, so that no late
+        answer passes for the next request's."""
+        try:
+            answered = self._conn.poll(timeout)
+            status, value = self._conn.recv() if answered else ("lost", f"no answer within {timeout:.0f} s")
+        except (EOFError, OSError):
+            status, value = "lost", "it died"
+        if status == "lost":
+            self._stop_client()
+            raise RuntimeError(f"the client process failed at '{what}': {value} (exit code {self.client.exitcode})")
+        if status == "error":
+            raise value
+        return value
+
+    def _recover(self, reason: str) -> None:
+        self._stop_client()
+        self.server.restart(reason)
+        self._start_client()
+        self.broken = False
+
+    # -- the contract ----------------------------------------------------------------------
+    def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
+        for attempt in range(RESET_ATTEMPTS):
+            try:
+                if self.broken:
+                    self._recover("the last episode hit a simulator failure")
+                elif self.cfg.launch and self.cfg.restart_every_episodes and self.episodes \
+                        and self.episodes % self.cfg.restart_every_episodes == 0:
+                    self._recover(f"scheduled restart after {self.episodes} episodes")
+                observation = self._request("reset", seed, timeout=self.cfg.setup_timeout_s)
+                self.episodes += 1
+                return observation
+            except RuntimeError as exc:
+                self.broken = True
+                if attempt == RESET_ATTEMPTS - 1:
+                    raise SimulatorFailure(f"CARLA env {self.server.slot} at {self.server.address}: "
+                                           f"{RESET_ATTEMPTS} resets failed, the last with: {exc}") from exc
+                log.warning("CARLA env %d: reset failed (%s); recovering", self.server.slot, exc)
+        raise AssertionError("unreachable")
+
+    def _in_episode(self, method: str, *args: Any) -> Any:
+        """A request mid-episode: its failure loses the episode, and the next reset relaunches."""
+        try:
+            return self._request(method, *args, timeout=ANSWER_TIMEOUTS * self.cfg.timeout_s)
+        except RuntimeError as exc:
+            self.broken = True
+            raise SimulatorFailure(f"CARLA env {self.server.slot} at {self.server.address}: {exc}") from exc
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
+        return self._in_episode("step", action)
+
+    def render_rgb(self) -> np.ndarray:
+        return self._in_episode("render_rgb")
+
+    def metrics(self) -> dict[str, float]:
+        session = {"carla_tick_ms": 0.0, "npc_spawn_failures": 0.0}
+        if not self.broken:
+            try:
+                session = self._request("metrics", timeout=ANSWER_TIMEOUTS * self.cfg.timeout_s)
+            except RuntimeError:
+                self.broken = True  # the next reset relaunches
+        self.npc_spawn_failures += session["npc_spawn_failures"]
+        return {"carla_restarts": float(self.server.restarts), "carla_tick_ms": session["carla_tick_ms"],
+                "npc_spawn_failures": self.npc_spawn_failures}
+
+    def close(self) -> None:
+        """Has the session clean up while its server answers, then stops the client process and
+        a launched server."""
         try:
             if not self.broken:
-                self._destroy()
-                settings = self.world.get_settings()
-                settings.synchronous_mode = False
-                settings.fixed_delta_seconds = None
-                self.world.apply_settings(settings)
-                self.tm.set_synchronous_mode(False)
+                self._request("close", timeout=ANSWER_TIMEOUTS * self.cfg.timeout_s)
         except RuntimeError as exc:
             log.warning("CARLA env %d: cleanup on close failed: %s", self.server.slot, exc)
         finally:
+            self._stop_client()
             self.server.kill()

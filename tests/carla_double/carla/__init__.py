@@ -11,6 +11,21 @@ process: a circular road of radius 80 m (lane width 3.5 m, one driving lane eith
 kinematic ego vehicle, NPCs circling at 6 m/s, and sensors that report on every tick. The camera
 paints each image with the value (frame * 7) % 256 so tests can tell which frame an observation
 came from, and `World._stale_images` makes it deliver the previous frame's image first.
+
+Traffic Managers live as in libcarla 0.9.16: one map per process keyed by port (`_tm_map`, the
+static `TrafficManager::_tm_map`), shared by every client. `get_trafficmanager(port)` returns the
+entry already under that port, bound to the server incarnation that created it, and creates one
+(listening on the port) only for a port without one. Each synchronous entry runs a control cycle,
+which sends a batch to its own server, on every `World.tick()` and `apply_settings()` of any world
+in the process (libcarla's `SynchronizeFrame` calls the static `TrafficManager::Tick()`), once more
+when shut down or switched to asynchronous mode (its worker is woken and completes a cycle), and on
+a map load in any client, which also makes every entry forget its vehicles
+(`TrafficManager::Reset()`). An asynchronous entry's worker loops on its own, asking its server for
+the episode settings each time round; here it does so once per tick of any world. A call of an
+entry's worker to a dead or hung server raises `_Terminate`: the real one throws in the Traffic
+Manager's thread, where nothing catches it, and the process aborts. `shut_down()` removes the
+port's entry; handles to the port then do nothing. NPCs move only while an entry of their world
+drives them.
 """
 
 from __future__ import annotations
@@ -261,21 +276,91 @@ class ObstacleDetectionEvent:
 
 
 # -- world, traffic manager, client ------------------------------------------------------------
+class _Terminate(BaseException):
+    """The end of a real client process: a Traffic Manager's thread threw (its server is dead or
+    hung) and std::terminate aborted the process. Not an Exception, so no `except RuntimeError`
+    of the code under test swallows what no real client survives."""
+
+
+class _TrafficManagerLocal:
+    """The Traffic Manager under one port: bound for life to the server incarnation whose client
+    created it (libcarla's TrafficManagerLocal keeps that client's episode), listening on its port
+    as the real one's RPC server does until it is shut down."""
+
+    def __init__(self, world_key: tuple[str, int, str], port: int) -> None:
+        self.world_key, self.port = world_key, port
+        self._listener = socket.create_server(("0.0.0.0", port))
+        self.synchronous = False
+        self.hybrid: tuple[bool, float] = (False, 70.0)  # (hybrid physics on, radius m)
+        self.seed: int | None = None
+        self.vehicles: set[int] = set()
+        self.cycles = 0
+
+    @property
+    def world(self) -> "World":
+        return _worlds[self.world_key]
+
+    def work(self) -> None:
+        """One round of its worker, which calls its own server: a synchronous one's control cycle
+        also drives its vehicles still in its world."""
+        world = self.world
+        try:
+            world._conn.call(b"b")
+        except RuntimeError as exc:
+            raise _Terminate(f"terminate called after throwing an instance of 'carla::client::TimeoutException' "
+                             f"in the Traffic Manager of port {self.port}: {exc}") from None
+        if self.synchronous:
+            self.cycles += 1
+            self.vehicles &= world._actors.keys()
+            world._autopilot |= self.vehicles
+
+    def reset(self) -> None:
+        """libcarla's Reset() on a new episode anywhere in the process: stopped (a last cycle when
+        synchronous), its vehicles forgotten, started again."""
+        if self.synchronous:
+            self.work()
+        self.vehicles.clear()
+
+
+_tm_map: dict[int, _TrafficManagerLocal] = {}
+"""Every Traffic Manager of the process by port, whichever client created it."""
+
+
+def _tick_traffic_managers() -> None:
+    for tm in list(_tm_map.values()):
+        tm.work()
+
+
 class TrafficManager:
-    def __init__(self, world: "World", port: int) -> None:
-        self._world, self._port = world, port
+    """A handle on the entry of `_tm_map` under its port, looked up on every call."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
 
     def set_synchronous_mode(self, mode_switch: bool = True) -> None:
-        self._world._tm_sync[self._port] = mode_switch
+        if tm := _tm_map.get(self._port):
+            if tm.synchronous and not mode_switch:
+                tm.work()  # the waiting worker is woken and completes a synchronous cycle
+            tm.synchronous = mode_switch
 
     def set_random_device_seed(self, value: int) -> None:
-        self._world._tm_seed = value
+        if tm := _tm_map.get(self._port):
+            tm.seed = value
 
     def set_hybrid_physics_mode(self, enabled: bool = True) -> None:
-        self._world._tm_hybrid = (enabled, self._world._tm_hybrid[1])
+        if tm := _tm_map.get(self._port):
+            tm.hybrid = (enabled, tm.hybrid[1])
 
     def set_hybrid_physics_radius(self, r: float = 70.0) -> None:
-        self._world._tm_hybrid = (self._world._tm_hybrid[0], r)
+        if tm := _tm_map.get(self._port):
+            tm.hybrid = (tm.hybrid[0], r)
+
+    def shut_down(self) -> None:
+        """Removes the port's entry and frees the port, after the last cycle of a synchronous one."""
+        if tm := _tm_map.pop(self._port, None):
+            tm._listener.close()
+            if tm.synchronous:
+                tm.work()
 
     def get_port(self) -> int:
         return self._port
@@ -299,10 +384,7 @@ class World:
         self._actors: dict[int, Actor] = {}
         self._controls: dict[int, VehicleControl] = {}
         self._listeners: dict[int, Callable[[Any], Any]] = {}
-        self._autopilot: set[int] = set()
-        self._tm_sync: dict[int, bool] = {}
-        self._tm_hybrid: tuple[bool, float] = (False, 70.0)  # (hybrid physics on, radius m)
-        self._tm_seed: int | None = None
+        self._autopilot: set[int] = set()  # the vehicles a Traffic Manager drives
         self._last_offset: dict[int, float] = {}
 
     def get_map(self) -> Map:
@@ -315,6 +397,7 @@ class World:
 
     def apply_settings(self, world_settings: WorldSettings) -> int:
         self._settings = world_settings
+        _tick_traffic_managers()
         return self._frame
 
     def get_blueprint_library(self) -> BlueprintLibrary:
@@ -342,6 +425,7 @@ class World:
                 self._move(actor, dt)
         for sensor in [a for a in self._actors.values() if isinstance(a, Sensor) and a.id in self._listeners]:
             self._sense(sensor)
+        _tick_traffic_managers()
         return self._frame
 
     # -- simulation ----------------------------------------------------------------------
@@ -397,9 +481,6 @@ class World:
                 actor = self.spawn_actor(cmd._blueprint, cmd._transform)
             except RuntimeError as exc:
                 return command.Response(0, str(exc))
-            for follow in cmd._then:
-                if isinstance(follow, command.SetAutopilot) and follow._enabled:
-                    self._autopilot.add(actor.id)
             return command.Response(actor.id, "")
         if isinstance(cmd, command.DestroyActor):
             key = cmd._actor if isinstance(cmd._actor, int) else cmd._actor.id
@@ -459,22 +540,35 @@ class Client:
     def get_server_version(self) -> str:
         return self._connection().call(b"v")
 
-    def get_world(self) -> World:
+    def _world_key(self) -> tuple[str, int, str]:
         conn = self._connection()
         key = (self._host, self._port, conn.call(b"h"))
         if key not in _worlds:
             _worlds[key] = World("Town10HD_Opt", conn)
         _worlds[key]._conn = conn
-        return _worlds[key]
+        return key
+
+    def get_world(self) -> World:
+        return _worlds[self._world_key()]
 
     def load_world(self, map_name: str) -> World:
         conn = self._connection()
         conn.call(b"l", self._timeout)  # blocks while the server loads the map, as the real call does
         world = _worlds[(self._host, self._port, conn.call(b"h"))] = World(map_name, conn)
+        for tm in list(_tm_map.values()):  # the new episode resets every Traffic Manager of the process
+            tm.reset()
         return world
 
+    def _traffic_manager(self, port: int) -> _TrafficManagerLocal:
+        """The entry of `_tm_map` under `port`, created bound to this client's server only if
+        there is none."""
+        if port not in _tm_map:
+            _tm_map[port] = _TrafficManagerLocal(self._world_key(), port)
+        return _tm_map[port]
+
     def get_trafficmanager(self, client_connection: int = 8000) -> TrafficManager:
-        return TrafficManager(self.get_world(), client_connection)
+        self._traffic_manager(client_connection)
+        return TrafficManager(client_connection)
 
     def apply_batch(self, commands: list[Any]) -> None:
         self.apply_batch_sync(commands)
@@ -482,6 +576,12 @@ class Client:
     def apply_batch_sync(self, commands: list[Any], do_tick: bool = False) -> list[command.Response]:
         world = self.get_world()
         responses = [world._apply(c) for c in commands]
+        # As libcarla's apply_batch_sync: a vehicle spawned with SetAutopilot is registered with
+        # the Traffic Manager that get_trafficmanager(port) would return.
+        for cmd, response in zip(commands, responses):
+            ports = [c._port for c in getattr(cmd, "_then", []) if isinstance(c, command.SetAutopilot) and c._enabled]
+            if ports and not response.error:
+                self._traffic_manager(ports[-1]).vehicles.add(response.actor_id)
         if do_tick:
             world.tick()
         return responses
