@@ -117,6 +117,8 @@ def reward_components(
     offset_term = 1.0 - min(abs(state.lateral_offset) / cfg.max_lateral_deviation_m, 1.0)
     heading_term = 1.0 - min(abs(state.heading_error) / (math.pi / 2), 1.0)
     lane_keeping = offset_term * heading_term
+    if r.lane_keeping_speed_gate:
+        lane_keeping *= min(max(state.speed, 0.0) / r.target_speed, 1.0)
     jerk = (state.acceleration - prev.acceleration) / dt
     comfort = -min(abs(jerk) / r.jerk_scale, 1.0)
     safety = -(

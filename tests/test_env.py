@@ -138,6 +138,20 @@ def test_lane_invasion_is_penalised_once():
     assert diff == {"efficiency": 0, "lane_keeping": 0, "comfort": 0, "safety": -cfg.reward.lane_invasion_penalty, "progress": 0}
 
 
+def test_speed_gated_lane_keeping_pays_nothing_standing_still():
+    gated = load_config(overrides=["env.reward.lane_keeping_speed_gate=true"]).env
+    plain = load_config(overrides=["env.reward.lane_keeping_speed_gate=false"]).env
+    centred = {"lateral_offset": 0.0, "heading_error": 0.0}
+
+    def lane_keeping(cfg, speed):
+        return reward_components(_state(speed=speed, **centred), _state(), 0.1, None, cfg)["lane_keeping"]
+
+    assert lane_keeping(plain, 0.0) == lane_keeping(plain, 8.0) == 1.0
+    assert lane_keeping(gated, 0.0) == 0.0
+    assert lane_keeping(gated, 2.0) == pytest.approx(0.25)
+    assert lane_keeping(gated, 8.0) == lane_keeping(gated, 20.0) == 1.0
+
+
 def test_jerk_uses_the_previous_states_acceleration():
     cfg = load_config().env
     comfort = reward_components(_state(acceleration=1.0), _state(acceleration=0.5), 0.1, None, cfg)["comfort"]
