@@ -30,6 +30,7 @@ drives them.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import socket
 import threading
@@ -219,6 +220,10 @@ class Actor:
         self._parent: Actor | None = None
         self._born = world._frame
 
+    @property
+    def type_id(self) -> str:
+        return self._type
+
     def get_transform(self) -> Transform:
         t = self._transform
         return Transform(Location(t.location.x, t.location.y, t.location.z), Rotation(yaw=t.rotation.yaw))
@@ -239,6 +244,26 @@ class Sensor(Actor):
 
     def stop(self) -> None:
         self._world._listeners.pop(self.id, None)
+
+
+class ActorList:
+    """The actors of a world when it was asked (`World.get_actors()`)."""
+
+    def __init__(self, actors: list[Actor]) -> None:
+        self._actors = actors
+
+    def filter(self, wildcard_pattern: str) -> ActorList:
+        """Matched against `type_id` with fnmatch, as the real one does."""
+        return ActorList([a for a in self._actors if fnmatch.fnmatchcase(a.type_id, wildcard_pattern)])
+
+    def __iter__(self) -> Any:
+        return iter(self._actors)
+
+    def __len__(self) -> int:
+        return len(self._actors)
+
+    def __getitem__(self, pos: int) -> Actor:
+        return self._actors[pos]
 
 
 class Image:
@@ -374,6 +399,9 @@ class World:
     _camera_silent_ticks = 1
     """A camera sends nothing on this many ticks after it is created, as real sensors may not
     (leaderboard#171: no data on the first tick after spawning)."""
+    _road_clearance_m = 0.0
+    """Test knob: a vehicle spawned less than this above the road surface collides with the road,
+    as on a slope or a cambered road of a real town, where a fixed spawn height may not clear it."""
 
     def __init__(self, town: str, connection: "_Connection") -> None:
         self._map = Map(town)
@@ -404,8 +432,13 @@ class World:
         return BlueprintLibrary([*_BASE_TYPES, "sensor.camera.rgb", "sensor.other.collision", "sensor.other.lane_invasion",
                                  "sensor.other.obstacle"])
 
+    def get_actors(self) -> ActorList:
+        return ActorList(list(self._actors.values()))
+
     def spawn_actor(self, blueprint: ActorBlueprint, transform: Transform, attach_to: Actor | None = None) -> Actor:
         self._conn.call(b"s")
+        if attach_to is None and blueprint.id.startswith("vehicle.") and transform.location.z < self._road_clearance_m:
+            raise RuntimeError(f"Spawn failed because of collision at spawn position ({blueprint.id})")
         for other in self._actors.values():
             if attach_to is None and other._parent is None and other._transform.location.distance(transform.location) < 2.0:
                 raise RuntimeError(f"Spawn failed because of collision at spawn position ({blueprint.id})")
@@ -415,6 +448,14 @@ class World:
         self._actors[actor.id] = actor
         self._next_id += 1
         return actor
+
+    def try_spawn_actor(self, blueprint: ActorBlueprint, transform: Transform, attach_to: Actor | None = None) -> Actor | None:
+        """`spawn_actor`, but None where it raises: libcarla's TrySpawnActor catches every
+        std::exception, a time-out included."""
+        try:
+            return self.spawn_actor(blueprint, transform, attach_to)
+        except RuntimeError:
+            return None
 
     def tick(self, seconds: float = 10.0) -> int:
         self._conn.call(b"t", seconds)
