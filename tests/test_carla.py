@@ -364,6 +364,93 @@ def test_route_file(tmp_path, carla_double):
         check_backend(carla_config(tmp_path, "carla.route_file=/nonexistent/route.txt"))
 
 
+def test_an_ego_spawn_collision_tries_another_spawn_point(tmp_path, carla_double):
+    """A vehicle standing on the spawn point drawn first is no server failure (a session raises
+    where the backend would relaunch): the ego spawns at another one, on a route from there."""
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    backend = env.backend
+    try:
+        env.reset(seed=5)
+        first = backend._ego.get_transform()
+        backend._destroy()
+        backend.world.spawn_actor(backend.blueprints.find("vehicle.audi.tt"), first)  # parked, not ours
+        obs, _ = env.reset(seed=5)
+        spawned = backend._ego.get_transform().location
+        assert spawned.distance(first.location) > 2.0
+        assert abs(obs["vector"][1]) < 0.01 and abs(obs["vector"][2]) < 0.01, "the route starts where the ego stands"
+    finally:
+        env.close()
+
+
+def test_a_route_file_start_is_retried_a_little_higher_then_given_up(tmp_path, carla_double, monkeypatch):
+    """A route file fixes the start: a spawn colliding with the road there is retried 0.2 m
+    higher each time; after a bounded number of tries the session raises, so the backend recovers."""
+    theta = np.linspace(0.3, 1.6, 60)
+    (tmp_path / "route.txt").write_text("\n".join(f"{80 * math.cos(t)} {80 * math.sin(t)}" for t in theta))
+    cfg = carla_config(tmp_path, f"carla.route_file={tmp_path / 'route.txt'}", "carla.traffic=[0,0,0]")
+    monkeypatch.setattr(carla_double.World, "_road_clearance_m", 0.8)  # the road surface is at z=0
+    env = session_env(cfg)
+    try:
+        env.reset(seed=0)
+        ego_z = env.backend._ego.get_transform().location.z
+        assert ego_z == pytest.approx(0.9), "two tries collided with the road, the third stands 0.4 m higher"
+        monkeypatch.setattr(carla_double.World, "_road_clearance_m", 50.0)
+        with pytest.raises(RuntimeError, match="ego vehicle not spawned in 5 tries"):
+            env.reset(seed=1)
+    finally:
+        env.close()
+
+
+def test_teardown_is_confirmed_and_ticked_before_the_next_ego_spawns(tmp_path, carla_double, monkeypatch):
+    env = session_env(carla_config(tmp_path))
+    backend = env.backend
+    try:
+        env.reset(seed=1)
+        world, old = backend.world, {a.id for a in backend._sensor_actors} | {backend._ego.id, *backend._npcs}
+        calls = []
+        batch, tick, spawn = backend.client.apply_batch_sync, world.tick, world.try_spawn_actor
+        monkeypatch.setattr(backend.client, "apply_batch", lambda *a: calls.append("apply_batch") or batch(*a))
+        monkeypatch.setattr(backend.client, "apply_batch_sync",
+                            lambda commands, *a: calls.append(("batch", len(commands))) or batch(commands, *a))
+        monkeypatch.setattr(world, "tick", lambda *a: calls.append("tick") or tick(*a))
+        monkeypatch.setattr(world, "try_spawn_actor",
+                            lambda *a, **k: calls.append(("spawn", bool(old & set(world._actors)))) or spawn(*a, **k))
+        env.reset(seed=2)
+        assert calls[:3] == [("batch", len(old)), "tick", ("spawn", False)], calls
+        assert "apply_batch" not in calls
+    finally:
+        env.close()
+
+
+def test_connecting_clears_what_an_earlier_client_left(tmp_path, carla_double):
+    """With carla.launch=false a client that died (a killed client process, a crashed actor) left
+    its ego, sensors and NPCs on the server; the next client of the env destroys them first."""
+    import subprocess
+
+    cfg = carla_config(tmp_path, "carla.launch=false")
+    server = subprocess.Popen([sys.executable, str(FAKE_SERVER), f"-carla-rpc-port={cfg.carla.port}"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        earlier = session_env(cfg)
+        earlier.reset(seed=0)
+        world = earlier.backend.world
+        stale = set(world._actors)
+        assert len(stale) == 1 + 4 + 3
+        carla_double._tm_map.pop(earlier.backend.ports.tm)._listener.close()  # its process died, and its TM
+        env = session_env(cfg)
+        try:
+            assert env.backend.world is world
+            assert not stale & set(world._actors) and not stale & set(world._listeners)
+            env.reset(seed=0)  # the same spawn point: free again
+            assert len(world._actors) == 1 + 4 + 3
+        finally:
+            env.close()
+        assert world._actors == {}
+    finally:
+        server.kill()
+        server.wait()
+
+
 # -- Traffic Managers: one map per process ------------------------------------------------------
 def test_the_double_keeps_traffic_managers_as_libcarla_does(tmp_path, carla_double):
     """What the backend is built around (libcarla 0.9.16: TrafficManager.cpp, Simulator.cpp,

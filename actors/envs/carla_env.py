@@ -48,6 +48,10 @@ SENSOR_ATTRIBUTES = {
 CAMERA_X, CAMERA_Z = 1.6, 1.5
 ROUTE_STEP_M = 2.0
 RESET_ATTEMPTS = 3
+SPAWN_TRIES = 5
+"""Ego spawns tried per reset before the session gives up and the backend recovers the server."""
+SPAWN_LIFT_M = 0.2
+"""How much higher each further try spawns at a route file's fixed start."""
 ANSWER_TIMEOUTS = 4
 """A client process that has not answered a step within this many `carla.timeout_s` is taken for
 hung: its own time-outs fire sooner, but libcarla waits for a Traffic Manager cycle without one."""
@@ -159,6 +163,19 @@ class CarlaSession:
         self.world = world
         self.map = world.get_map()
         self.blueprints = world.get_blueprint_library()
+        if not self.cfg.launch:
+            self._clear_leftovers()
+
+    def _clear_leftovers(self) -> None:
+        """Destroys the vehicles and sensors on a server we connected to: each env has a server of
+        its own, so they are what an earlier client of this env (a killed client process, a
+        crashed actor) left behind, its ego and NPCs standing on the spawn points."""
+        actors = self.world.get_actors()
+        ids = [a.id for a in actors.filter("sensor.*")] + [a.id for a in actors.filter("vehicle.*")]
+        if ids:
+            log.warning("destroying %d vehicles and sensors left on %s:%d by an earlier client",
+                        len(ids), self.cfg.host, self.ports.rpc)
+        self._destroy_ids(ids, "left by an earlier client")
 
     # -- episode ---------------------------------------------------------------------------
     def _route_for(self, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
@@ -185,14 +202,29 @@ class CarlaSession:
                 return np.asarray(points), spawn
         raise SimulatorFailure(f"no route of {needed:.0f} m from 20 spawn points of {self.cfg.town}")
 
+    def _spawn_ego(self, rng: np.random.Generator) -> Any:
+        """The ego's spawn transform, with the ego spawned there and the route from there set. A
+        spawn collision (a vehicle on the spawn point, a road the spawn height does not clear) is
+        no server failure: a generated route tries another spawn point, a route file's fixed start
+        a little higher; only `SPAWN_TRIES` failures raise, for the backend to recover."""
+        ego_bp = self.blueprints.find(self.cfg.vehicle)
+        ego_bp.set_attribute("role_name", "hero")  # what hybrid physics and CARLA's tools look for
+        for attempt in range(SPAWN_TRIES):
+            points, ego_tf = self._route_for(rng)
+            if self.route_points is not None:
+                ego_tf.location.z += attempt * SPAWN_LIFT_M
+            self._ego = self.world.try_spawn_actor(ego_bp, ego_tf)  # None on failure, a time-out included
+            if self._ego is not None:
+                self._route = Route(points * np.array([1.0, -1.0]))
+                return ego_tf
+            log.info("ego spawn at (%.1f, %.1f, %.1f) failed, try %d of %d", ego_tf.location.x, ego_tf.location.y,
+                     ego_tf.location.z, attempt + 1, SPAWN_TRIES)
+        raise RuntimeError(f"ego vehicle not spawned in {SPAWN_TRIES} tries on {self.cfg.town}")
+
     def _spawn(self, seed: int | None) -> int:
         c = self.carla
         rng = np.random.default_rng(seed)
-        points, ego_tf = self._route_for(rng)
-        self._route = Route(points * np.array([1.0, -1.0]))
-        ego_bp = self.blueprints.find(self.cfg.vehicle)
-        ego_bp.set_attribute("role_name", "hero")  # what hybrid physics and CARLA's tools look for
-        self._ego = self.world.spawn_actor(ego_bp, ego_tf)
+        ego_tf = self._spawn_ego(rng)
         sensors = self._sensors = _Sensors()
         mount = c.Transform(c.Location(x=CAMERA_X, z=CAMERA_Z))
         for name, tf, callback in (
@@ -237,13 +269,23 @@ class CarlaSession:
                         failed, wanted, len(free), "; ".join(errors) or "too few spawn points")
 
     def _destroy(self) -> None:
-        """Stops the sensors and destroys everything this env spawned, in one batch."""
+        """Stops the sensors and destroys everything this env spawned."""
         for sensor in self._sensor_actors:
             sensor.stop()
         ids = [a.id for a in self._sensor_actors] + ([self._ego.id] if self._ego is not None else []) + self._npcs
-        if ids:
-            self.client.apply_batch([self.carla.command.DestroyActor(i) for i in ids])
+        self._destroy_ids(ids, "of the last episode")
         self._sensor_actors, self._ego, self._npcs = [], None, []
+
+    def _destroy_ids(self, ids: list[int], what: str) -> None:
+        """Destroys actors in one batch the server confirms, then ticks, so that none of them is
+        still in the world when the next ego spawns (a synchronous world moves only on ticks)."""
+        if not ids:
+            return
+        results = self.client.apply_batch_sync([self.carla.command.DestroyActor(i) for i in ids], False)
+        errors = [r.error for r in results if r.error]
+        if errors:
+            log.warning("%d of %d actors %s not destroyed: %s", len(errors), len(ids), what, "; ".join(sorted(set(errors))))
+        self.world.tick(self.cfg.timeout_s)
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._destroy()
