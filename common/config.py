@@ -138,6 +138,11 @@ class CarlaConfig:
     setup_timeout_s: float = 300.0
     """Client time-out while connecting and loading the map, which takes minutes on a cold
     server (the leaderboard allows 300 s for setup and 60 s per tick); ticks use `timeout_s`."""
+    gpus: list[int] = field(default_factory=list)
+    """GPUs launched servers render on, as Vulkan adapter indices on their node: env slot s gets
+    `-graphicsadapter=gpus[s % len(gpus)]`, so consecutive slots (one host's servers under
+    docker-compose.yml) spread over them; empty adds no flag and every server takes the engine's
+    default adapter. A Vulkan index need not match nvidia-smi's; each log names the device."""
     quality_level: Literal["Epic", "Low"] = "Epic"
     """Rendering quality of launched servers; Low (`-quality-level=Low`) renders faster, with
     simpler materials and no shadows."""
@@ -597,6 +602,8 @@ def validate(cfg: Config) -> None:
              "carla.timeout_s, carla.start_timeout_s and carla.setup_timeout_s must be > 0")
     _require(c.restart_every_episodes >= 0, "carla.restart_every_episodes must be >= 0")
     _require(0 < c.port < 65536 and 0 < c.tm_port < 65536, "carla.port and carla.tm_port must be TCP ports")
+    _require(min(c.gpus, default=0) >= 0 and len(set(c.gpus)) == len(c.gpus),
+             f"carla.gpus={c.gpus} must list distinct GPU indices >= 0 (empty: the default adapter)")
     emb = e.embedded
     _require(len(emb.traffic) == 3 and min(emb.traffic) >= 0,
              f"env.embedded.traffic={emb.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")

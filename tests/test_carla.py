@@ -543,6 +543,20 @@ def test_ports_never_collide_and_taken_ones_are_skipped(tmp_path):
         allocate_ports(cfg.carla, 0, free=lambda p: False)
 
 
+def test_each_server_slot_renders_on_its_own_gpu():
+    """carla.gpus spreads a node's servers over its GPUs by slot; unset, no adapter flag (CARLA's
+    default, adapter 0, for every server)."""
+    base = f"carla.port={_free_base(4 * 6)}"
+
+    def adapters(*overrides: str) -> list[list[str]]:
+        cfg = load_config(overrides=[base, *overrides]).carla
+        return [[a for a in CarlaServer(cfg, slot).command() if a.startswith("-graphicsadapter")] for slot in range(6)]
+
+    assert adapters() == [[]] * 6
+    assert adapters("carla.gpus=[1,2,3]") == [[f"-graphicsadapter={g}"] for g in (1, 2, 3, 1, 2, 3)]
+    assert adapters("carla.gpus=[0]") == [["-graphicsadapter=0"]] * 6
+
+
 def _runner(env, chunks):
     cfg = load_config(overrides=["td3.learning_starts=1000000"])
     adder = ChunkAdder(actor_id=0, chunk_steps=8, sink=chunks.append)

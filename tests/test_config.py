@@ -79,6 +79,8 @@ def test_overrides_are_typed():
         ("td3.gamma=1.5", "td3.gamma=1.5 must be in (0, 1]"),
         ("replay.capacity=10", "replay.capacity=10 must be >= td3.batch_size=256"),
         ("env.embedded.simulation_frequency=15", "multiple of env.embedded.policy_frequency"),
+        ("carla.gpus=[0,0]", "carla.gpus=[0, 0] must list distinct GPU indices >= 0"),
+        ("carla.gpus=[-1]", "carla.gpus=[-1] must list distinct GPU indices >= 0"),
         ("td3=3", "'td3' is a section"),
         ("gamma", "must look like section.key=value"),
     ],

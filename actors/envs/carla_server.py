@@ -3,6 +3,7 @@ we connect to and wait for.
 
 Env slot i (rollout actors 0..n-1, then the evaluator) uses RPC port `port + 4i` (streaming +1,
 secondary +2) and Traffic Manager port `tm_port + i`, so several actors on one node never collide.
+With `gpus` set, slot i renders on GPU `gpus[i % len(gpus)]`.
 A launched server runs in its own process group (CarlaUE4.sh starts the real binary as a child),
 which is killed as a whole; its stdout and stderr go to `<log_dir>/carla_<slot>.log`.
 """
@@ -86,13 +87,22 @@ class CarlaServer:
     def address(self) -> str:
         return f"{self.cfg.host}:{self.ports.rpc}"
 
+    @property
+    def gpu(self) -> int | None:
+        """The Vulkan adapter this env's server renders on; None leaves the choice to the engine."""
+        gpus = self.cfg.gpus
+        return gpus[self.slot % len(gpus)] if gpus else None
+
     def command(self) -> list[str]:
+        # UE4's Vulkan RHI reads -graphicsadapter=N (it overrides r.GraphicsAdapter); without it
+        # every server of a node renders on the same GPU.
+        adapter = [] if self.gpu is None else [f"-graphicsadapter={self.gpu}"]
         return shlex.split(self.cfg.server_command) + [
             f"-carla-rpc-port={self.ports.rpc}",
             f"-carla-streaming-port={self.ports.streaming}",
             f"-carla-secondary-port={self.ports.secondary}",
             f"-quality-level={self.cfg.quality_level}",
-        ]
+        ] + adapter
 
     def start(self) -> None:
         if self.cfg.launch:
