@@ -112,6 +112,41 @@ def test_actor_image_brings_a_python_the_carla_wheel_exists_for():
         assert cfg.carla.server_command.split()[0] == "/workspace/CarlaUE4.sh"
 
 
+def _gpu_request(service: dict) -> dict:
+    (request,) = service["deploy"]["resources"]["reservations"]["devices"]
+    return request
+
+
+def test_gpus_are_mapped_not_all_gpu_0():
+    """Docker turns `count: 1` into NVIDIA_VISIBLE_DEVICES=0 for every container, and replicas of
+    one service cannot differ: the learner names its GPU, workers see all of the host's, and the
+    CARLA servers spread over CARLA_GPUS (carla.gpus) by env slot; Ray keeps off those GPUs."""
+    services = _compose_config()["services"]
+    learner, worker = _gpu_request(services["learner"]), _gpu_request(services["carla-worker"])
+    assert "count" not in learner and learner["device_ids"] in (["${LEARNER_GPU:-0}"], ["0"]), learner
+    assert worker.get("count") in ("all", -1) and "device_ids" not in worker, worker
+    assert "CARLA_GPUS" in services["learner"]["environment"]
+    actor = (ROOT / "deploy/docker/actor-entrypoint.sh").read_text()
+    assert "--num-gpus=0" in actor
+
+
+@pytest.mark.parametrize("gpus, expected", [("1,2,3", [1, 2, 3]), ("", [])])
+def test_learner_entrypoint_passes_carla_gpus(tmp_path, gpus, expected):
+    """The entrypoint, run with `ray` and `python` stand-ins, turns CARLA_GPUS into carla.gpus."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("ray", "exit 0"), ("python", 'printf "%s\\n" "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CARLA_GPUS": gpus}
+    out = subprocess.run(["sh", str(ROOT / "deploy/docker/learner-entrypoint.sh")], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=30)
+    assert out.returncode == 0, out.stderr
+    args = out.stdout.splitlines()
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert load_config(ROOT / "deploy/configs/carla.yaml", overrides).carla.gpus == expected
+
+
 def test_carla_workers_run_an_init_that_reaps_orphans():
     assert _compose_config()["services"]["carla-worker"].get("init") is True
 

@@ -1,6 +1,8 @@
 #!/bin/sh
 # A Ray worker on this CARLA node: one `carla` resource per server it can run (CARLA_SLOTS,
-# default 1: one server per GPU). The rollout actor Ray places here launches CarlaUE4.sh itself.
+# default 1). The rollout actor Ray places here launches CarlaUE4.sh itself, on the GPU
+# carla.gpus gives its env slot. --num-gpus=0: the GPUs this container sees are the servers',
+# so Ray must not hand them to GPU work of its own.
 set -eu
 exec ray start --address="${RAY_HEAD:-learner:6380}" --block --disable-usage-stats \
-    --num-cpus="${WORKER_CPUS:-2}" --resources="{\"carla\": ${CARLA_SLOTS:-1}}"
+    --num-cpus="${WORKER_CPUS:-2}" --num-gpus=0 --resources="{\"carla\": ${CARLA_SLOTS:-1}}"

@@ -8,6 +8,10 @@ resume=""
 if ls runs/*/checkpoints/latest >/dev/null 2>&1; then
     resume="--resume latest"
 fi
+# CARLA_GPUS (e.g. 1,2,3) becomes carla.gpus: the actors' servers render on those GPUs by slot.
+if [ -n "${CARLA_GPUS:-}" ]; then
+    set -- --set "carla.gpus=[$CARLA_GPUS]" "$@"
+fi
 # The password reaches the replay client through REDIS_PASSWORD, never the command line.
 # shellcheck disable=SC2086
 exec python -m learner --config "${LEARNER_CONFIG:-deploy/configs/carla.yaml}" \
