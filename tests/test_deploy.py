@@ -160,7 +160,7 @@ def test_makefile_and_readme_describe_the_same_cluster():
     section = section[:section.index("\n## ", 5)]
     for text in ("NVIDIA Container Toolkit", "cp .env.example .env", "make up", "make logs", "make scale N=",
                  "make down", "127.0.0.1:6006", "127.0.0.1:8265", "--resume latest", "redis", "learner",
-                 "carla-worker", "tensorboard"):
+                 "carla-worker", "tensorboard", "LEARNER_GPU", "CARLA_GPUS", "carla.gpus", "-graphicsadapter"):
         assert text in section, text
 
 
