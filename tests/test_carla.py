@@ -342,6 +342,113 @@ def test_collision_with_obstacle_seen_first(tmp_path, carla_double):
         env.close()
 
 
+def _place(carla, ego, offset: float, tilt: float = 0.0) -> None:
+    """Stands the ego still, `offset` m outside the road's centre line where it is, turned `tilt`
+    degrees off the road's direction."""
+    loc = ego._transform.location
+    phi = math.atan2(loc.y, loc.x)
+    r = 80.0 + offset
+    ego._transform = carla.Transform(carla.Location(r * math.cos(phi), r * math.sin(phi), loc.z),
+                                     carla.Rotation(yaw=math.degrees(phi) + 90.0 + tilt))
+    ego._speed = 0.0
+
+
+def _recorded(backend, sensor_type: str) -> list:
+    """The events the double sends to the session's `sensor_type` sensor, recorded on their way."""
+    world = backend.world
+    sensor = next(a for a in backend._sensor_actors if a.type_id == sensor_type)
+    events, callback = [], world._listeners[sensor.id]
+    world._listeners[sensor.id] = lambda event: events.append(event) or callback(event)
+    return events
+
+
+@pytest.mark.parametrize("delay", [None, 0.02])
+def test_a_lane_change_is_one_invasion_on_the_frame_it_began(tmp_path, carla_double, monkeypatch, delay):
+    """CARLA's lane-invasion sensor reports every corner of the bounding box that crosses a marking
+    (client/LaneInvasionSensor.cpp), so one lane change sends up to four events, and libcarla may
+    run it after the tick returned: the step of the first event's frame reports one invasion."""
+    monkeypatch.setattr(carla_double.World, "_event_delay_s", delay)
+    monkeypatch.setattr("actors.envs.carla_env.EVENT_GRACE_S", 0.5)  # generous on a loaded machine
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    backend = env.backend
+    try:
+        env.reset(seed=0)
+        events = _recorded(backend, "sensor.other.lane_invasion")
+        steps = []
+        for i in range(36):
+            _place(carla_double, backend._ego, 0.1 * i, tilt=-10.0)
+            _, state = backend.step(np.zeros(2, np.float32))
+            steps.append((backend.world._frame, state.lane_invasion))
+        assert len(events) == 4 and all(len(e.crossed_lane_markings) == 1 for e in events), "one event per corner"
+        assert len({e.frame for e in events}) == 4
+        assert [frame for frame, invaded in steps if invaded] == [events[0].frame]
+    finally:
+        env.close()
+
+
+def test_a_late_event_counts_once_on_the_next_step(tmp_path, carla_double, monkeypatch):
+    """An event that comes after the grace wait is not lost, nor counted twice."""
+    monkeypatch.setattr(carla_double.World, "_event_delay_s", 0.05)
+    monkeypatch.setattr("actors.envs.carla_env.EVENT_GRACE_S", 0.0)
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    backend = env.backend
+    try:
+        env.reset(seed=0)
+        events = _recorded(backend, "sensor.other.lane_invasion")
+        invaded = []
+        for i in range(36):
+            _place(carla_double, backend._ego, 0.1 * i, tilt=-10.0)
+            _, state = backend.step(np.zeros(2, np.float32))
+            invaded.append(state.lane_invasion)
+            time.sleep(0.1)  # the late events of this tick arrive before the next one
+        assert len(events) == 4 and sum(invaded) == 1
+    finally:
+        env.close()
+
+
+def test_collisions_count_once_per_other_actor_and_not_with_the_sidewalk(tmp_path, carla_double):
+    """CARLA's collision sensor reports a contact on every tick it lasts, and the curb as an actor
+    of id 0 typed "static.sidewalk" (Sensor/CollisionSensor.cpp, CarlaEpisode::SerializeActor).
+    As the leaderboard's CollisionTest: sidewalk scrapes do not count, static props do, and the
+    same other actor within 5 s is the same collision."""
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+    backend = env.backend
+    c = carla_double
+    try:
+        env.reset(seed=0)
+        events = _recorded(backend, "sensor.other.collision")
+        _place(c, backend._ego, 4.8)  # the outer corners past the road edge, on the curb
+        scrapes = [backend.step(np.zeros(2, np.float32))[1].collision for _ in range(3)]
+        assert [e.other_actor.type_id for e in events] == ["static.sidewalk"] * 3 and events[0].other_actor.id == 0
+        assert scrapes == [False] * 3
+        _place(c, backend._ego, 0.0)
+        ego = backend._ego.get_transform()
+        fwd = ego.get_forward_vector()
+        ahead = c.Location(ego.location.x + 2.5 * fwd.x, ego.location.y + 2.5 * fwd.y, ego.location.z)
+        barrier = backend.world.spawn_actor(backend.blueprints.find("static.prop.streetbarrier"), c.Transform(ahead))
+        hits = [backend.step(np.zeros(2, np.float32))[1].collision for _ in range(3)]
+        assert [e.other_actor.id for e in events[3:]] == [barrier.id] * 3, "reported on every tick of the contact"
+        assert hits == [True, False, False]
+    finally:
+        env.close()
+
+
+def test_a_collision_with_the_same_actor_is_forgotten_after_5_s():
+    """The leaderboard's CollisionTest.MAX_ID_TIME: the same other actor within 5 s (100 frames)
+    is one collision; another actor, or the same one later, is a new one."""
+    from types import SimpleNamespace
+
+    from actors.envs.carla_env import _Sensors
+
+    sensors = _Sensors()
+    car, van = SimpleNamespace(id=7, type_id="vehicle.audi.tt"), SimpleNamespace(id=8, type_id="vehicle.ford.transit")
+    reported = []
+    for frame, other in [(10, car), (11, car), (40, car), (41, van), (200, car)]:
+        sensors.on_collision(SimpleNamespace(frame=frame, other_actor=other))
+        reported.append(sensors.events(frame)[0])
+    assert reported == [True, False, False, True, True]
+
+
 def test_route_file(tmp_path, carla_double):
     theta = np.linspace(0.3, 1.6, 60)
     (tmp_path / "route.txt").write_text("# x y\n" + "\n".join(f"{80 * math.cos(t)} {80 * math.sin(t)}" for t in theta))

@@ -57,6 +57,18 @@ ANSWER_TIMEOUTS = 4
 hung: its own time-outs fire sooner, but libcarla waits for a Traffic Manager cycle without one."""
 START_SLACK_S = 60.0
 """Seconds a new client process may take to start, on top of `carla.setup_timeout_s` to connect."""
+EVENT_GRACE_S = 0.01
+"""How long after a tick returned its collision and lane-invasion events are waited for: libcarla
+may return the tick before its on-tick callbacks (the lane-invasion sensor) ran, and collision data
+comes on a stream of its own. The camera wait usually spends this already; later events count on
+the next step."""
+INVASION_GAP_FRAMES = 2 * CARLA_FPS
+"""Lane-invasion events at most this many frames apart are one crossing: the sensor reports each
+bounding-box corner crossing a marking, so a lane change sends up to four events, spread over
+seconds when it is shallow."""
+COLLISION_MEMORY_FRAMES = 5 * CARLA_FPS
+"""A collision with the same other actor within this many frames is the same one (the leaderboard's
+CollisionTest.MAX_ID_TIME, 5 s): the sensor reports a contact again on every tick it lasts."""
 
 
 def load_route_file(path: str, min_length: float) -> np.ndarray:
@@ -85,19 +97,31 @@ def to_gray(image: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(gray, dtype=np.uint8), rgb
 
 
+def counts_as_collision(type_id: str) -> bool:
+    """Whether a collision with an actor of `type_id` counts, as in the leaderboard's CollisionTest:
+    vehicles, walkers, static objects and traffic furniture, but not the sidewalk (a curb scrape;
+    leaving the road is `off_road`'s business) nor anything else."""
+    if "sidewalk" in type_id:
+        return False
+    return any(kind in type_id for kind in ("static", "traffic", "vehicle", "walker"))
+
+
 class _Sensors:
-    """One episode's sensor outputs: camera images by frame id and events of the other sensors."""
+    """One episode's sensor outputs: camera images by frame id and events of the other sensors,
+    each taken on the step of the frame it carries (or, when it came later, on the next step)."""
 
     def __init__(self) -> None:
         self.images: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        self.collisions: list[int] = []
+        self.collisions: list[tuple[int, int, str]] = []  # (frame, other actor id, its type_id)
         self.invasions: list[int] = []
         self.obstacles: list[tuple[int, float]] = []
+        self.last_collision: dict[int, int] = {}  # the frame each other actor was last counted at
+        self.last_invasion: int | None = None  # the frame of the last lane-invasion event
 
     def on_collision(self, event: Any) -> None:
         with self.lock:
-            self.collisions.append(event.frame)
+            self.collisions.append((event.frame, event.other_actor.id, event.other_actor.type_id))
 
     def on_invasion(self, event: Any) -> None:
         with self.lock:
@@ -108,15 +132,35 @@ class _Sensors:
             self.obstacles.append((event.frame, float(event.distance)))
 
     def events(self, frame: int) -> tuple[bool, bool, float]:
-        """(collision, lane invasion, obstacle distance) reported up to `frame`, then forgotten."""
+        """(a new collision, a new lane crossing, obstacle distance) in the events up to `frame`,
+        which are then forgotten; those of later frames wait for their own step."""
         with self.lock:
-            collision = any(f <= frame for f in self.collisions)
-            invasion = any(f <= frame for f in self.invasions)
+            collisions = sorted(c for c in self.collisions if c[0] <= frame)
+            invasions = sorted(f for f in self.invasions if f <= frame)
             seen = [d for f, d in self.obstacles if f == frame]
-            self.collisions = [f for f in self.collisions if f > frame]
+            self.collisions = [c for c in self.collisions if c[0] > frame]
             self.invasions = [f for f in self.invasions if f > frame]
             self.obstacles = [(f, d) for f, d in self.obstacles if f > frame]
+        collision = any([self._new_collision(*c) for c in collisions])  # a list: every event is remembered
+        invasion = any([self._new_crossing(f) for f in invasions])
         return collision, invasion, min(seen, default=math.inf)
+
+    def _new_collision(self, frame: int, other: int, type_id: str) -> bool:
+        """A counted collision other than a repeat of the last one with the same actor. Level
+        geometry all has id 0, so it is never taken for a repeat (the leaderboard does the same)."""
+        if not counts_as_collision(type_id):
+            return False
+        last = self.last_collision.get(other)
+        if other and last is not None and frame - last <= COLLISION_MEMORY_FRAMES:
+            return False
+        self.last_collision[other] = frame
+        return True
+
+    def _new_crossing(self, frame: int) -> bool:
+        """Whether this lane-invasion event starts a crossing rather than continuing the last one."""
+        last = self.last_invasion
+        self.last_invasion = frame if last is None else max(frame, last)  # a late event of an older frame
+        return last is None or frame - last > INVASION_GAP_FRAMES
 
 
 class CarlaSession:
@@ -304,9 +348,11 @@ class CarlaSession:
         self._ego.apply_control(control)
         start = time.perf_counter()
         frame = self.world.tick(self.cfg.timeout_s)
-        self._tick_s += time.perf_counter() - start
+        ticked = time.perf_counter()
+        self._tick_s += ticked - start
         self._ticks += 1
         gray = self._camera(frame)
+        time.sleep(max(ticked + EVENT_GRACE_S - time.perf_counter(), 0.0))  # the frame's late events
         return gray, self._state(frame)
 
     def _camera(self, frame: int) -> np.ndarray:

@@ -12,6 +12,17 @@ kinematic ego vehicle, NPCs circling at 6 m/s, and sensors that report on every 
 paints each image with the value (frame * 7) % 256 so tests can tell which frame an observation
 came from, and `World._stale_images` makes it deliver the previous frame's image first.
 
+The event sensors report as CARLA 0.9.16's do. The lane-invasion sensor (computed in libcarla,
+client/LaneInvasionSensor.cpp) moves the four corners of the parent's bounding box from the last
+tick's pose to this one's and sends one event per tick in which any corner crossed a marking, so
+one lane change gives up to four events on different ticks. The collision sensor (server side,
+Sensor/CollisionSensor.cpp) sends one event per other actor per tick, again on every tick the
+contact lasts; level geometry is a stand-in actor of id 0 whose type_id is "static." plus its
+semantic tag, as the curb does here ("static.sidewalk", touched by a corner past the road edge).
+`World._event_delay_s` delivers a tick's events on another thread that long after `tick()`
+returned, as libcarla may: it wakes the waiting tick before it runs the on-tick callbacks, and
+collision data comes on a stream of its own.
+
 Traffic Managers live as in libcarla 0.9.16: one map per process keyed by port (`_tm_map`, the
 static `TrafficManager::_tm_map`), shared by every client. `get_trafficmanager(port)` returns the
 entry already under that port, bound to the server incarnation that created it, and creates one
@@ -43,6 +54,7 @@ _LANE_WIDTH = 3.5
 _ROAD_HALF_WIDTH = 1.5 * _LANE_WIDTH  # our lane plus one driving lane either side
 _WHEELBASE = 2.9
 _NPC_SPEED = 6.0
+_HALF_LENGTH, _HALF_WIDTH = 2.4, 1.0  # a car's bounding-box extent
 
 
 def _timeout_error(seconds: float, address: str) -> RuntimeError:
@@ -285,11 +297,16 @@ class CollisionEvent:
         self.frame, self.other_actor = frame, other_actor
 
 
+class LaneMarking:
+    """A marking a corner crossed; the backend reads none of its fields."""
+
+
 class LaneInvasionEvent:
     frame: int
+    crossed_lane_markings: list[LaneMarking]
 
-    def __init__(self, frame: int) -> None:
-        self.frame = frame
+    def __init__(self, frame: int, crossed_lane_markings: list[LaneMarking]) -> None:
+        self.frame, self.crossed_lane_markings = frame, crossed_lane_markings
 
 
 class ObstacleDetectionEvent:
@@ -402,6 +419,9 @@ class World:
     _road_clearance_m = 0.0
     """Test knob: a vehicle spawned less than this above the road surface collides with the road,
     as on a slope or a cambered road of a real town, where a fixed spawn height may not clear it."""
+    _event_delay_s = None
+    """Test knob: deliver each tick's collision, lane-invasion and obstacle events on another
+    thread this long after `tick()` returned, instead of before it returns."""
 
     def __init__(self, town: str, connection: "_Connection") -> None:
         self._map = Map(town)
@@ -413,7 +433,8 @@ class World:
         self._controls: dict[int, VehicleControl] = {}
         self._listeners: dict[int, Callable[[Any], Any]] = {}
         self._autopilot: set[int] = set()  # the vehicles a Traffic Manager drives
-        self._last_offset: dict[int, float] = {}
+        self._last_corners: dict[int, list[float]] = {}  # radial offsets of a parent's corners, by sensor
+        self._sidewalk = Actor(self, 0, ActorBlueprint("static.sidewalk"), Transform())
 
     def get_map(self) -> Map:
         return self._map
@@ -430,7 +451,7 @@ class World:
 
     def get_blueprint_library(self) -> BlueprintLibrary:
         return BlueprintLibrary([*_BASE_TYPES, "sensor.camera.rgb", "sensor.other.collision", "sensor.other.lane_invasion",
-                                 "sensor.other.obstacle"])
+                                 "sensor.other.obstacle", "static.prop.streetbarrier"])
 
     def get_actors(self) -> ActorList:
         return ActorList(list(self._actors.values()))
@@ -442,7 +463,7 @@ class World:
         for other in self._actors.values():
             if attach_to is None and other._parent is None and other._transform.location.distance(transform.location) < 2.0:
                 raise RuntimeError(f"Spawn failed because of collision at spawn position ({blueprint.id})")
-        kind = Sensor if blueprint.id.startswith("sensor.") else Vehicle
+        kind = Sensor if blueprint.id.startswith("sensor.") else Vehicle if blueprint.id.startswith("vehicle.") else Actor
         actor = kind(self, self._next_id, blueprint, transform)
         actor._parent = attach_to
         self._actors[actor.id] = actor
@@ -464,8 +485,16 @@ class World:
         for actor in list(self._actors.values()):
             if isinstance(actor, Vehicle):
                 self._move(actor, dt)
+        events: list[tuple[Callable[[Any], Any], Any]] = []
         for sensor in [a for a in self._actors.values() if isinstance(a, Sensor) and a.id in self._listeners]:
-            self._sense(sensor)
+            events += self._sense(sensor)
+        if self._event_delay_s is None:
+            for callback, event in events:
+                callback(event)
+        else:
+            late = threading.Timer(self._event_delay_s, lambda: [callback(event) for callback, event in events])
+            late.daemon = True
+            late.start()
         _tick_traffic_managers()
         return self._frame
 
@@ -483,38 +512,54 @@ class World:
         t.location.x += vehicle._speed * math.cos(yaw) * dt
         t.location.y += vehicle._speed * math.sin(yaw) * dt
 
-    def _sense(self, sensor: Sensor) -> None:
+    def _corner_offsets(self, vehicle: Actor) -> list[float]:
+        """How far each corner of the vehicle's bounding box is outside the road's centre circle."""
+        t = vehicle._transform
+        yaw = math.radians(t.rotation.yaw)
+        c, s = math.cos(yaw), math.sin(yaw)
+        return [math.hypot(t.location.x + c * dx - s * dy, t.location.y + s * dx + c * dy) - _ROAD_RADIUS
+                for dx in (_HALF_LENGTH, -_HALF_LENGTH) for dy in (_HALF_WIDTH, -_HALF_WIDTH)]
+
+    def _sense(self, sensor: Sensor) -> list[tuple[Callable[[Any], Any], Any]]:
+        """The events `sensor` reports this tick, with the callback for each; the camera's images
+        go out on a thread of their own at once."""
         parent, callback, frame = sensor._parent, self._listeners[sensor.id], self._frame
         if parent is None:
-            return
+            return []
         loc = parent._transform.location
         others = [a for a in self._actors.values() if isinstance(a, Vehicle) and a is not parent]
         if sensor._type == "sensor.camera.rgb":
             if frame - sensor._born <= self._camera_silent_ticks:
-                return
+                return []
             w, h = int(sensor._attributes.get("image_size_x", 800)), int(sensor._attributes.get("image_size_y", 600))
             images = ([Image(frame - 1, w, h)] if self._stale_images else []) + [Image(frame, w, h)]
             # Camera data arrives on another thread, as from CARLA's streaming port.
             threading.Thread(target=lambda: [callback(i) for i in images], daemon=True).start()
-        elif sensor._type == "sensor.other.collision":
-            for other in others:
-                if other._transform.location.distance(loc) < 3.0:
-                    callback(CollisionEvent(frame, other))
-        elif sensor._type == "sensor.other.lane_invasion":
-            offset = math.hypot(loc.x, loc.y) - _ROAD_RADIUS
-            before = self._last_offset.get(sensor.id, offset)
-            self._last_offset[sensor.id] = offset
-            for marking in (-_LANE_WIDTH / 2, _LANE_WIDTH / 2):
-                if (before - marking) * (offset - marking) < 0:
-                    callback(LaneInvasionEvent(frame))
-        elif sensor._type == "sensor.other.obstacle":
+            return []
+        if sensor._type == "sensor.other.collision":
+            props = [a for a in self._actors.values() if type(a) is Actor]
+            hit = [o for o in others + props if o._transform.location.distance(loc) < 3.0]
+            if any(abs(offset) > _ROAD_HALF_WIDTH for offset in self._corner_offsets(parent)):
+                hit.append(self._sidewalk)
+            return [(callback, CollisionEvent(frame, other)) for other in hit]
+        if sensor._type == "sensor.other.lane_invasion":
+            corners = self._corner_offsets(parent)
+            before = self._last_corners.get(sensor.id, corners)
+            self._last_corners[sensor.id] = corners
+            crossed = [LaneMarking() for b, a in zip(before, corners) for marking in (-_LANE_WIDTH / 2, _LANE_WIDTH / 2)
+                       if (b - marking) * (a - marking) < 0]
+            return [(callback, LaneInvasionEvent(frame, crossed))] if crossed else []
+        if sensor._type == "sensor.other.obstacle":
             fwd = parent._transform.get_forward_vector()
+            events = []
             for other in others:
                 o = other._transform.location
                 ahead = (o.x - loc.x) * fwd.x + (o.y - loc.y) * fwd.y
                 side = abs(-(o.x - loc.x) * fwd.y + (o.y - loc.y) * fwd.x)
                 if 0.0 < ahead < float(sensor._attributes.get("distance", 5)) and side < 2.0:
-                    callback(ObstacleDetectionEvent(frame, ahead))
+                    events.append((callback, ObstacleDetectionEvent(frame, ahead)))
+            return events
+        return []
 
     def _apply(self, cmd: Any) -> command.Response:
         if isinstance(cmd, command.SpawnActor):
