@@ -220,9 +220,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-nstep": ["td3.n_step=1"],
     "default-tau-nstep": ["td3.tau=0.005", "td3.n_step=1"],
     "default+nstep5": ["td3.n_step=5"],
-    "default+noise01": ["actors.expl_noise_start=0.1"],
+    "default-noise": ["actors.expl_noise_start=0.3"],
     "default+gate": ["env.reward.lane_keeping_speed_gate=true"],
-    "default+noise01+gate": ["actors.expl_noise_start=0.1", "env.reward.lane_keeping_speed_gate=true"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
