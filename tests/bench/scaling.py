@@ -20,7 +20,7 @@ import ray
 
 from actors.rollout import RolloutWorker
 from common.config import load_config
-from common.networks import Policy
+from common.networks import policy_for
 from common.weights import WeightStore, policy_to_bytes
 from replay_server.server import RedisServer
 from tests.bench.foundation import env_rate
@@ -54,7 +54,7 @@ def run() -> dict[str, float]:
     try:
         with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=False) as server:
             store = ray.remote(WeightStore).options(num_cpus=0).remote()
-            store.publish.remote(0, [ray.put(policy_to_bytes(Policy()))])
+            store.publish.remote(0, [ray.put(policy_to_bytes(policy_for(load_config().cnn)))])
             random_loop = actors_rate(server.url, store, 1, policy=False)
             one = actors_rate(server.url, store, 1, policy=True)
             two = actors_rate(server.url, store, 2, policy=True)
