@@ -362,6 +362,18 @@ def _recorded(backend, sensor_type: str) -> list:
     return events
 
 
+def _change_lane(carla_double, backend, pause_s: float = 0.0) -> list[tuple[int, bool]]:
+    """(frame, lane invasion) of 36 steps that move the ego, tilted 10 degrees, 0.1 m at a time
+    across a marking."""
+    steps = []
+    for i in range(36):
+        _place(carla_double, backend._ego, 0.1 * i, tilt=-10.0)
+        _, state = backend.step(np.zeros(2, np.float32))
+        steps.append((backend.world._frame, state.lane_invasion))
+        time.sleep(pause_s)
+    return steps
+
+
 @pytest.mark.parametrize("delay", [None, 0.02])
 def test_a_lane_change_is_one_invasion_on_the_frame_it_began(tmp_path, carla_double, monkeypatch, delay):
     """CARLA's lane-invasion sensor reports every corner of the bounding box that crosses a marking
@@ -374,11 +386,7 @@ def test_a_lane_change_is_one_invasion_on_the_frame_it_began(tmp_path, carla_dou
     try:
         env.reset(seed=0)
         events = _recorded(backend, "sensor.other.lane_invasion")
-        steps = []
-        for i in range(36):
-            _place(carla_double, backend._ego, 0.1 * i, tilt=-10.0)
-            _, state = backend.step(np.zeros(2, np.float32))
-            steps.append((backend.world._frame, state.lane_invasion))
+        steps = _change_lane(carla_double, backend)
         assert len(events) == 4 and all(len(e.crossed_lane_markings) == 1 for e in events), "one event per corner"
         assert len({e.frame for e in events}) == 4
         assert [frame for frame, invaded in steps if invaded] == [events[0].frame]
@@ -395,13 +403,8 @@ def test_a_late_event_counts_once_on_the_next_step(tmp_path, carla_double, monke
     try:
         env.reset(seed=0)
         events = _recorded(backend, "sensor.other.lane_invasion")
-        invaded = []
-        for i in range(36):
-            _place(carla_double, backend._ego, 0.1 * i, tilt=-10.0)
-            _, state = backend.step(np.zeros(2, np.float32))
-            invaded.append(state.lane_invasion)
-            time.sleep(0.1)  # the late events of this tick arrive before the next one
-        assert len(events) == 4 and sum(invaded) == 1
+        steps = _change_lane(carla_double, backend, pause_s=0.1)  # a tick's late events arrive before the next
+        assert len(events) == 4 and sum(invaded for _, invaded in steps) == 1
     finally:
         env.close()
 
