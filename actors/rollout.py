@@ -43,10 +43,11 @@ class RolloutWorker:
             raise ValueError(f"actor {index}: {len(noise_scales)} noise scales for actors.envs_per_actor={k} envs")
         self.cfg = cfg
         self.index = index
+        slots = [rollout_slot(cfg, index, j) for j in range(k)]
         self.envs: list[DrivingEnv] = []
         try:
-            for j in range(k):
-                self.envs.append(make_env(cfg, slot=rollout_slot(cfg, index, j)))
+            for slot in slots:
+                self.envs.append(make_env(cfg, slot=slot))
         except BaseException:
             self.close()  # servers already launched for this actor must not outlive it
             raise
@@ -57,8 +58,7 @@ class RolloutWorker:
         self.weights = VariableClient(weight_store, self.policy)
         self.weights.update(wait=True)  # start from the learner's current policy
         runners = []
-        for j, (env, scale) in enumerate(zip(self.envs, noise_scales)):
-            slot = rollout_slot(cfg, index, j)
+        for slot, env, scale in zip(slots, self.envs, noise_scales):
             # With one env per actor, the seeds of the runs before envs_per_actor existed.
             seed = cfg.seed + 1000 * (slot + 1) + 100_000 * incarnation
             actor = Actor(self.policy, cfg, np.random.default_rng(seed), torch.device("cpu"), scale)
@@ -72,9 +72,9 @@ class RolloutWorker:
         is the run's env-step count, for the exploration schedule."""
         k = len(self.envs)
         rounds = max(1, -(-steps // k))
+        sync = self.cfg.actors.weight_sync_steps
         finished: list[dict[str, float]] = []
         for i in range(rounds):
-            sync = self.cfg.actors.weight_sync_steps
             if (self.steps + k - 1) // sync != (self.steps - 1) // sync:  # a multiple of sync among this round's steps
                 self.weights.update()
             finished += self.runner.step(global_step + i * k, policy_version=max(self.weights.version, 0))

@@ -75,12 +75,7 @@ class ActorSupervisor:
             pending = sorted(self.restart_at) or sorted(set(self.handles) - self.reported) or sorted(self.handles)
             index = pending[-1]
             self.restart_at.pop(index, None)
-            handle = self.handles.pop(index, None)
-            for future in [f for f, i in self.futures.items() if i == index]:
-                del self.futures[future]
-            if handle is not None:
-                ray.kill(handle, no_restart=True)
-            self.reported.discard(index)
+            self._drop(index)
             self.retired += 1
             retired.append(index)
         if added or retired:
@@ -114,13 +109,17 @@ class ActorSupervisor:
                 self._bury(index, exc)
         return reports
 
-    def _bury(self, index: int, exc: Exception) -> None:
+    def _drop(self, index: int) -> None:
+        """Kills actor `index` (if it lives) and forgets its reports in flight."""
         handle = self.handles.pop(index, None)
         self.reported.discard(index)
         for future in [f for f, i in self.futures.items() if i == index]:
-            del self.futures[future]  # the queued report dies with the actor
+            del self.futures[future]  # a queued report dies with the actor
         if handle is not None:
             ray.kill(handle, no_restart=True)
+
+    def _bury(self, index: int, exc: Exception) -> None:
+        self._drop(index)
         self.consecutive_deaths[index] += 1
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if self.max_deaths and self.consecutive_deaths[index] >= self.max_deaths:

@@ -218,10 +218,10 @@ class TD3:
         """`critic_features`: the critic CNN's (detached) features of `batch.image`, as the critic
         update saw them before its step (DrQ-v2 reuses them too); computed here when not given."""
         t = self.cfg
+        if critic_features is None:
+            with torch.no_grad():
+                critic_features = self.encode(batch)
         with self._autocast():
-            if critic_features is None:
-                with torch.no_grad():
-                    critic_features = self.critic.cnn(batch.image)
             if t.actor_encoder == "critic":
                 # The actor reads the critic's features; its CNN only mirrors the critic's, so the
                 # published policy stays self-contained.

@@ -25,13 +25,13 @@ def step_seconds(cfg: Config) -> float:
 def check_backend(cfg: Config) -> None:
     """Fails at start, before anything is launched, for a backend that cannot be built; warns
     when the episode is too short for the route (smoke tests shorten episodes on purpose)."""
-    e = cfg.env
-    margin = route_time_margin(e, step_seconds(cfg))
+    e, dt = cfg.env, step_seconds(cfg)
+    margin = route_time_margin(e, dt)
     if margin < ROUTE_TIME_MARGIN:
         log.warning("route completion is out of reach: env.max_episode_steps=%d x %.3f s = %.1f s, but "
                     "env.route_length_m=%.0f at env.reward.target_speed=%.1f m/s takes %.1f s (margin %.2f < %.2f); "
                     "eval/success_rate will stay at 0. Raise max_episode_steps or shorten the route.",
-                    e.max_episode_steps, step_seconds(cfg), e.max_episode_steps * step_seconds(cfg),
+                    e.max_episode_steps, dt, e.max_episode_steps * dt,
                     e.route_length_m, e.reward.target_speed, e.route_length_m / e.reward.target_speed,
                     margin, ROUTE_TIME_MARGIN)
     if cfg.env.backend == "carla":

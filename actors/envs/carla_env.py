@@ -434,7 +434,7 @@ class CarlaBackend:
     `CarlaSession` in a client process of its own; a hung or dead server is relaunched with a new
     client process."""
 
-    dt = 1.0 / CARLA_FPS
+    dt = CarlaSession.dt
 
     def __init__(self, env_cfg: EnvConfig, cfg: CarlaConfig, slot: int) -> None:
         self.env_cfg = env_cfg
@@ -474,7 +474,9 @@ class CarlaBackend:
         self.client.join()
         self._conn.close()
 
-    def _request(self, method: str, *args: Any, timeout: float) -> Any:
+    def _request(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """The session's answer to `method(*args)`; `timeout` defaults to ANSWER_TIMEOUTS ticks' time-outs."""
+        timeout = ANSWER_TIMEOUTS * self.cfg.timeout_s if timeout is None else timeout
         try:
             self._conn.send((method, args))
         except OSError:
@@ -526,7 +528,7 @@ class CarlaBackend:
     def _in_episode(self, method: str, *args: Any) -> Any:
         """A request mid-episode: its failure loses the episode, and the next reset relaunches."""
         try:
-            return self._request(method, *args, timeout=ANSWER_TIMEOUTS * self.cfg.timeout_s)
+            return self._request(method, *args)
         except RuntimeError as exc:
             self.broken = True
             raise SimulatorFailure(f"CARLA env {self.server.slot} at {self.server.address}: {exc}") from exc
@@ -541,7 +543,7 @@ class CarlaBackend:
         session = {"carla_tick_ms": 0.0, "npc_spawn_failures": 0.0}
         if not self.broken:
             try:
-                session = self._request("metrics", timeout=ANSWER_TIMEOUTS * self.cfg.timeout_s)
+                session = self._request("metrics")
             except RuntimeError:
                 self.broken = True  # the next reset relaunches
         self.npc_spawn_failures += session["npc_spawn_failures"]
@@ -553,7 +555,7 @@ class CarlaBackend:
         a launched server."""
         try:
             if not self.broken:
-                self._request("close", timeout=ANSWER_TIMEOUTS * self.cfg.timeout_s)
+                self._request("close")
         except RuntimeError as exc:
             log.warning("CARLA env %d: cleanup on close failed: %s", self.server.slot, exc)
         finally:
