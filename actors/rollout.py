@@ -47,7 +47,7 @@ class RolloutWorker:
         self.envs: list[DrivingEnv] = []
         try:
             for slot in slots:
-                self.envs.append(make_env(cfg, slot=slot))
+                self.envs.append(make_env(cfg, slot=slot, training=True))
         except BaseException:
             self.close()  # servers already launched for this actor must not outlive it
             raise

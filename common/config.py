@@ -77,6 +77,11 @@ class EmbeddedConfig:
     ego light gray on the gray road; highway: highway-env's own drawing, thin outlines whose fill
     is within ~30 gray levels of the road (traffic barely shows; checkpoints from before this
     switch were trained on it)."""
+    random_start: bool = False
+    """Training episodes start on a random lane at a random place on the track (exploring starts),
+    so every curve is in the replay from the first episodes on; evaluation episodes (and the
+    baseline's) always start on the first straight, so their routes stay comparable. False: training
+    starts there too, and the curves beyond the first ~100 m are seen only once the policy reaches them."""
 
 
 @dataclass

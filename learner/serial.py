@@ -33,7 +33,7 @@ class SerialRun:
     def init(self) -> "SerialRun":
         cfg = self.cfg
         # The envs first: a simulator that cannot start then leaves no run directory or Redis behind.
-        self.env = make_env(cfg)
+        self.env = make_env(cfg, training=True)
         try:
             self.eval_env = make_env(cfg, slot=1)
         except BaseException:

@@ -56,8 +56,9 @@ def eval_slot(cfg: Config) -> int:
     return cfg.actors.num_actors * cfg.actors.envs_per_actor
 
 
-def make_env(cfg: Config, slot: int = 0) -> DrivingEnv:
-    """The env of `cfg.env.backend`, wrapped in the shared contract."""
+def make_env(cfg: Config, slot: int = 0, training: bool = False) -> DrivingEnv:
+    """The env of `cfg.env.backend`, wrapped in the shared contract; `training` envs (the
+    rollout's, not the evaluator's) honour `env.embedded.random_start`."""
     check_backend(cfg)
     if cfg.env.backend == "carla":
         from actors.envs.carla_env import CarlaBackend
@@ -65,4 +66,4 @@ def make_env(cfg: Config, slot: int = 0) -> DrivingEnv:
         return DrivingEnv(CarlaBackend(cfg.env, cfg.carla, slot), cfg.env)
     from actors.envs.highway import HighwayBackend
 
-    return DrivingEnv(HighwayBackend(cfg.env), cfg.env)
+    return DrivingEnv(HighwayBackend(cfg.env, random_start=training and cfg.env.embedded.random_start), cfg.env)

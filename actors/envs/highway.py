@@ -20,14 +20,16 @@ from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, to_ego_fr
 LaneIndex = tuple[str, str, int]
 VIDEO_SIZE = 256
 VIDEO_SCALING = 4.0
+START_CLEARANCE_M = 20.0  # highway-env's own spacing between vehicles it places at reset
 
 
 class HighwayBackend:
     """`DrivingBackend` over highway-env's RacetrackEnv."""
 
-    def __init__(self, cfg: EnvConfig) -> None:
+    def __init__(self, cfg: EnvConfig, random_start: bool = False) -> None:
         emb = cfg.embedded
         self.cfg = cfg
+        self.random_start = random_start
         self.dt = 1.0 / emb.policy_frequency
         self._env = RacetrackEnv(
             config={
@@ -128,6 +130,8 @@ class HighwayBackend:
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)
+        if self.random_start:
+            self._start_anywhere()
         ego = self._env.vehicle
         self._route = ego.lane_index
         self._lane_id = ego.lane_index[2]
@@ -135,6 +139,19 @@ class HighwayBackend:
         self._speed = float(ego.speed)
         self._s, lat, _ = self._advance_route(ego.position)
         return self._frame(), self._state(self._s, lat, 0.0, False)
+
+    def _start_anywhere(self) -> None:
+        """Moves the ego to a random lane and place on the track (drawn from the episode's seed),
+        removing traffic within START_CLEARANCE_M of it so the episode does not open on a crash."""
+        env = self._env
+        network, ego = env.road.network, env.vehicle
+        index = network.random_lane_index(env.np_random)
+        lane = network.get_lane(index)
+        s = env.np_random.uniform(0.0, lane.length)
+        ego.position, ego.heading = lane.position(s, 0.0), lane.heading_at(s)
+        ego.lane_index, ego.lane = index, lane
+        env.road.vehicles = [v for v in env.road.vehicles
+                             if v is ego or np.linalg.norm(v.position - ego.position) >= START_CLEARANCE_M]
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
         steer, throttle_brake = float(action[0]), float(action[1])
