@@ -218,3 +218,31 @@ def test_an_episode_too_short_for_its_route_is_named_at_start(caplog):
     caplog.clear()
     check_backend(load_config())
     assert "out of reach" not in caplog.text
+
+
+def test_random_starts_spread_training_over_the_track_and_leave_evaluation_alone():
+    cfg = load_config(overrides=["env.embedded.random_start=true", "env.scenario=1"])
+    train, evaluation = make_env(cfg, training=True), make_env(cfg)
+    try:
+        segments = set()
+        for seed in range(12):
+            _, info = train.reset(seed=seed)
+            backend = train.backend
+            segments.add(backend._route[:2])
+            ego = backend._env.vehicle
+            assert info["progress"] == 0.0 and ego.lane_index == backend._route
+            assert abs(ego.lane.local_coordinates(ego.position)[1]) < 1e-6  # on the lane centre
+            assert all(np.linalg.norm(v.position - ego.position) >= 20.0 for v in backend._env.road.vehicles if v is not ego)
+            evaluation.reset(seed=seed)
+            assert evaluation.backend._route[:2] == ("a", "b")  # the evaluation route is always the same
+        assert len(segments) >= 5
+        # The route from a random start is a whole route: the baseline completes it.
+        obs, _ = train.reset(seed=7)
+        policy, done, info = baseline_for(cfg, train.backend.dt), False, {}
+        while not done:
+            obs, _, terminated, truncated, info = train.step(policy(obs))
+            done = terminated or truncated
+        assert info["termination"] in ("route_completed", "collision")
+    finally:
+        train.close()
+        evaluation.close()
