@@ -2,6 +2,8 @@
 curves on a slow device, termination fractions and an annotated video — checked through
 TensorBoard's own HTTP API where it matters."""
 
+import ast
+import fnmatch
 import json
 import re
 import socket
@@ -28,6 +30,41 @@ def test_readme_metrics_table_is_the_tag_table():
     text = README.read_text()
     table = text.split("<!-- tags:begin -->\n", 1)[1].split("\n<!-- tags:end -->", 1)[0]
     assert table == markdown_table(), "README's metrics table is stale: paste `python -m common.tags` into it"
+
+
+def _logged_tag_patterns() -> set[str]:
+    """Every string in the roles' code that can name a metric: literals and f-strings (each
+    replacement field as `*`) that start with a known prefix; the tag table itself excluded."""
+    from common.metrics import PREFIXES
+
+    root = README.parent
+    patterns = set()
+    for path in [p for role in ("actors", "learner", "common", "replay_server") for p in (root / role).rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        table = {id(n) for node in ast.walk(tree) if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TAGS"
+                 for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in table:
+                continue
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                patterns.add(node.value)
+            elif isinstance(node, ast.JoinedStr):
+                patterns.add("".join(v.value if isinstance(v, ast.Constant) else "*" for v in node.values))
+    return {p for p in patterns if p.startswith(PREFIXES) and not re.search(r"\s", p)}
+
+
+def test_every_described_tag_is_logged_somewhere():
+    """The other half of the README check: no row for a tag the code never logs. A catch-all such
+    as f"eval/{name}" only vouches for a row that is itself a catch-all."""
+    patterns = _logged_tag_patterns()
+    specific = {p for p in patterns if not re.fullmatch(r"\w+/[*_]*", p)}
+
+    def logged(tag: str) -> bool:
+        return tag in patterns or any(fnmatch.fnmatchcase(tag.replace("*", "x"), p)
+                                      or fnmatch.fnmatchcase(p.replace("*", "x"), tag) for p in specific)
+
+    assert not [tag for tag in TAGS if not logged(tag)]
+    assert not logged("train/never_logged") and not logged("debug/nothing_*")  # the check can fail
 
 
 def test_every_tag_in_the_overview_is_described():
