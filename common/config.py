@@ -144,6 +144,11 @@ class CarlaConfig:
     setup_timeout_s: float = 300.0
     """Client time-out while connecting and loading the map, which takes minutes on a cold
     server (the leaderboard allows 300 s for setup and 60 s per tick); ticks use `timeout_s`."""
+    client_worker_threads: int = 2
+    """Streaming threads of each CARLA client (`carla.Client(worker_threads=)`), which receive the
+    world-tick and sensor streams and run the sensor callbacks; two let a tick through while a
+    camera image is handled. libcarla's default, 0, starts one per hardware thread of the node:
+    dozens in every env's client process on a big node, for four streams."""
     gpus: list[int] = field(default_factory=list)
     """GPUs launched servers render on, as Vulkan adapter indices on their node: env slot s gets
     `-graphicsadapter=gpus[s % len(gpus)]`, so consecutive slots (one host's servers under
@@ -610,6 +615,8 @@ def validate(cfg: Config) -> None:
              "carla.timeout_s, carla.start_timeout_s and carla.setup_timeout_s must be > 0")
     _require(c.restart_every_episodes >= 0, "carla.restart_every_episodes must be >= 0")
     _require(0 < c.port < 65536 and 0 < c.tm_port < 65536, "carla.port and carla.tm_port must be TCP ports")
+    _require(c.client_worker_threads >= 0,
+             f"carla.client_worker_threads={c.client_worker_threads} must be >= 0 (0: one per hardware thread)")
     _require(min(c.gpus, default=0) >= 0 and len(set(c.gpus)) == len(c.gpus),
              f"carla.gpus={c.gpus} must list distinct GPU indices >= 0 (empty: the default adapter)")
     emb = e.embedded

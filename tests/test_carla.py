@@ -286,6 +286,15 @@ def test_map_loading_gets_the_setup_timeout_and_ticks_the_short_one(tmp_path, ca
     assert port_free(cfg.carla.port), "the server launched for it is stopped"
 
 
+def test_clients_start_few_streaming_threads(tmp_path, carla_double):
+    """libcarla's default (0) starts a streaming thread per hardware thread in every client: the
+    server's readiness probe and the session's client both ask for `carla.client_worker_threads`."""
+    assert load_config().carla.client_worker_threads > 0
+    env = session_env(carla_config(tmp_path, "carla.client_worker_threads=3"))
+    env.close()
+    assert len(carla_double._worker_threads) >= 2 and set(carla_double._worker_threads) == {3}
+
+
 def test_a_camera_silent_on_its_first_ticks_is_no_server_failure(tmp_path, carla_double, monkeypatch):
     """Sensors may send nothing on the first ticks after they are created (leaderboard#171): the
     env settles for `carla.settle_ticks` before its first observation instead of relaunching."""

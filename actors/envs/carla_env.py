@@ -189,7 +189,7 @@ class CarlaSession:
 
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> None:
-        self.client = self.carla.Client(self.cfg.host, self.ports.rpc)
+        self.client = self.carla.Client(self.cfg.host, self.ports.rpc, worker_threads=self.cfg.client_worker_threads)
         self.client.set_timeout(self.cfg.setup_timeout_s)  # a cold server loads its map for minutes
         world = self.client.get_world()
         if not world.get_map().name.endswith(self.cfg.town):

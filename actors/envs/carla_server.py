@@ -137,7 +137,7 @@ class CarlaServer:
                     f"before answering; its log ends:\n{self.log_tail()}"
                 )
             try:
-                client = carla.Client(self.cfg.host, self.ports.rpc)
+                client = carla.Client(self.cfg.host, self.ports.rpc, worker_threads=self.cfg.client_worker_threads)
                 client.set_timeout(min(self.cfg.timeout_s, 5.0))
                 client.get_server_version()
                 return

@@ -606,11 +606,15 @@ class _Connection:
 
 _worlds: dict[tuple[str, int, str], World] = {}
 """Worlds by server incarnation: a relaunched server starts empty, as a real one does."""
+_worker_threads: list[int] = []
+"""`worker_threads` of every Client made in this process, in order: libcarla's client starts that
+many streaming threads, or one per hardware thread for 0 (client/detail/Client.cpp)."""
 
 
 class Client:
     def __init__(self, host: str = "127.0.0.1", port: int = 2000, worker_threads: int = 0) -> None:
         self._host, self._port, self._timeout = host, port, 5.0
+        _worker_threads.append(worker_threads)
         self._conn: _Connection | None = None
 
     def _connection(self) -> _Connection:
