@@ -157,6 +157,11 @@ class CarlaConfig:
     quality_level: Literal["Epic", "Low"] = "Epic"
     """Rendering quality of launched servers; Low (`-quality-level=Low`) renders faster, with
     simpler materials and no shadows."""
+    server_cpus: int = 0
+    """CPUs each launched server is pinned to (its CPU affinity, which CarlaUE4.sh's binary and all
+    its threads inherit): slot s gets `server_cpus` consecutive CPUs of those the actor may use,
+    from the (s * server_cpus)-th on, wrapping, so a node's servers spread over its cores; UE4 also
+    sizes its task-graph worker pool from the CPUs it may use. 0 leaves servers unpinned."""
     start_timeout_s: float = 120.0
     """Deadline for a server to answer after a launch or restart, or when connecting; then the env
     fails with an error naming the address."""
@@ -617,6 +622,7 @@ def validate(cfg: Config) -> None:
     _require(0 < c.port < 65536 and 0 < c.tm_port < 65536, "carla.port and carla.tm_port must be TCP ports")
     _require(c.client_worker_threads >= 0,
              f"carla.client_worker_threads={c.client_worker_threads} must be >= 0 (0: one per hardware thread)")
+    _require(c.server_cpus >= 0, f"carla.server_cpus={c.server_cpus} must be >= 0 (0: servers unpinned)")
     _require(min(c.gpus, default=0) >= 0 and len(set(c.gpus)) == len(c.gpus),
              f"carla.gpus={c.gpus} must list distinct GPU indices >= 0 (empty: the default adapter)")
     emb = e.embedded

@@ -676,6 +676,26 @@ def test_each_server_slot_renders_on_its_own_gpu():
     assert adapters("carla.gpus=[0]") == [["-graphicsadapter=0"]] * 6
 
 
+def test_each_server_slot_runs_on_its_own_cpus(tmp_path, carla_double, monkeypatch):
+    """carla.server_cpus pins each launched server, the binary CarlaUE4.sh starts included, to CPUs
+    of its own, taken by slot from those the actor may use; unset, servers run unpinned."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cfg = carla_config(tmp_path, "carla.server_cpus=1").carla
+    server = CarlaServer(cfg, 1)
+    server.start()
+    try:
+        pinned = {allowed[1 % len(allowed)]}
+        assert server.cpus == pinned
+        assert os.sched_getaffinity(server.process.pid) == os.sched_getaffinity(_child_pid(server.log_path)) == pinned
+        assert f"on CPUs {sorted(pinned)}" in server.log_path.read_text()
+    finally:
+        server.kill()
+    assert CarlaServer(carla_config(tmp_path).carla, 1).cpus is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    cfg = carla_config(tmp_path, "carla.server_cpus=3").carla
+    assert [CarlaServer(cfg, slot).cpus for slot in range(3)] == [{0, 1, 2}, {3, 4, 5}, {6, 7, 0}]
+
+
 def _runner(env, chunks):
     cfg = load_config(overrides=["td3.learning_starts=1000000"])
     adder = ChunkAdder(actor_id=0, chunk_steps=8, sink=chunks.append)

@@ -3,13 +3,15 @@ we connect to and wait for.
 
 Env slot i (rollout actors 0..n-1, then the evaluator) uses RPC port `port + 4i` (streaming +1,
 secondary +2) and Traffic Manager port `tm_port + i`, so several actors on one node never collide.
-With `gpus` set, slot i renders on GPU `gpus[i % len(gpus)]`.
+With `gpus` set, slot i renders on GPU `gpus[i % len(gpus)]`; with `server_cpus` set, it runs on
+that many CPUs (its affinity, inherited by every process and thread of the server).
 A launched server runs in its own process group (CarlaUE4.sh starts the real binary as a child),
 which is killed as a whole; its stdout and stderr go to `<log_dir>/carla_<slot>.log`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -72,6 +74,14 @@ def allocate_ports(cfg: CarlaConfig, slot: int, free=port_free) -> Ports:
     )
 
 
+def _in_child(cpus: set[int] | None) -> None:
+    """preexec_fn of a launched server: it dies with its actor, and runs on `cpus` when given (set
+    before exec, so CarlaUE4.sh's binary and all its threads inherit them)."""
+    die_with_parent()
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
 class CarlaServer:
     """The server behind one env; `restarts` counts relaunches (hangs, deaths, scheduled)."""
 
@@ -93,6 +103,16 @@ class CarlaServer:
         gpus = self.cfg.gpus
         return gpus[self.slot % len(gpus)] if gpus else None
 
+    @property
+    def cpus(self) -> set[int] | None:
+        """The CPUs this env's launched server is pinned to, `server_cpus` of those this process may
+        use, taken by slot like `gpus`; None leaves it unpinned."""
+        n = self.cfg.server_cpus
+        if not n:
+            return None
+        allowed = sorted(os.sched_getaffinity(0))
+        return {allowed[(self.slot * n + i) % len(allowed)] for i in range(n)}
+
     def command(self) -> list[str]:
         # UE4's Vulkan RHI reads -graphicsadapter=N (it overrides r.GraphicsAdapter); without it
         # every server of a node renders on the same GPU.
@@ -107,21 +127,23 @@ class CarlaServer:
     def start(self) -> None:
         if self.cfg.launch:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            cpus = self.cpus
+            pinned = "" if cpus is None else f" on CPUs {sorted(cpus)}"
             with open(self.log_path, "ab") as out:
-                out.write(f"\n--- launch {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(self.command())}\n".encode())
+                out.write(f"\n--- launch {time.strftime('%Y-%m-%d %H:%M:%S')}{pinned}: {shlex.join(self.command())}\n".encode())
                 out.flush()
                 try:
                     self.process = subprocess.Popen(
                         self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                        start_new_session=True, preexec_fn=die_with_parent,
+                        start_new_session=True, preexec_fn=functools.partial(_in_child, cpus),
                     )
                 except OSError as exc:
                     raise CarlaUnavailable(
                         f"carla.server_command '{self.cfg.server_command}' cannot be started on this node: {exc}; "
                         "point it at CarlaUE4.sh, or set carla.launch=false to connect to running servers"
                     ) from exc
-            log.info("CARLA server for env %d launched (pid %d) on %s, log %s",
-                     self.slot, self.process.pid, self.address, self.log_path)
+            log.info("CARLA server for env %d launched (pid %d) on %s%s, log %s",
+                     self.slot, self.process.pid, self.address, pinned, self.log_path)
         self.wait_ready()
 
     def wait_ready(self) -> None:
