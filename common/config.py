@@ -161,7 +161,8 @@ class CarlaConfig:
     """CPUs each launched server is pinned to (its CPU affinity, which CarlaUE4.sh's binary and all
     its threads inherit): slot s gets `server_cpus` consecutive CPUs of those the actor may use,
     from the (s * server_cpus)-th on, wrapping, so a node's servers spread over its cores; UE4 also
-    sizes its task-graph worker pool from the CPUs it may use. 0 leaves servers unpinned."""
+    sizes its task-graph worker pool from the CPUs it may use. Ray reserves them for the actor
+    (`actors.num_cpus`). 0 leaves servers unpinned, one CPU reserved for each."""
     start_timeout_s: float = 120.0
     """Deadline for a server to answer after a launch or restart, or when connecting; then the env
     fails with an error naming the address."""
@@ -352,7 +353,10 @@ class ActorsConfig:
     steps_per_report: int = 200
     """Env steps an actor runs between two reports to the learner (episode stats, speed)."""
     num_cpus: float = 0.5
-    """CPUs each rollout actor and the evaluator reserve in Ray (fractions let 2 actors fit 2 cores)."""
+    """CPUs each rollout actor and the evaluator reserve in Ray for themselves and their env clients
+    (fractions let 2 actors fit 2 cores). With `carla.launch`, each also reserves a CPU for every
+    server it launches (`carla.server_cpus` when set), which busy-waits for the next tick in
+    synchronous mode: a rollout actor reserves num_cpus + envs_per_actor, the evaluator num_cpus + 1."""
     resources: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources each rollout actor needs, e.g. {carla: 1} to land on CARLA nodes."""
     elastic_resource: str = ""

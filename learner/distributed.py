@@ -36,14 +36,25 @@ PERF_EVERY_S = 5.0
 TRAIN_SLICE_S = 0.25
 
 
+def worker_cpus(cfg: Config, envs: int) -> float:
+    """CPUs a Ray worker stepping `envs` envs reserves: `actors.num_cpus` for itself and its env
+    clients, and for each CARLA server it launches `carla.server_cpus`, at least one: in synchronous
+    mode a server's game thread busy-waits for the next tick, so it holds a core of its own even
+    while the actor waits for it, and Ray must not place more servers on a node than it has cores."""
+    c = cfg.carla
+    servers = envs if cfg.env.backend == "carla" and c.launch else 0
+    return cfg.actors.num_cpus + servers * max(c.server_cpus, 1)
+
+
 def start_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     if cfg.learner.ray_address:
         ray.init(address=cfg.learner.ray_address, log_to_driver=True)
         return
-    # On a local cluster the learner shares the cores with the actors: leave them theirs.
-    reserved = (cfg.actors.num_actors + 1) * cfg.actors.num_cpus
+    # On a local cluster the learner shares the cores with the actors and their servers: leave them theirs.
+    a = cfg.actors
+    reserved = a.num_actors * worker_cpus(cfg, a.envs_per_actor) + worker_cpus(cfg, 1)  # the evaluator steps one env
     torch.set_num_threads(max(1, int((os.cpu_count() or 1) - reserved)))
     ray.init(
         include_dashboard=cfg.learner.ray_dashboard,
@@ -73,7 +84,7 @@ class DistributedRun:
         a = cfg.actors
         k = a.envs_per_actor
         scales = noise_scales(a.num_actors * k, a.noise_scale_min, a.noise_scale_max)
-        remote_worker = ray.remote(RolloutWorker).options(num_cpus=a.num_cpus, resources=a.resources or None)
+        remote_worker = self._remote(RolloutWorker, k)
         url = self.core.replay.url
 
         def make(index: int, incarnation: int) -> Any:
@@ -108,11 +119,14 @@ class DistributedRun:
         for index in retired:
             self.actor_versions.pop(index, None)  # its last report's counters stay in the totals
 
-    def _make_evaluator(self) -> Any:
-        # It needs an env like a rollout actor, so the same resources (a CARLA node for CARLA).
+    def _remote(self, worker: type, envs: int) -> Any:
+        """The Ray actor class of `worker`, a rollout worker or the evaluator, stepping `envs` envs:
+        its CPUs (`worker_cpus`) and `actors.resources` (a CARLA node for CARLA)."""
         a = self.cfg.actors
-        return ray.remote(EvalWorker).options(num_cpus=a.num_cpus, resources=a.resources or None).remote(
-            dataclasses.asdict(self.cfg))
+        return ray.remote(worker).options(num_cpus=worker_cpus(self.cfg, envs), resources=a.resources or None)
+
+    def _make_evaluator(self) -> Any:
+        return self._remote(EvalWorker, 1).remote(dataclasses.asdict(self.cfg))
 
     def _publish(self) -> None:
         start = time.perf_counter()

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from common.config import load_config
+from learner.distributed import worker_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"REDIS_PASSWORD": "test-password", "RAY_AUTH_TOKEN": "test-token"}
@@ -92,6 +93,17 @@ def test_images_run_as_non_root_and_entrypoints_exist():
     assert '--resources="{\\"carla\\": ${CARLA_SLOTS:-1}}"' in (ROOT / "deploy/docker/actor-entrypoint.sh").read_text()
     cfg = load_config(ROOT / "deploy/configs/carla.yaml")
     assert cfg.env.backend == "carla" and cfg.actors.resources == {"carla": 1.0} and cfg.carla.launch
+
+
+def test_a_carla_worker_has_the_cpus_its_actors_reserve():
+    """Ray places an actor only on a node with its CPUs free: the default WORKER_CPUS covers
+    CARLA_SLOTS actors of the CARLA config, each with its own CPU and one per server it launches."""
+    env = dict(re.findall(r"^(\w+)=(.*)$", (ROOT / ".env.example").read_text(), re.M))
+    compose = (ROOT / "docker-compose.yml").read_text()
+    for var in ("WORKER_CPUS", "CARLA_SLOTS"):
+        assert f"${{{var}:-{env[var]}}}" in compose, f"docker-compose.yml's default {var} is .env.example's"
+    cfg = load_config(ROOT / "deploy/configs/carla.yaml")
+    assert float(env["WORKER_CPUS"]) >= int(env["CARLA_SLOTS"]) * worker_cpus(cfg, cfg.actors.envs_per_actor)
 
 
 def test_actor_image_brings_a_python_the_carla_wheel_exists_for():

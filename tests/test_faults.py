@@ -171,7 +171,9 @@ def test_an_actor_that_can_never_start_stops_the_run(tmp_path, capsys):
     sets = [arg for o in FAST for arg in ("--set", o)]
     rc = main(["--logdir", str(tmp_path), "--num-actors", "1", *sets, "--set", "eval.freq=0",
                "--set", "env.backend=carla", "--set", "carla.server_command=/nonexistent/CarlaUE4.sh",
-               "--set", "actors.max_consecutive_deaths=2", "--set", "actors.restart_backoff_s=0.1"])
+               "--set", "actors.max_consecutive_deaths=2", "--set", "actors.restart_backoff_s=0.1",
+               # Each also reserves a CPU for its server: the actor and the evaluator fit 2 cores.
+               "--set", "actors.num_cpus=0"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "rollout actor 0 died 2 times in a row" in err and "/nonexistent/CarlaUE4.sh" in err
