@@ -77,11 +77,14 @@ class EmbeddedConfig:
     ego light gray on the gray road; highway: highway-env's own drawing, thin outlines whose fill
     is within ~30 gray levels of the road (traffic barely shows; checkpoints from before this
     switch were trained on it)."""
-    random_start: bool = False
-    """Training episodes start on a random lane at a random place on the track (exploring starts),
-    so every curve is in the replay from the first episodes on; evaluation episodes (and the
-    baseline's) always start on the first straight, so their routes stay comparable. False: training
-    starts there too, and the curves beyond the first ~100 m are seen only once the policy reaches them."""
+    training_start: Literal["fixed", "anywhere", "anywhere_with_lead"] = "fixed"
+    """Where training episodes start; evaluation episodes (and the baseline's) always start at
+    highway-env's place, 20-50 m into the first straight with a slow lead car on the next segment, so
+    their routes stay comparable. fixed: training starts there too, and the curves beyond the first
+    ~100 m are seen only once the policy reaches them. anywhere: a random lane and place on the track
+    (exploring starts), so every curve is in the replay from the first episodes on; the lead car
+    stays where highway-env put it. anywhere_with_lead: the same, with the lead car moved onto the
+    segment after the ego's, as at the fixed start."""
 
 
 @dataclass

@@ -220,8 +220,9 @@ def test_an_episode_too_short_for_its_route_is_named_at_start(caplog):
     assert "out of reach" not in caplog.text
 
 
-def test_random_starts_spread_training_over_the_track_and_leave_evaluation_alone():
-    cfg = load_config(overrides=["env.embedded.random_start=true", "env.scenario=1"])
+@pytest.mark.parametrize("start", ["anywhere", "anywhere_with_lead"])
+def test_random_starts_spread_training_over_the_track_and_leave_evaluation_alone(start):
+    cfg = load_config(overrides=[f"env.embedded.training_start={start}", "env.scenario=1"])
     train, evaluation = make_env(cfg, training=True), make_env(cfg)
     try:
         segments = set()
@@ -229,10 +230,13 @@ def test_random_starts_spread_training_over_the_track_and_leave_evaluation_alone
             _, info = train.reset(seed=seed)
             backend = train.backend
             segments.add(backend._route[:2])
-            ego = backend._env.vehicle
+            ego, *others = backend._env.road.vehicles
             assert info["progress"] == 0.0 and ego.lane_index == backend._route
             assert abs(ego.lane.local_coordinates(ego.position)[1]) < 1e-6  # on the lane centre
-            assert all(np.linalg.norm(v.position - ego.position) >= 20.0 for v in backend._env.road.vehicles if v is not ego)
+            if start == "anywhere_with_lead":  # the lead car on the next segment of the ego's lane
+                lead, *others = others
+                assert lead.lane_index == lead.target_lane_index == backend._next_on_route(backend._route)
+            assert all(np.linalg.norm(v.position - ego.position) >= 20.0 for v in others)
             evaluation.reset(seed=seed)
             assert evaluation.backend._route[:2] == ("a", "b")  # the evaluation route is always the same
         assert len(segments) >= 5

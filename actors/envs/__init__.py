@@ -58,7 +58,7 @@ def eval_slot(cfg: Config) -> int:
 
 def make_env(cfg: Config, slot: int = 0, training: bool = False) -> DrivingEnv:
     """The env of `cfg.env.backend`, wrapped in the shared contract; `training` envs (the
-    rollout's, not the evaluator's) honour `env.embedded.random_start`."""
+    rollout's, not the evaluator's) honour `env.embedded.training_start`."""
     check_backend(cfg)
     if cfg.env.backend == "carla":
         from actors.envs.carla_env import CarlaBackend
@@ -66,4 +66,4 @@ def make_env(cfg: Config, slot: int = 0, training: bool = False) -> DrivingEnv:
         return DrivingEnv(CarlaBackend(cfg.env, cfg.carla, slot), cfg.env)
     from actors.envs.highway import HighwayBackend
 
-    return DrivingEnv(HighwayBackend(cfg.env, random_start=training and cfg.env.embedded.random_start), cfg.env)
+    return DrivingEnv(HighwayBackend(cfg.env, cfg.env.embedded.training_start if training else "fixed"), cfg.env)

@@ -26,10 +26,11 @@ START_CLEARANCE_M = 20.0  # highway-env's own spacing between vehicles it places
 class HighwayBackend:
     """`DrivingBackend` over highway-env's RacetrackEnv."""
 
-    def __init__(self, cfg: EnvConfig, random_start: bool = False) -> None:
+    def __init__(self, cfg: EnvConfig, start: str = "fixed") -> None:
+        """`start`: where episodes start, one of `EmbeddedConfig.training_start`'s values."""
         emb = cfg.embedded
         self.cfg = cfg
-        self.random_start = random_start
+        self.start = start
         self.dt = 1.0 / emb.policy_frequency
         self._env = RacetrackEnv(
             config={
@@ -130,8 +131,8 @@ class HighwayBackend:
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)
-        if self.random_start:
-            self._start_anywhere()
+        if self.start != "fixed":
+            self._start_anywhere(with_lead=self.start == "anywhere_with_lead")
         ego = self._env.vehicle
         self._route = ego.lane_index
         self._lane_id = ego.lane_index[2]
@@ -140,18 +141,23 @@ class HighwayBackend:
         self._s, lat, _ = self._advance_route(ego.position)
         return self._frame(), self._state(self._s, lat, 0.0, False)
 
-    def _start_anywhere(self) -> None:
-        """Moves the ego to a random lane and place on the track (drawn from the episode's seed),
-        removing traffic within START_CLEARANCE_M of it so the episode does not open on a crash."""
+    def _start_anywhere(self, with_lead: bool) -> None:
+        """Moves the ego to a random lane and place on the track (drawn from the episode's seed)
+        and, `with_lead`, highway-env's lead car (the vehicle it places right after the ego) to a
+        random place on the segment ahead in the ego's lane; removes the rest of the traffic within
+        START_CLEARANCE_M of either, so the episode does not open on a crash."""
         env = self._env
-        network, ego = env.road.network, env.vehicle
-        index = network.random_lane_index(env.np_random)
-        lane = network.get_lane(index)
-        s = env.np_random.uniform(0.0, lane.length)
-        ego.position, ego.heading = lane.position(s, 0.0), lane.heading_at(s)
-        ego.lane_index, ego.lane = index, lane
-        env.road.vehicles = [v for v in env.road.vehicles
-                             if v is ego or np.linalg.norm(v.position - ego.position) >= START_CLEARANCE_M]
+        network, rng, ego = env.road.network, env.np_random, env.vehicle
+        index = network.random_lane_index(rng)
+        _place(ego, network, index, rng.uniform(0.0, network.get_lane(index).length))
+        placed = [ego]
+        if with_lead and len(env.road.vehicles) > 1:
+            lead, ahead = env.road.vehicles[1], self._next_on_route(index)
+            _place(lead, network, ahead, rng.uniform(0.0, network.get_lane(ahead).length))
+            placed.append(lead)
+        env.road.vehicles = placed + [
+            v for v in env.road.vehicles
+            if v not in placed and all(np.linalg.norm(v.position - p.position) >= START_CLEARANCE_M for p in placed)]
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
         steer, throttle_brake = float(action[0]), float(action[1])
@@ -179,3 +185,12 @@ class HighwayBackend:
     def close(self) -> None:
         self._env.close()
 
+
+def _place(vehicle, network, index: LaneIndex, s: float) -> None:
+    """Puts `vehicle` on the centre of lane `index` at `s`, heading along it; a traffic vehicle
+    also targets that lane (it would steer back to its old one otherwise)."""
+    lane = network.get_lane(index)
+    vehicle.position, vehicle.heading = lane.position(s, 0.0), lane.heading_at(s)
+    vehicle.lane_index, vehicle.lane = index, lane
+    if hasattr(vehicle, "target_lane_index"):
+        vehicle.target_lane_index = index

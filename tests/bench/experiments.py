@@ -222,7 +222,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+nstep5": ["td3.n_step=5"],
     "default-noise": ["actors.expl_noise_start=0.3"],
     "default+gate": ["env.reward.lane_keeping_speed_gate=true"],
-    "default+random-start": ["env.embedded.random_start=true"],
+    "default+start-anywhere": ["env.embedded.training_start=anywhere"],
+    "default+start-anywhere-lead": ["env.embedded.training_start=anywhere_with_lead"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
