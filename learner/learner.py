@@ -58,8 +58,19 @@ class Learner:
         warming_up = self.agent.updates <= self.cfg.td3.critic_warmup_updates
         return late and ("train/actor_loss" in metrics or warming_up)
 
+    def budget_step(self, env_step: int) -> int:
+        """The env step whose data budget the latest update spends: learning_starts + updates /
+        updates_per_step, at most `env_step`. The learner's x-axis: in step with the env steps when
+        the learner keeps up (serial mode), and still a curve, not a stack of points at one step,
+        when actors run ahead of a slow learner and wait for it (distributed mode on a CPU)."""
+        ups = self.cfg.learner.updates_per_step
+        if ups <= 0:
+            return env_step
+        return min(env_step, self.cfg.td3.learning_starts + round(self.agent.updates / ups))
+
     def _log(self, metrics: dict[str, float], env_step: int) -> None:
         self._last_log = time.monotonic()
+        env_step = self.budget_step(env_step)
         self.logger.log({**metrics, "train/updates": self.agent.updates, **reference_lines()}, env_step)
         if self.agent.last_actions is not None and "train/actor_loss" in metrics:
             for i, name in enumerate(ACTION_NAMES):

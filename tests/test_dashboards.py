@@ -93,10 +93,11 @@ def test_termination_fractions_cover_the_last_episodes():
 
 class Recorder:
     def __init__(self):
-        self.logged, self.histograms = [], []
+        self.logged, self.histograms, self.steps = [], [], []
 
     def log(self, metrics, step):
         self.logged.append(metrics)
+        self.steps.append(step)
 
     def histogram(self, tag, values, step):
         self.histograms.append(tag)
@@ -121,6 +122,25 @@ def test_learner_logs_by_time_on_a_slow_device():
     assert [m["train/updates"] for m in logged] == [2.0, 4.0]
     assert all("train/actor_loss" in m for m in logged)
     assert {"debug/q", "debug/action_steer"} <= set(learner.logger.histograms)
+
+
+def test_learner_curves_advance_while_actors_wait_for_a_slow_learner():
+    """Distributed mode on a CPU: the actors run ahead and wait, so the env step stands still for
+    hundreds of updates; the learner's points go at the env step whose budget each update spends."""
+    from learner.learner import Learner
+    from learner.td3 import TD3
+    from replay_server.ring import FrameRing
+    from tests.conftest import random_batch_arrays
+
+    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "td3.critic_warmup_updates=0",
+                                 "td3.learning_starts=500", "learner.updates_per_step=0.5", "logging.log_interval=2"])
+    torch.manual_seed(0)
+    learner = Learner(TD3(cfg, torch.device("cpu")), FrameRing(16), cfg, Recorder(), np.random.default_rng(0))
+    learner.limiter.sample = lambda ring, b, rng, n_step, gamma: random_batch_arrays(4)
+    for _ in range(6):
+        learner.step(env_step=1600)  # owed 550 updates; the env step does not move while they are worked off
+    assert learner.logger.steps == [504, 508, 512]  # learning_starts + updates / updates_per_step
+    assert learner.budget_step(env_step=505) == 505  # never ahead of the env steps
 
 
 def test_evaluation_video_is_annotated_and_real_time():
