@@ -30,6 +30,9 @@ def _stream_key_and_url(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Started in the background by a shell without job control (`make test &`), this process
+    # inherits SIGINT ignored, and "Ctrl-C stops it" would not hold.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = load_config(args.config, args.overrides)
     server = RedisServer(Path(args.dir), port=args.port, password=args.password, aof=cfg.replay.aof,
                          fsync=cfg.replay.aof_fsync).start()

@@ -205,16 +205,19 @@ def _refuses(port: int, within_s: float = 5.0) -> bool:
     return False
 
 
-def _start(args: list[str]) -> tuple["subprocess.Popen", int]:
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def _start(args: list[str], **popen: object) -> tuple["subprocess.Popen", int]:
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, **popen)
     line = proc.stdout.readline()
     port = int(line.strip().rsplit(":", 1)[-1].split("/")[0])
     redis.Redis(port=port).ping()
     return proc, port
 
 
-def test_serve_stops_redis_on_ctrl_c(tmp_path):
-    proc, port = _start(["-m", "replay_server", "serve", "--dir", str(tmp_path / "r")])
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_serve_stops_redis_on_ctrl_c(tmp_path, inherited):
+    # "ignored": started by a shell without job control in the background, which ignores SIGINT.
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
+    proc, port = _start(["-m", "replay_server", "serve", "--dir", str(tmp_path / "r")], preexec_fn=ignore)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=15) == 0
     assert _refuses(port)
