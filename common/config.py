@@ -60,6 +60,9 @@ class RewardConfig:
     """Progress-component bonus on the step the route is completed."""
 
 
+TrainingStart = Literal["fixed", "anywhere", "anywhere_with_lead"]
+
+
 @dataclass
 class EmbeddedConfig:
     """The embedded simulator (highway-env racetrack with traffic)."""
@@ -77,7 +80,7 @@ class EmbeddedConfig:
     ego light gray on the gray road; highway: highway-env's own drawing, thin outlines whose fill
     is within ~30 gray levels of the road (traffic barely shows; checkpoints from before this
     switch were trained on it)."""
-    training_start: Literal["fixed", "anywhere", "anywhere_with_lead"] = "fixed"
+    training_start: TrainingStart = "fixed"
     """Where training episodes start; evaluation episodes (and the baseline's) always start at
     highway-env's place, 20-50 m into the first straight with a slow lead car on the next segment, so
     their routes stay comparable. fixed: training starts there too, and the curves beyond the first

@@ -63,9 +63,7 @@ class Learner:
         updates_per_step, at most `env_step`. The learner's x-axis: in step with the env steps when
         the learner keeps up (serial mode), and still a curve, not a stack of points at one step,
         when actors run ahead of a slow learner and wait for it (distributed mode on a CPU)."""
-        ups = self.cfg.learner.updates_per_step
-        if ups <= 0:
-            return env_step
+        ups = self.cfg.learner.updates_per_step  # > 0 (validated)
         return min(env_step, self.cfg.td3.learning_starts + round(self.agent.updates / ups))
 
     def _log(self, metrics: dict[str, float], env_step: int) -> None:

@@ -103,17 +103,22 @@ class Recorder:
         self.histograms.append(tag)
 
 
-def test_learner_logs_by_time_on_a_slow_device():
+def recorded_learner(*overrides: str):
+    """A CPU learner on batches of 4 random transitions, logging into a `Recorder`."""
     from learner.learner import Learner
     from learner.td3 import TD3
     from replay_server.ring import FrameRing
     from tests.conftest import random_batch_arrays
 
-    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "td3.critic_warmup_updates=0",
-                                 "logging.log_interval=1000", "logging.log_seconds=0.001"])
+    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "td3.critic_warmup_updates=0", *overrides])
     torch.manual_seed(0)
     learner = Learner(TD3(cfg, torch.device("cpu")), FrameRing(16), cfg, Recorder(), np.random.default_rng(0))
     learner.limiter.sample = lambda ring, b, rng, n_step, gamma: random_batch_arrays(4)
+    return learner
+
+
+def test_learner_logs_by_time_on_a_slow_device():
+    learner = recorded_learner("logging.log_interval=1000", "logging.log_seconds=0.001")
     for _ in range(4):
         time.sleep(0.002)
         learner.step(env_step=10)
@@ -127,16 +132,7 @@ def test_learner_logs_by_time_on_a_slow_device():
 def test_learner_curves_advance_while_actors_wait_for_a_slow_learner():
     """Distributed mode on a CPU: the actors run ahead and wait, so the env step stands still for
     hundreds of updates; the learner's points go at the env step whose budget each update spends."""
-    from learner.learner import Learner
-    from learner.td3 import TD3
-    from replay_server.ring import FrameRing
-    from tests.conftest import random_batch_arrays
-
-    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "td3.critic_warmup_updates=0",
-                                 "td3.learning_starts=500", "learner.updates_per_step=0.5", "logging.log_interval=2"])
-    torch.manual_seed(0)
-    learner = Learner(TD3(cfg, torch.device("cpu")), FrameRing(16), cfg, Recorder(), np.random.default_rng(0))
-    learner.limiter.sample = lambda ring, b, rng, n_step, gamma: random_batch_arrays(4)
+    learner = recorded_learner("td3.learning_starts=500", "learner.updates_per_step=0.5", "logging.log_interval=2")
     for _ in range(6):
         learner.step(env_step=1600)  # owed 550 updates; the env step does not move while they are worked off
     assert learner.logger.steps == [504, 508, 512]  # learning_starts + updates / updates_per_step

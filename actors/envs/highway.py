@@ -14,7 +14,7 @@ import numpy as np
 from highway_env.envs.racetrack_env import RacetrackEnv
 
 from actors.envs.render import TopDownCamera
-from common.config import EnvConfig
+from common.config import EnvConfig, TrainingStart
 from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, to_ego_frame, wrap_angle
 
 LaneIndex = tuple[str, str, int]
@@ -26,8 +26,8 @@ START_CLEARANCE_M = 20.0  # highway-env's own spacing between vehicles it places
 class HighwayBackend:
     """`DrivingBackend` over highway-env's RacetrackEnv."""
 
-    def __init__(self, cfg: EnvConfig, start: str = "fixed") -> None:
-        """`start`: where episodes start, one of `EmbeddedConfig.training_start`'s values."""
+    def __init__(self, cfg: EnvConfig, start: TrainingStart = "fixed") -> None:
+        """`start`: where episodes start (`EmbeddedConfig.training_start`)."""
         emb = cfg.embedded
         self.cfg = cfg
         self.start = start
