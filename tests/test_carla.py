@@ -811,3 +811,61 @@ def test_a_server_that_exits_at_launch_reports_its_log(tmp_path, carla_double, m
     cfg = carla_config(tmp_path)
     with pytest.raises(CarlaUnavailable, match=r"exited with code 3 before answering; its log ends:\n(.|\n)*fault refuse"):
         CarlaServer(cfg.carla, 0).start()
+
+
+# CarlaUE4.sh starts the real binary as a child without exec (the parent-death signal set on the
+# script never reaches it); this stand-in does the same with the stand-in server.
+CARLAUE4_SH = '#!/bin/sh\n"{python}" "{server}" "$@"\n'
+
+OWNER = """
+import pickle, sys, time
+from actors.envs.carla_server import CarlaServer
+server = CarlaServer(pickle.load(open(sys.argv[1], "rb")), 0)
+server.start()
+print(server.ports.rpc, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_server_orphaned_by_a_killed_actor_is_reaped_by_the_next_launch(tmp_path, carla_double):
+    """A SIGKILLed actor (Ray's ray.kill) takes only CarlaUE4.sh with it: the binary it started
+    keeps the slot's ports (and, on a real node, its GPU). The next launch on the node kills
+    servers whose owner is gone, so the slot gets its own ports back instead of a second server."""
+    import pickle
+    import subprocess
+
+    script = tmp_path / "CarlaUE4.sh"
+    script.write_text(CARLAUE4_SH.format(python=sys.executable, server=FAKE_SERVER))
+    script.chmod(0o755)
+    cfg = carla_config(tmp_path, f"carla.server_command={script}").carla
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DOUBLE_ROOT), str(Path(__file__).parents[1])])}
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path / "cfg.pkl")], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert int(owner.stdout.readline()) == cfg.port
+    finally:
+        owner.kill()
+        owner.wait()
+    log = (tmp_path / "carla" / "carla_0.log").read_text()
+    binary = int(log.split("fake CARLA server pid ")[-1].split()[0])
+    child = _child_pid(tmp_path / "carla" / "carla_0.log")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and port_free(cfg.port):
+        time.sleep(0.05)
+    assert _alive(binary) and not port_free(cfg.port), "the script died with its actor, the binary did not"
+    server = CarlaServer(cfg, 0)
+    try:
+        assert server.ports.rpc == cfg.port, "the orphan's ports are the slot's again"
+        assert not _alive(binary) and not _alive(child)
+        server.start()
+        assert "fake CARLA server pid" in server.log_tail()
+    finally:
+        server.kill()
+    other = CarlaServer(cfg, 1)  # a live owner's server (this process's) is left alone
+    other.start()
+    try:
+        CarlaServer(cfg, 2)
+        assert other.process.poll() is None and not port_free(other.ports.rpc)
+    finally:
+        other.kill()

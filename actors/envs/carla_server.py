@@ -7,6 +7,11 @@ With `gpus` set, slot i renders on GPU `gpus[i % len(gpus)]`; with `server_cpus`
 that many CPUs (its affinity, inherited by every process and thread of the server).
 A launched server runs in its own process group (CarlaUE4.sh starts the real binary as a child),
 which is killed as a whole; its stdout and stderr go to `<log_dir>/carla_<slot>.log`.
+
+A killed actor (SIGKILL, Ray's `ray.kill`) cannot kill its server: the parent-death signal reaches
+CarlaUE4.sh, not the binary it started, which keeps running and holds the slot's ports and its
+GPU. Every launched server carries its owner (pid and start time) in its environment, which all
+its processes inherit, and every launch first kills the servers on the node whose owner is gone.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ PORTS_PER_SERVER = 4
 SLOT_SPAN = 64
 """A launched server whose ports are taken moves on by this many slots, past every other env's block."""
 MAX_PORT_TRIES = 8
+OWNER_ENV = "AV_TD3_CARLA_OWNER"
+"""Environment variable naming the process that launched a server, as `pid:start time`."""
 
 
 class CarlaUnavailable(ServiceUnavailable):
@@ -74,6 +81,57 @@ def allocate_ports(cfg: CarlaConfig, slot: int, free=port_free) -> Ports:
     )
 
 
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22), which tells
+    it from a later process given the same pid; None for no such process, or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # from field 3, the state, on
+    return None if fields[0] == "Z" else fields[19]
+
+
+def owner_tag() -> str:
+    """This process, as the owner of the servers it launches."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _owner_alive(tag: str) -> bool:
+    pid, _, start = tag.partition(":")
+    return pid.isdigit() and _start_time(int(pid)) == start
+
+
+def reap_orphans(wait_s: float = 5.0) -> list[int]:
+    """Kills every process of a launched server whose owner is gone (a SIGKILLed actor's: its
+    CarlaUE4.sh died with it, the binary did not) and waits until they are gone, so that their
+    ports are free again; returns their pids. Servers of live owners are left alone, those of
+    other users cannot be read."""
+    prefix = f"{OWNER_ENV}=".encode()
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        tag = next((v[len(prefix):].decode() for v in environ.split(b"\0") if v.startswith(prefix)), None)
+        if tag is None or _owner_alive(tag):
+            continue
+        try:
+            os.kill(int(entry), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+        killed.append(int(entry))
+    if killed:
+        log.warning("killed %d processes of CARLA servers whose actor is gone: %s", len(killed), killed)
+    deadline = time.monotonic() + wait_s
+    while any(_start_time(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return killed
+
+
 def _in_child(cpus: set[int] | None) -> None:
     """preexec_fn of a launched server: it dies with its actor, and runs on `cpus` when given (set
     before exec, so CarlaUE4.sh's binary and all its threads inherit them)."""
@@ -88,6 +146,8 @@ class CarlaServer:
     def __init__(self, cfg: CarlaConfig, slot: int) -> None:
         self.cfg = cfg
         self.slot = slot
+        if cfg.launch:
+            reap_orphans()  # an orphan of this slot holds its ports: free them before choosing
         self.ports = allocate_ports(cfg, slot)
         self.log_path = Path(cfg.log_dir) / f"carla_{slot}.log"
         self.process: subprocess.Popen | None = None
@@ -126,6 +186,7 @@ class CarlaServer:
 
     def start(self) -> None:
         if self.cfg.launch:
+            reap_orphans()
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             cpus = self.cpus
             pinned = "" if cpus is None else f" on CPUs {sorted(cpus)}"
@@ -135,7 +196,7 @@ class CarlaServer:
                 try:
                     self.process = subprocess.Popen(
                         self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                        start_new_session=True, preexec_fn=functools.partial(_in_child, cpus),
+                        env={**os.environ, OWNER_ENV: owner_tag()}, start_new_session=True, preexec_fn=functools.partial(_in_child, cpus),
                     )
                 except OSError as exc:
                     raise CarlaUnavailable(
