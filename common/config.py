@@ -128,7 +128,8 @@ class CarlaConfig:
     tm_port: int = 8000
     """Traffic Manager port of env 0; env i uses tm_port + i, so actors on one node never share one."""
     town: str = "Town01"
-    """Map to load."""
+    """Map: a launched server boots it (`/Game/Carla/Maps/<town>` after the program of
+    `server_command`); a server we connect to loads it unless it runs it already."""
     vehicle: str = "vehicle.tesla.model3"
     """Blueprint of the ego vehicle."""
     route_file: str = ""

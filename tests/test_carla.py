@@ -269,18 +269,37 @@ def test_traffic_is_cars_the_ego_is_the_hero_and_big_fleets_run_hybrid_physics(t
         small.close()
 
 
+def test_a_launched_server_boots_the_town_instead_of_loading_it(tmp_path, carla_double, monkeypatch):
+    """The town goes on the server's command line, right after the program (where UE4 reads the
+    map to boot), so a launched server does not boot the default town (Town10HD_Opt) and then
+    load another one."""
+    loads = []
+    load_world = carla_double.Client.load_world
+    monkeypatch.setattr(carla_double.Client, "load_world", lambda self, *a, **k: loads.append(a) or load_world(self, *a, **k))
+    env = session_env(carla_config(tmp_path, "carla.town=Town02"))
+    try:
+        command = env.backend.server.command()
+        assert command[:3] == [sys.executable, str(FAKE_SERVER), "/Game/Carla/Maps/Town02"], command
+        assert env.backend.map.name == "Carla/Maps/Town02" and loads == []
+        env.reset(seed=0)
+    finally:
+        env.close()
+
+
 def test_map_loading_gets_the_setup_timeout_and_ticks_the_short_one(tmp_path, carla_double, monkeypatch):
     """A cold server loads its map for minutes: that must not count as a hung server, while a
-    tick slower than carla.timeout_s still does. Launched servers get the quality flag."""
+    tick slower than carla.timeout_s still does. Launched servers get the quality flag. (These
+    servers boot another town, the first on their command line, so the session loads Town01.)"""
     monkeypatch.setenv("FAKE_CARLA_LOAD_S", "1.5")
-    env = session_env(carla_config(tmp_path, "carla.setup_timeout_s=10", "carla.quality_level=Low"))  # ticks: 1 s
+    other_town = f"carla.server_command={sys.executable} {FAKE_SERVER} /Game/Carla/Maps/Town10HD_Opt"
+    env = session_env(carla_config(tmp_path, other_town, "carla.setup_timeout_s=10", "carla.quality_level=Low"))  # ticks: 1 s
     try:
         env.reset(seed=1)
         assert env.backend.client._conn.timeout == 1.0
         assert "-quality-level=Low" in env.backend.server.command()
     finally:
         env.close()
-    cfg = carla_config(tmp_path, "carla.setup_timeout_s=1.0")
+    cfg = carla_config(tmp_path, other_town, "carla.setup_timeout_s=1.0")
     with pytest.raises(RuntimeError, match="time-out|timed out"):
         make_env(cfg)  # the client process's error, raised here
     assert port_free(cfg.carla.port), "the server launched for it is stopped"

@@ -174,10 +174,15 @@ class CarlaServer:
         return {allowed[(self.slot * n + i) % len(allowed)] for i in range(n)}
 
     def command(self) -> list[str]:
+        """`server_command` with the town right after its program (its last word that is not a
+        flag), where UE4 reads the map to boot: otherwise CARLA boots its default town and the
+        client loads ours on top, minutes on a cold server. Then the port and option flags."""
         # UE4's Vulkan RHI reads -graphicsadapter=N (it overrides r.GraphicsAdapter); without it
         # every server of a node renders on the same GPU.
         adapter = [] if self.gpu is None else [f"-graphicsadapter={self.gpu}"]
-        return shlex.split(self.cfg.server_command) + [
+        words = shlex.split(self.cfg.server_command)
+        program = max((i for i, w in enumerate(words) if not w.startswith("-")), default=0) + 1
+        return words[:program] + [f"/Game/Carla/Maps/{self.cfg.town}"] + words[program:] + [
             f"-carla-rpc-port={self.ports.rpc}",
             f"-carla-streaming-port={self.ports.streaming}",
             f"-carla-secondary-port={self.ports.secondary}",

@@ -1,6 +1,8 @@
 """Stand-in for CarlaUE4.sh: listens on `-carla-rpc-port=N`, answers the double's version ('v'),
-incarnation ('h'), spawn ('s'), tick ('t') and map-load ('l') requests, and can be told to fail.
-A map load takes FAKE_CARLA_LOAD_S seconds (default 0): a real one takes seconds to minutes.
+incarnation ('h'), booted map ('m'), spawn ('s'), tick ('t') and map-load ('l') requests, and can
+be told to fail. It boots the map its first argument that is not a flag names, as UE4 does
+(`/Game/Carla/Maps/Town01`), else CARLA 0.9.16's default, Town10HD_Opt. A map load takes
+FAKE_CARLA_LOAD_S seconds (default 0): a real one takes seconds to minutes.
 
 Like CarlaUE4.sh, which starts the real binary as a child, it keeps a child process in its
 process group (its pid goes to stderr as 'child pid N'), so tests can check the whole group dies.
@@ -35,6 +37,7 @@ def next_fault() -> tuple[str, int]:
 
 def main() -> None:
     port = next(int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("-carla-rpc-port="))
+    town = next((a for a in sys.argv[1:] if not a.startswith("-")), "Town10HD_Opt").rsplit("/", 1)[-1]
     fault, after = next_fault()
     print(f"fake CARLA server pid {os.getpid()} args {' '.join(sys.argv[1:])} fault {fault} {after}", file=sys.stderr, flush=True)
     if fault == "refuse":
@@ -58,7 +61,7 @@ def main() -> None:
                         os.kill(os.getpid(), signal.SIGSEGV)
                 if op == b"l":
                     time.sleep(float(os.environ.get("FAKE_CARLA_LOAD_S", "0")))
-                reply = {b"v": "0.9.16", b"h": str(os.getpid())}.get(op, "k")
+                reply = {b"v": "0.9.16", b"h": str(os.getpid()), b"m": town}.get(op, "k")
                 conn.sendall(reply.encode() + b"\n")
 
     server = socket.socket()

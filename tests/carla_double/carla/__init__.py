@@ -633,8 +633,8 @@ class Client:
     def _world_key(self) -> tuple[str, int, str]:
         conn = self._connection()
         key = (self._host, self._port, conn.call(b"h"))
-        if key not in _worlds:
-            _worlds[key] = World("Town10HD_Opt", conn)
+        if key not in _worlds:  # the map the server booted
+            _worlds[key] = World(conn.call(b"m"), conn)
         _worlds[key]._conn = conn
         return key
 
