@@ -158,9 +158,9 @@ class CarlaConfig:
     dozens in every env's client process on a big node, for four streams."""
     gpus: list[int] = field(default_factory=list)
     """GPUs launched servers render on, as Vulkan adapter indices on their node: env slot s gets
-    `-graphicsadapter=gpus[s % len(gpus)]`, so consecutive slots (one host's servers under
-    docker-compose.yml) spread over them; empty adds no flag and every server takes the engine's
-    default adapter. A Vulkan index need not match nvidia-smi's; each log names the device."""
+    `-graphicsadapter=gpus[s % len(gpus)]` (and r.GraphicsAdapter, as CARLA's docs set it), so
+    consecutive slots (one host's servers under docker-compose.yml) spread over them; empty adds
+    no flag and every server takes the engine's default adapter. A Vulkan index need not match nvidia-smi's; each log names the device."""
     quality_level: Literal["Epic", "Low"] = "Epic"
     """Rendering quality of launched servers; Low (`-quality-level=Low`) renders faster, with
     simpler materials and no shadows."""

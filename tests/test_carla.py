@@ -688,11 +688,15 @@ def test_each_server_slot_renders_on_its_own_gpu():
 
     def adapters(*overrides: str) -> list[list[str]]:
         cfg = load_config(overrides=[base, *overrides]).carla
-        return [[a for a in CarlaServer(cfg, slot).command() if a.startswith("-graphicsadapter")] for slot in range(6)]
+        return [[a for a in CarlaServer(cfg, slot).command() if "graphicsadapter" in a.lower()] for slot in range(6)]
+
+    def flags(gpu: int) -> list[str]:
+        # UE4's Vulkan flag, and the console variable as CARLA's docs set it (adv_multigpu)
+        return [f"-graphicsadapter={gpu}", f"-ini:[/Script/Engine.RendererSettings]:r.GraphicsAdapter={gpu}"]
 
     assert adapters() == [[]] * 6
-    assert adapters("carla.gpus=[1,2,3]") == [[f"-graphicsadapter={g}"] for g in (1, 2, 3, 1, 2, 3)]
-    assert adapters("carla.gpus=[0]") == [["-graphicsadapter=0"]] * 6
+    assert adapters("carla.gpus=[1,2,3]") == [flags(g) for g in (1, 2, 3, 1, 2, 3)]
+    assert adapters("carla.gpus=[0]") == [flags(0)] * 6
 
 
 def test_each_server_slot_runs_on_its_own_cpus(tmp_path, carla_double, monkeypatch):

@@ -177,9 +177,11 @@ class CarlaServer:
         """`server_command` with the town right after its program (its last word that is not a
         flag), where UE4 reads the map to boot: otherwise CARLA boots its default town and the
         client loads ours on top, minutes on a cold server. Then the port and option flags."""
-        # UE4's Vulkan RHI reads -graphicsadapter=N (it overrides r.GraphicsAdapter); without it
-        # every server of a node renders on the same GPU.
-        adapter = [] if self.gpu is None else [f"-graphicsadapter={self.gpu}"]
+        # Without an adapter every server of a node renders on the same GPU. CARLA's docs (0.9.16,
+        # adv_multigpu) set the r.GraphicsAdapter console variable from the command line; UE4's
+        # Vulkan RHI also reads -graphicsadapter=N, which overrides it. Both name the same index.
+        adapter = [] if self.gpu is None else [
+            f"-graphicsadapter={self.gpu}", f"-ini:[/Script/Engine.RendererSettings]:r.GraphicsAdapter={self.gpu}"]
         words = shlex.split(self.cfg.server_command)
         program = max((i for i, w in enumerate(words) if not w.startswith("-")), default=0) + 1
         return words[:program] + [f"/Game/Carla/Maps/{self.cfg.town}"] + words[program:] + [
