@@ -567,7 +567,7 @@ def test_connecting_clears_what_an_earlier_client_left(tmp_path, carla_double):
 
     cfg = carla_config(tmp_path, "carla.launch=false")
     server = subprocess.Popen([sys.executable, str(FAKE_SERVER), f"-carla-rpc-port={cfg.carla.port}"],
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         earlier = session_env(cfg)
         earlier.reset(seed=0)
@@ -585,7 +585,7 @@ def test_connecting_clears_what_an_earlier_client_left(tmp_path, carla_double):
             env.close()
         assert world._actors == {}
     finally:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)  # the stand-in and its child
         server.wait()
 
 
@@ -805,7 +805,7 @@ def test_connect_to_a_running_server_and_unreachable_address(tmp_path, carla_dou
 
     cfg = carla_config(tmp_path, "carla.launch=false", "carla.traffic=[0,0,0]")
     server = subprocess.Popen([sys.executable, str(FAKE_SERVER), f"-carla-rpc-port={cfg.carla.port}"],
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         env = make_env(cfg)  # waits (up to start_timeout_s) for the server someone else started
         env.reset(seed=0)
@@ -818,7 +818,7 @@ def test_connect_to_a_running_server_and_unreachable_address(tmp_path, carla_dou
         assert not env.backend.world.get_settings().synchronous_mode, "the server is left free for others"
         assert server.poll() is None
     finally:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)  # the stand-in and its child
         server.wait()
     cfg.carla.start_timeout_s = 1.5
     start = time.monotonic()
