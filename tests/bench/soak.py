@@ -4,7 +4,9 @@
 replay; a 20k-transition replay so it is full well within the warm-up), samples the RSS of every
 process of the run every 15 s, stops the run with Ctrl-C at the end (it checkpoints), and reports
 per process the RSS growth after warm-up (first 25% of the time, at least 2 minutes) as a
-least-squares slope in MB/hour, and the throughput drift: env steps/s and updates/s in the last
+least-squares slope in MB/hour, the same for the USS (memory private to the process: RSS also
+counts the pages of Ray's shared object store that a process touched, which the object store
+bounds), and the throughput drift: env steps/s and updates/s in the last
 third of the run over the first third after warm-up. Writes results/soak.json and results/soak.md.
 """
 
@@ -50,8 +52,9 @@ def role(proc: psutil.Process, learner_pid: int) -> str | None:
     return None
 
 
-def sample(learner: psutil.Process) -> dict[str, float]:
-    rss: dict[str, float] = defaultdict(float)
+def sample(learner: psutil.Process) -> dict[str, tuple[float, float]]:
+    """(RSS, USS) in MB per process role."""
+    mb: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
     try:
         procs = [learner, *learner.children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -61,10 +64,12 @@ def sample(learner: psutil.Process) -> dict[str, float]:
         if name is None:
             continue
         try:
-            rss[name] += proc.memory_info().rss / 2**20
-        except psutil.NoSuchProcess:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return dict(rss)
+        rss, uss = mb[name]
+        mb[name] = (rss + info.rss / 2**20, uss + info.uss / 2**20)
+    return dict(mb)
 
 
 def slope_mb_per_hour(times: list[float], values: list[float]) -> float:
@@ -99,12 +104,12 @@ def run(minutes: float) -> dict:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     learner = psutil.Process(proc.pid)
     duration, warm_up = minutes * 60.0, max(120.0, 0.25 * minutes * 60.0)
-    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     try:
         while time.time() - start < duration and proc.poll() is None:
             t = time.time() - start
-            for name, mb in sample(learner).items():
-                series[name].append((t, mb))
+            for name, (rss, uss) in sample(learner).items():
+                series[name].append((t, rss, uss))
             time.sleep(SAMPLE_EVERY_S)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -117,15 +122,19 @@ def run(minutes: float) -> dict:
     (run_dir,) = [p for p in logdir.iterdir() if p.is_dir()]
     processes = {}
     for name, points in sorted(series.items()):
-        after = [(t, v) for t, v in points if t >= warm_up]
+        after = [p for p in points if p[0] >= warm_up]
         if len(after) < 2:
             continue
-        processes[name] = {
-            "rss_mb_at_warm_up": round(after[0][1], 1),
-            "rss_mb_at_end": round(after[-1][1], 1),
-            "growth_mb": round(after[-1][1] - after[0][1], 1),
-            "slope_mb_per_hour": round(slope_mb_per_hour([t for t, _ in after], [v for _, v in after]), 1),
-        }
+        times = [p[0] for p in after]
+        processes[name] = {}
+        for column, kind in ((1, "rss"), (2, "uss")):
+            values = [p[column] for p in after]
+            processes[name] |= {
+                f"{kind}_mb_at_warm_up": round(values[0], 1),
+                f"{kind}_mb_at_end": round(values[-1], 1),
+                f"{kind}_growth_mb": round(values[-1] - values[0], 1),
+                f"{kind}_slope_mb_per_hour": round(slope_mb_per_hour(times, values), 1),
+            }
     return {
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": minutes,
         "warm_up_minutes": round(warm_up / 60, 1), "run_dir": str(run_dir),
@@ -135,10 +144,15 @@ def run(minutes: float) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"Soak of {report['minutes']} min (warm-up {report['warm_up_minutes']} min) on {report['machine']}, "
-             f"{report['date']}.\n", "| process | RSS after warm-up (MB) | RSS at end (MB) | growth (MB) | slope (MB/h) |",
-             "|---|---|---|---|---|"]
+             f"{report['date']}. USS is the memory private to a process; RSS also counts the shared pages "
+             "(Ray's object store) it touched.\n",
+             "| process | RSS after warm-up (MB) | RSS at end (MB) | RSS growth (MB) | RSS slope (MB/h) | "
+             "USS after warm-up (MB) | USS growth (MB) | USS slope (MB/h) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, p in report["processes"].items():
-        lines.append(f"| {name} | {p['rss_mb_at_warm_up']} | {p['rss_mb_at_end']} | {p['growth_mb']} | {p['slope_mb_per_hour']} |")
+        lines.append(f"| {name} | {p['rss_mb_at_warm_up']} | {p['rss_mb_at_end']} | {p['rss_growth_mb']} | "
+                     f"{p['rss_slope_mb_per_hour']} | {p['uss_mb_at_warm_up']} | {p['uss_growth_mb']} | "
+                     f"{p['uss_slope_mb_per_hour']} |")
     lines += ["", "| throughput | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["throughput"].items()]
     return "\n".join(lines) + "\n"
