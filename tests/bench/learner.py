@@ -6,7 +6,11 @@
   batch, same device, same policy delay and target noise) vs. ours, updates/s;
 - the learner's resident memory per stored transition (a ring of 50k noisy frames), next to what
   SB3's DictReplayBuffer allocates per transition;
-- on CUDA: fp32 vs bf16 autocast vs channels_last (and both), the fused Adam always on; which won.
+- how close to the hardware: the FLOPs of one update (counted by torch's FlopCounterMode, the
+  actor update's share included) times our updates/s, against a large matmul timed on the same
+  device in the same run;
+- on CUDA: fp32 vs bf16 autocast vs channels_last (and both), the fused Adam always on; which won;
+  the peak GPU memory of our update and of SB3's.
 
 `make bench-learner` (part of `make bench`); needs the `bench` extra (stable-baselines3).
 """
@@ -14,6 +18,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -22,7 +27,7 @@ import torch
 
 from common.batch import Batch
 from common.chunk import Chunk
-from common.config import load_config
+from common.config import Config, load_config
 from common.driving import ACTION_DIM, FRAME_SIZE, VECTOR_DIM
 from common.env import observation_space
 from learner.td3 import TD3
@@ -61,17 +66,55 @@ def _timed(step, n: int, device: torch.device) -> float:
     return n / (time.perf_counter() - start)
 
 
+def bench_config(device: torch.device, *overrides: str) -> Config:
+    # No critic warm-up: a few timed updates would otherwise all be critic-only.
+    return load_config(overrides=[f"td3.batch_size={BATCH}", f"learner.device={device.type}", "td3.critic_warmup_updates=0",
+                                  *overrides])
+
+
 def ours(device: torch.device, ring: FrameRing | None, n: int, *overrides: str) -> float:
     """Updates/s of our TD3; from `ring` (sampled each update) or one fixed in-memory batch."""
-    # No critic warm-up: a few timed updates would otherwise all be critic-only.
-    cfg = load_config(overrides=[f"td3.batch_size={BATCH}", f"learner.device={device.type}", "td3.critic_warmup_updates=0",
-                                 *overrides])
-    agent = TD3(cfg, device)
+    agent = TD3(bench_config(device, *overrides), device)
     if ring is None:
         batch = Batch.from_numpy(random_batch_arrays(BATCH), device)
         return _timed(lambda: agent.update(batch), n, device)
     rng = np.random.default_rng(0)
     return _timed(lambda: agent.update(Batch.from_numpy(ring.sample(BATCH, rng), device)), n, device)
+
+
+def flops_per_update(device: torch.device) -> float:
+    """Mean FLOPs of one update over a `policy_delay` cycle (critic every update, actor and
+    targets once per cycle), as torch's FlopCounterMode counts them (matmuls and convolutions,
+    forward and backward; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = bench_config(device)
+    agent = TD3(cfg, device)
+    batch = Batch.from_numpy(random_batch_arrays(BATCH), device)
+    agent.update(batch)  # the first update allocates the optimizers' state
+    cycle = cfg.td3.policy_delay
+    while agent.updates % cycle:
+        agent.update(batch)
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(cycle):
+            agent.update(batch)
+    return counter.get_total_flops() / cycle
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul on `device`: what this device does on the friendliest workload."""
+    size = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    rate = _timed(lambda: a @ b, 50 if device.type == "cuda" else 10, device)
+    return 2 * size**3 * rate
+
+
+def peak_gpu_mb(run: Callable[[], object], device: torch.device) -> float:
+    """Peak GPU memory allocated while `run` runs, MB."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def sb3(device: torch.device, n: int) -> tuple[float, float]:
@@ -129,6 +172,11 @@ def run() -> dict[str, float | str]:
         results[f"{d}: data path cost (replay / in-memory)"] = replay / synthetic
         results[f"{d}: SB3 TD3 updates/s, b256, same CNN and MLPs"] = theirs
         results[f"{d}: ours (from replay) / SB3"] = replay / theirs
+        flops, peak = flops_per_update(device), matmul_flops_per_s(device)
+        results[f"{d}: GFLOP per update (counted)"] = flops / 1e9
+        results[f"{d}: achieved TFLOP/s (ours from replay)"] = flops * replay / 1e12
+        results[f"{d}: fp32 matmul TFLOP/s, same device"] = peak / 1e12
+        results[f"{d}: achieved / matmul"] = flops * replay / peak
         results["SB3 DictReplayBuffer bytes per transition"] = sb3_bytes
         if device.type == "cuda":
             variants = {
@@ -140,6 +188,9 @@ def run() -> dict[str, float | str]:
             speeds = {name: ours(device, ring, n, *o) for name, o in variants.items()}
             results.update({f"cuda: {name} updates/s (from replay)": v for name, v in speeds.items()})
             results["cuda: fastest variant"] = max(speeds, key=speeds.get)
+            results["cuda: bf16 matmul TFLOP/s"] = matmul_flops_per_s(device, torch.bfloat16) / 1e12
+            results["cuda: peak GPU MB, our update (from replay)"] = peak_gpu_mb(lambda r=ring: ours(device, r, 5), device)
+            results["cuda: peak GPU MB, SB3 update"] = peak_gpu_mb(lambda: sb3(device, 5), device)
     del ring
     rss, arrays = rss_per_transition()
     results["learner RSS bytes per stored transition (noisy frames)"] = rss
