@@ -80,6 +80,8 @@ TAGS: dict[str, str] = {
     "perf/env_steps_per_s_actor*": "Env steps per second of one rollout actor over the same window as the total.",
     "perf/updates_per_s": "Learner updates per second since the last perf point.",
     "perf/updates_per_env_step": "Learner updates per env step since the last perf point (learner.updates_per_step).",
+    "perf/updates_owed": ("Distributed mode: updates the learner owes for the env steps reported so far; above "
+                          "learner.max_update_debt by at most the reports already handed out."),
     "perf/weight_broadcast_ms": "Time to serialize and publish one weight version, ms.",
     "perf/learner_rss_mb": "Resident memory of the learner process, MB.",
     "perf/gpu_memory_allocated_mb": "GPU memory held by tensors, MB (CUDA only).",
@@ -173,6 +175,7 @@ def layout() -> dict[str, dict[str, list]]:
             "env steps/s (total and per actor)": ["Multiline", [r"perf/env_steps_per_s.*"]],
             "updates/s": ["Multiline", ["perf/updates_per_s"]],
             "updates per env step": ["Multiline", ["perf/updates_per_env_step"]],
+            "updates owed": ["Multiline", ["perf/updates_owed"]],
             "policy lag (versions)": ["Multiline", ["actors/policy_lag"]],
             "actors alive / target": ["Multiline", ["actors/alive", "actors/target"]],
             "learner memory MB": ["Multiline", [r"perf/.*_mb"]],

@@ -163,7 +163,7 @@ class DistributedRun:
                     self._rescale()
                     last_rescale = time.monotonic()
                 if time.monotonic() - last_perf > PERF_EVERY_S:
-                    self._log_perf()
+                    self._log_perf(credit)
                     last_perf = time.monotonic()
                 if new_steps == 0 and credit < 1:
                     time.sleep(0.005)
@@ -241,7 +241,7 @@ class DistributedRun:
         if gif:
             self.core.logger.video("eval/video", gif, size, self.eval_step)
 
-    def _log_perf(self) -> None:
+    def _log_perf(self, owed: float) -> None:
         core, actors = self.core, self.actors
         lag = [self.version - v for v in self.actor_versions.values()]
 
@@ -259,6 +259,7 @@ class DistributedRun:
             "actors/target": actors.target,
             "actors/retired": actors.retired,
             "actors/held_for_learner": self.holds,
+            "perf/updates_owed": owed,
             "actors/restarts": actors.restarts,
             "actors/policy_lag": max(lag) if lag else 0.0,
             "actors/weight_fetches": total("weight_fetches"),
