@@ -88,6 +88,11 @@ class EmbeddedConfig:
     (exploring starts), so every curve is in the replay from the first episodes on; the lead car
     stays where highway-env put it. anywhere_with_lead: the same, with the lead car moved onto the
     segment after the ego's, as at the fixed start."""
+    training_start_fraction: float = 1.0
+    """With training_start anywhere or anywhere_with_lead: the share of training episodes (drawn
+    per episode from its seed) that start so; the others start at the fixed place, behind the
+    slow lead car, as evaluation does. Below 1 mixes the whole track's curves into the replay
+    with the lead-car following that evaluation asks for."""
 
 
 @dataclass
@@ -639,6 +644,8 @@ def validate(cfg: Config) -> None:
     emb = e.embedded
     _require(len(emb.traffic) == 3 and min(emb.traffic) >= 0,
              f"env.embedded.traffic={emb.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")
+    _require(0.0 <= emb.training_start_fraction <= 1.0,
+             f"env.embedded.training_start_fraction={emb.training_start_fraction} must be in [0, 1]")
     _require(emb.policy_frequency >= 1 and emb.simulation_frequency % emb.policy_frequency == 0,
              "env.embedded.simulation_frequency must be a positive multiple of env.embedded.policy_frequency")
     _require(emb.render_scaling > 0, "env.embedded.render_scaling must be > 0")

@@ -10,7 +10,7 @@ import pytest
 from actors.baseline import baseline_for
 from actors.envs import make_env
 from actors.envs.carla_server import CarlaUnavailable
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.driving import (
     DrivingState,
     reward_components,
@@ -250,3 +250,23 @@ def test_random_starts_spread_training_over_the_track_and_leave_evaluation_alone
     finally:
         train.close()
         evaluation.close()
+
+
+def test_a_start_fraction_mixes_random_starts_with_the_fixed_one():
+    cfg = load_config(overrides=["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"])
+    train = make_env(cfg, training=True)
+    try:
+        starts = []
+        for seed in range(40):
+            train.reset(seed=seed)
+            starts.append(train.backend._route[:2] == ("a", "b"))
+        again = []
+        for seed in range(40):
+            train.reset(seed=seed)
+            again.append(train.backend._route[:2] == ("a", "b"))
+    finally:
+        train.close()
+    assert again == starts  # drawn from the episode's seed
+    assert 10 <= sum(starts) <= 30  # about half fixed (a random start can land on the first segment too)
+    with pytest.raises(ConfigError, match="training_start_fraction"):
+        load_config(overrides=["env.embedded.training_start_fraction=1.5"])

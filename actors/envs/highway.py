@@ -131,7 +131,7 @@ class HighwayBackend:
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)
-        if self.start != "fixed":
+        if self.start != "fixed" and self._env.np_random.uniform() < self.cfg.embedded.training_start_fraction:
             self._start_anywhere(with_lead=self.start == "anywhere_with_lead")
         ego = self._env.vehicle
         self._route = ego.lane_index

@@ -224,6 +224,7 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+gate": ["env.reward.lane_keeping_speed_gate=true"],
     "default+start-anywhere": ["env.embedded.training_start=anywhere"],
     "default+start-anywhere-lead": ["env.embedded.training_start=anywhere_with_lead"],
+    "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
