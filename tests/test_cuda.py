@@ -1,0 +1,121 @@
+"""The learner's CUDA paths: fused Adam, bf16 autocast with fp32 heads, channels_last, pinned
+non-blocking copies, GPU memory metrics, and a policy published from a GPU learner acting on a CPU
+actor. They run where torch sees a GPU; elsewhere pytest reports them as skipped, with the reason."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.batch import Batch
+from common.config import load_config
+from common.networks import policy_for
+from common.weights import load_policy_bytes, policy_to_bytes
+from learner.learner import rss_and_gpu_metrics
+from learner.td3 import TD3
+from tests.conftest import random_batch_arrays
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device: the learner's CUDA paths are not exercised on this machine")
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+# Deterministic across devices: no target smoothing noise, no random shift, the actor from update 1.
+SAME_WORK = ["td3.policy_noise=0", "td3.augment_shift=0", "td3.critic_warmup_updates=0", "td3.batch_size=16"]
+
+
+@pytest.fixture(autouse=True)
+def full_fp32_matmuls():
+    """TF32 (on by default for cuDNN convolutions) would make "same results" a matter of 1e-3."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def agent_on(device: torch.device, *overrides: str, like: TD3 | None = None) -> TD3:
+    """An agent on `device`; with `like`, with that agent's weights."""
+    torch.manual_seed(0)
+    agent = TD3(load_config(overrides=[*SAME_WORK, *overrides]), device)
+    if like is not None:
+        for name, module in agent.modules().items():
+            module.load_state_dict(like.modules()[name].state_dict())
+    return agent
+
+
+def batches(n: int, b: int = 16) -> list[dict[str, np.ndarray]]:
+    return [random_batch_arrays(b, seed, reward_scale=10.0) for seed in range(n)]
+
+
+def losses(agent: TD3, arrays: list[dict[str, np.ndarray]]) -> list[tuple[float, float]]:
+    out = []
+    for a in arrays:
+        m = agent.update(Batch.from_numpy(a, agent.device))
+        assert m["alerts/nonfinite_loss"] == 0.0
+        out.append((m["train/critic_loss"], m.get("train/actor_loss", 0.0)))
+    return out
+
+
+def test_updates_on_cuda_match_the_cpu():
+    cpu = agent_on(CPU, "learner.amp=false", "learner.channels_last=false")
+    gpu = agent_on(CUDA, "learner.amp=false", "learner.channels_last=false", like=cpu)
+    assert all(g.get("fused") for opt in gpu.optimizers().values() for g in opt.param_groups)
+    arrays = batches(6)
+    np.testing.assert_allclose(losses(gpu, arrays), losses(cpu, arrays), rtol=1e-3, atol=1e-4)
+    for name, module in cpu.modules().items():
+        for (key, p_cpu), p_gpu in zip(module.state_dict().items(), gpu.modules()[name].state_dict().values()):
+            torch.testing.assert_close(p_gpu.cpu(), p_cpu, rtol=1e-3, atol=1e-3, msg=f"{name}.{key}")
+
+
+def test_channels_last_changes_the_layout_not_the_results():
+    plain = agent_on(CUDA, "learner.amp=false", "learner.channels_last=false")
+    nhwc = agent_on(CUDA, "learner.amp=false", "learner.channels_last=true", like=plain)
+    conv = next(m for m in nhwc.critic.cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    arrays = batches(4)
+    np.testing.assert_allclose(losses(nhwc, arrays), losses(plain, arrays), rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_autocast_runs_the_cnns_in_bf16_and_keeps_q_in_fp32():
+    fp32 = agent_on(CUDA, "learner.amp=false")
+    amp = agent_on(CUDA, "learner.amp=true", like=fp32)
+    assert amp.amp
+    batch = Batch.from_numpy(random_batch_arrays(16, reward_scale=300.0), CUDA)
+    assert amp.encode(batch).dtype == torch.bfloat16
+    y = amp.target_q(batch)
+    assert y.dtype == torch.float32
+    # Q around 300: in bf16 every target would be a multiple of 2.
+    assert not torch.all(torch.remainder(y, 2.0) == 0)
+    arrays = batches(4)
+    # bf16 features: close to the fp32 path, not equal.
+    np.testing.assert_allclose(losses(amp, arrays), losses(fp32, arrays), rtol=0.2, atol=0.1)
+    assert all(p.dtype == torch.float32 for p in amp.critic.parameters())
+
+
+def test_batches_reach_the_gpu_intact_through_pinned_memory():
+    arrays = random_batch_arrays(8)
+    batch = Batch.from_numpy(arrays, CUDA)
+    torch.cuda.synchronize()
+    for name, a in arrays.items():
+        t = getattr(batch, name)
+        assert t.device.type == "cuda" and t.dtype == torch.from_numpy(a).dtype
+        np.testing.assert_array_equal(t.cpu().numpy(), a)
+
+
+def test_a_policy_published_by_a_gpu_learner_acts_the_same_on_a_cpu_actor():
+    gpu = agent_on(CUDA)
+    losses(gpu, batches(2))
+    cfg = load_config(overrides=SAME_WORK)
+    actor = policy_for(cfg.cnn)
+    load_policy_bytes(actor, policy_to_bytes(gpu.actor))
+    arrays = random_batch_arrays(8)
+    image, vector = torch.from_numpy(arrays["image"]), torch.from_numpy(arrays["vector"])
+    with torch.no_grad():
+        torch.testing.assert_close(actor(image, vector), gpu.actor(image.to(CUDA), vector.to(CUDA)).cpu(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_the_learner_reports_gpu_memory():
+    gpu = agent_on(CUDA)
+    losses(gpu, batches(1))
+    metrics = rss_and_gpu_metrics(CUDA)
+    assert metrics["perf/gpu_memory_allocated_mb"] > 0
+    assert metrics["perf/gpu_memory_reserved_mb"] >= metrics["perf/gpu_memory_allocated_mb"]
