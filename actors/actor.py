@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -12,6 +13,15 @@ from common.driving import ACTION_DIM
 from common.networks import Policy
 
 log = logging.getLogger(__name__)
+
+
+def acting_device(cfg: Config) -> torch.device:
+    """`actors.device`, checked: a clear error where this process sees no GPU."""
+    if cfg.actors.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("actors.device=cuda but this actor process sees no CUDA device "
+                           f"(actors.num_gpus={cfg.actors.num_gpus}; CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use actors.device=cpu")
+    return torch.device(cfg.actors.device)
 
 
 def finite_step(observation: dict[str, np.ndarray], reward: float) -> bool:

@@ -143,12 +143,12 @@ class References:
 
 
 class EvalWorker:
-    """The evaluator process (a Ray actor in distributed mode): its own env and CPU policy."""
+    """The evaluator process (a Ray actor in distributed mode): its own env and policy (on `actors.device`)."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
         import torch
 
-        from actors.actor import Actor
+        from actors.actor import Actor, acting_device
         from actors.envs import eval_slot, make_env
         from common.config import from_dict
         from common.networks import policy_for
@@ -156,7 +156,8 @@ class EvalWorker:
         torch.set_num_threads(1)
         self.cfg = from_dict(cfg_dict)
         self.env = make_env(self.cfg, slot=eval_slot(self.cfg))
-        self.actor = Actor(policy_for(self.cfg.cnn).eval(), self.cfg, np.random.default_rng(0), torch.device("cpu"))
+        device = acting_device(self.cfg)
+        self.actor = Actor(policy_for(self.cfg.cnn).eval().to(device), self.cfg, np.random.default_rng(0), device)
         self.references = References(self.cfg)
 
     def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:

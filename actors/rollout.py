@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.actor import Actor
+from actors.actor import Actor, acting_device
 from actors.adder import ChunkAdder
 from actors.envs import make_env, rollout_slot
 from actors.runner import EpisodeRunner, VectorRunner
@@ -51,7 +51,8 @@ class RolloutWorker:
         except BaseException:
             self.close()  # servers already launched for this actor must not outlive it
             raise
-        self.policy = policy_for(cfg.cnn).eval()
+        device = acting_device(cfg)
+        self.policy = policy_for(cfg.cnn).eval().to(device)
         r = cfg.replay
         self.client = ReplayClient(connect(redis_url), r.stream_key, max_chunks=-(-r.capacity // r.chunk_steps),
                                    buffer_chunks=r.client_buffer_chunks)
@@ -61,7 +62,7 @@ class RolloutWorker:
         for slot, env, scale in zip(slots, self.envs, noise_scales):
             # With one env per actor, the seeds of the runs before envs_per_actor existed.
             seed = cfg.seed + 1000 * (slot + 1) + 100_000 * incarnation
-            actor = Actor(self.policy, cfg, np.random.default_rng(seed), torch.device("cpu"), scale)
+            actor = Actor(self.policy, cfg, np.random.default_rng(seed), device, scale)
             adder = ChunkAdder(actor_id=slot, chunk_steps=r.chunk_steps, sink=self.client.insert)
             runners.append(EpisodeRunner(env, actor, adder, seed))
         self.runner = VectorRunner(runners)

@@ -369,6 +369,12 @@ class ActorsConfig:
     (fractions let 2 actors fit 2 cores). With `carla.launch`, each also reserves a CPU for every
     server it launches (`carla.server_cpus` when set), which busy-waits for the next tick in
     synchronous mode: a rollout actor reserves num_cpus + envs_per_actor, the evaluator num_cpus + 1."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where rollout actors and the evaluator run the policy (serial mode: the learner's device).
+    cuda suits a CARLA worker, whose GPU is there anyway and whose actors step several envs; give
+    each actor a share of it with `num_gpus`, or Ray hides the GPU from it."""
+    num_gpus: float = 0.0
+    """GPU share Ray reserves for each rollout actor and the evaluator (0.25: four share one GPU)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources each rollout actor needs, e.g. {carla: 1} to land on CARLA nodes."""
     elastic_resource: str = ""
@@ -616,6 +622,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")
     _require(cfg.learner.updates_per_step > 0, "learner.updates_per_step must be > 0")
     _require(cfg.learner.max_update_debt >= 0, "learner.max_update_debt must be >= 0")
+    _require(cfg.actors.num_gpus >= 0, f"actors.num_gpus={cfg.actors.num_gpus} must be >= 0")
+    _require(cfg.actors.device != "cuda" or cfg.actors.num_gpus > 0,
+             "actors.device=cuda needs actors.num_gpus > 0: Ray makes a GPU visible only to actors that reserve a share")
     _require(cfg.learner.checkpoint_freq > 0, "learner.checkpoint_freq must be > 0")
     _require(cfg.learner.min_cnn_lr > 0, "learner.min_cnn_lr must be > 0")
     _require(cfg.eval.freq >= 0 and cfg.eval.num_episodes >= 1, "eval.freq must be >= 0 and eval.num_episodes >= 1")

@@ -121,9 +121,10 @@ class DistributedRun:
 
     def _remote(self, worker: type, envs: int) -> Any:
         """The Ray actor class of `worker`, a rollout worker or the evaluator, stepping `envs` envs:
-        its CPUs (`worker_cpus`) and `actors.resources` (a CARLA node for CARLA)."""
+        its CPUs (`worker_cpus`), its GPU share and `actors.resources` (a CARLA node for CARLA)."""
         a = self.cfg.actors
-        return ray.remote(worker).options(num_cpus=worker_cpus(self.cfg, envs), resources=a.resources or None)
+        return ray.remote(worker).options(num_cpus=worker_cpus(self.cfg, envs), num_gpus=a.num_gpus,
+                                          resources=a.resources or None)
 
     def _make_evaluator(self) -> Any:
         return self._remote(EvalWorker, 1).remote(dataclasses.asdict(self.cfg))

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from actors.actor import Actor
+from actors.actor import Actor, acting_device
 from actors.adder import ChunkAdder
 from actors.envs import eval_slot, make_env, rollout_slot
 from actors.rollout import noise_scales
 from actors.runner import EpisodeRunner, VectorRunner
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.networks import policy_for
 
 CPU = torch.device("cpu")
@@ -69,3 +69,13 @@ def test_slots_and_noise_scales_spread_over_every_env_of_the_run():
 def test_a_vector_runner_needs_a_runner():
     with pytest.raises(ValueError, match="at least one"):
         VectorRunner([])
+
+
+def test_actors_run_the_policy_on_their_device_and_name_a_missing_gpu(monkeypatch):
+    assert acting_device(load_config()) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="actors.num_gpus > 0"):
+        load_config(overrides=["actors.device=cuda"])
+    cfg = load_config(overrides=["actors.device=cuda", "actors.num_gpus=0.25"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="actors.device=cuda but this actor process sees no CUDA device"):
+        acting_device(cfg)

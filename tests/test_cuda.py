@@ -119,3 +119,19 @@ def test_the_learner_reports_gpu_memory():
     metrics = rss_and_gpu_metrics(CUDA)
     assert metrics["perf/gpu_memory_allocated_mb"] > 0
     assert metrics["perf/gpu_memory_reserved_mb"] >= metrics["perf/gpu_memory_allocated_mb"]
+
+
+def test_an_actor_on_the_gpu_acts_as_on_the_cpu():
+    from actors.actor import Actor, acting_device
+
+    cfg = load_config(overrides=[*SAME_WORK, "actors.device=cuda", "actors.num_gpus=0.5"])
+    device = acting_device(cfg)
+    torch.manual_seed(0)
+    on_cpu = policy_for(cfg.cnn).eval()
+    on_gpu = policy_for(cfg.cnn).eval().to(device)
+    on_gpu.load_state_dict(on_cpu.state_dict())
+    arrays = random_batch_arrays(4)
+    observations = [{"image": arrays["image"][i], "vector": arrays["vector"][i]} for i in range(4)]
+    rng = np.random.default_rng(0)
+    np.testing.assert_allclose(Actor(on_gpu, cfg, rng, device).policy_actions(observations),
+                               Actor(on_cpu, cfg, rng, CPU).policy_actions(observations), rtol=1e-4, atol=1e-4)

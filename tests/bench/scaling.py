@@ -6,7 +6,8 @@
 - one policy-driven actor stepping K = 1, 2, 4, 8 envs with one batched forward per step: its
   total env steps/s against the raw rate (K raw envs stepped in a plain loop on one core run at
   the raw rate); the target is >= 0.8;
-- aggregate env steps/s of 1 and 2 policy-driven actors, and their ratio.
+- aggregate env steps/s of 1 and 2 policy-driven actors, and their ratio;
+- where torch sees a GPU: the K-env actor again with its policy on the GPU (`actors.device=cuda`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 from actors.rollout import RolloutWorker
 from common.config import load_config
@@ -33,10 +35,12 @@ ROUNDS = 3
 ENVS_PER_ACTOR = (1, 2, 4, 8)
 
 
-def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1) -> float:
-    overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0", f"actors.envs_per_actor={envs}"]
+def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1, device: str = "cpu") -> float:
+    gpus = 0.5 if device == "cuda" else 0.0
+    overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0", f"actors.envs_per_actor={envs}",
+                 f"actors.device={device}", f"actors.num_gpus={gpus}"]
     cfg = dataclasses.asdict(load_config(overrides=overrides))
-    worker = ray.remote(RolloutWorker).options(num_cpus=1)
+    worker = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpus)
     actors = [worker.remote(cfg, i, 0, [1.0] * envs, url, store) for i in range(num_actors)]
     ray.get([a.run.remote(50, 10**6) for a in actors])  # warm-up: imports, first weights
     start = time.perf_counter()
@@ -50,7 +54,8 @@ def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: in
 
 def run() -> dict[str, float]:
     raw = env_rate(0)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    cuda = torch.cuda.is_available()
+    ray.init(num_cpus=2, num_gpus=int(cuda), include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=False) as server:
             store = ray.remote(WeightStore).options(num_cpus=0).remote()
@@ -59,6 +64,8 @@ def run() -> dict[str, float]:
             per_k = {k: actors_rate(server.url, store, 1, policy=True, envs=k) for k in ENVS_PER_ACTOR}
             one = per_k[1]
             two = actors_rate(server.url, store, 2, policy=True)
+            on_gpu = {k: actors_rate(server.url, store, 1, policy=True, envs=k, device="cuda")
+                      for k in ENVS_PER_ACTOR} if cuda else {}
     finally:
         ray.shutdown()
     return {
@@ -71,6 +78,7 @@ def run() -> dict[str, float]:
         "two_vs_one_actor_ratio": two / one,
         **{f"actor_loop_policy_{k}_envs_steps_per_s": rate for k, rate in per_k.items()},
         **{f"actor_loop_policy_{k}_envs_vs_raw": rate / raw for k, rate in per_k.items()},
+        **{f"actor_loop_cuda_policy_{k}_envs_vs_raw": rate / raw for k, rate in on_gpu.items()},
     }
 
 
