@@ -30,12 +30,13 @@ class Batch:
     """(B,) float32 gamma^k for the k rewards summed in `reward` (n-step returns; k = 1 for one step)."""
 
     @classmethod
-    def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device) -> "Batch":
-        """Moves numpy arrays to `device`, through pinned memory on CUDA."""
+    def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device, **on_device: torch.Tensor) -> "Batch":
+        """Moves numpy arrays to `device`, through pinned memory on CUDA; `on_device` are fields
+        already there (frame stacks gathered from a copy of the frames on the device)."""
         pin = device.type == "cuda"
 
         def move(a: np.ndarray) -> torch.Tensor:
             t = torch.from_numpy(np.ascontiguousarray(a))
             return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
-        return cls(**{f.name: move(arrays[f.name]) for f in fields(cls)})
+        return cls(**{f.name: on_device[f.name] if f.name in on_device else move(arrays[f.name]) for f in fields(cls)})

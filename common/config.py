@@ -289,6 +289,12 @@ class LearnerConfig:
     """Ray cluster to join ('auto' or HOST:PORT); empty starts a local one."""
     ray_dashboard: bool = True
     """Start the Ray dashboard (bound to 127.0.0.1:8265) with a local Ray cluster."""
+    replay_on_device: bool = False
+    """Keep a copy of the replay's frames on the learner's device and gather each batch's frame
+    stacks there: per update only frame slots and the small arrays cross to the device, not
+    ~14 MB of stacks at batch 256 (device memory: the ring's frame capacity x 7 KB, about 8.8 GB
+    for a ring of a million). For a GPU learner; off by default until a GPU measures it
+    (`make bench-learner` compares both there)."""
     channels_last: bool = True
     """channels_last memory format for the CNNs on CUDA (`make bench-learner` compares it there).
     Never used on CPU: on a 2-core AMD EPYC it made a batch-64 update ~20% slower (160 vs 130 ms)."""

@@ -13,6 +13,7 @@ from common.config import Config
 from common.driving import ACTION_NAMES
 from common.metrics import MetricLogger
 from common.tags import reference_lines
+from learner.device_frames import DeviceFrames
 from learner.td3 import TD3
 from replay_server.ingest import RateLimiter
 from replay_server.ring import FrameRing
@@ -32,6 +33,7 @@ class Learner:
         self.rng = rng
         self.limiter = RateLimiter(max(r.min_size_to_sample, cfg.td3.batch_size), r.samples_per_insert, r.error_buffer)
         self.interval = 10 if cfg.logging.debug else cfg.logging.log_interval
+        self.device_frames = DeviceFrames(ring, agent.device) if cfg.learner.replay_on_device else None
         self._last_log = time.monotonic()
 
     def ready(self, env_step: int) -> bool:
@@ -42,8 +44,10 @@ class Learner:
 
     def step(self, env_step: int) -> dict[str, float]:
         t = self.cfg.td3
-        arrays = self.limiter.sample(self.ring, t.batch_size, self.rng, t.n_step, t.gamma)
-        metrics = self.agent.update(Batch.from_numpy(arrays, self.agent.device))
+        frames = self.device_frames
+        arrays = self.limiter.sample(self.ring, t.batch_size, self.rng, t.n_step, t.gamma, images=frames is None)
+        batch = Batch.from_numpy(arrays, self.agent.device) if frames is None else frames.batch(arrays)
+        metrics = self.agent.update(batch)
         # A skipped (non-finite) update does not advance the counter, so log its alert explicitly.
         if self._due(metrics) or metrics["alerts/nonfinite_loss"]:
             self._log(metrics, env_step)

@@ -104,6 +104,6 @@ class RateLimiter:
         return self.sampled + batch_size - inserted * self.samples_per_insert <= self.error_buffer
 
     def sample(self, ring: FrameRing, batch_size: int, rng: np.random.Generator, n_step: int = 1,
-               gamma: float = 0.99) -> dict[str, np.ndarray]:
+               gamma: float = 0.99, images: bool = True) -> dict[str, np.ndarray]:
         self.sampled += batch_size
-        return ring.sample(batch_size, rng, n_step, gamma)
+        return ring.sample(batch_size, rng, n_step, gamma, images)

@@ -127,13 +127,14 @@ class FrameRing:
             raise ValueError("cannot sample from an empty replay")
         return (rng.integers(self.tail, self.head, size=batch_size)) % self.capacity
 
-    def gather(self, idx: np.ndarray, n_step: int = 1, gamma: float = 0.99) -> dict[str, np.ndarray]:
+    def gather(self, idx: np.ndarray, n_step: int = 1, gamma: float = 0.99, images: bool = True) -> dict[str, np.ndarray]:
         """Rebuilds stacked observations for ring slots `idx`, with n-step returns.
 
         `reward` is the discounted sum of up to `n_step` rewards of the episode from `idx` on, the
         next observation and `done` are those of the last step summed, and `discount` is
         gamma^k for the k steps summed: fewer than n where the episode ended or its next
-        transitions have not arrived yet.
+        transitions have not arrived yet. Without `images`, the frame stacks come as their slots
+        in `frames` ("image_slots", "next_image_slots"), for a copy of the frames kept elsewhere.
         """
         last = idx.copy()
         reward = self.reward[idx].astype(np.float64)
@@ -146,21 +147,23 @@ class FrameRing:
             last = np.where(go, nxt % self.capacity, last)
             reward += np.where(go, discount * self.reward[last], 0.0)
             discount = np.where(go, discount * gamma, discount)
-        first = self.frames[self.frame_ids[idx, :FRAME_STACK] % self.frame_capacity]
-        final = self.frames[self.frame_ids[last, 1:] % self.frame_capacity]
+        first = self.frame_ids[idx, :FRAME_STACK] % self.frame_capacity
+        final = self.frame_ids[last, 1:] % self.frame_capacity
+        stacks = {"image": self.frames[first], "next_image": self.frames[final]} if images else {
+            "image_slots": first, "next_image_slots": final}
         return {
-            "image": first,
+            **stacks,
             "vector": self.vector[idx],
             "action": self.action[idx],
             "reward": reward.astype(np.float32),
-            "next_image": final,
             "next_vector": self.next_vector[last],
             "done": self.done[last],
             "discount": discount.astype(np.float32),
         }
 
-    def sample(self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99) -> dict[str, np.ndarray]:
-        return self.gather(self.sample_indices(batch_size, rng), n_step, gamma)
+    def sample(self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99,
+               images: bool = True) -> dict[str, np.ndarray]:
+        return self.gather(self.sample_indices(batch_size, rng), n_step, gamma, images)
 
     # -- persistence (numpy arrays only; loaded with allow_pickle=False) --------------------
     _FRAME_ARRAYS = ("frames",)

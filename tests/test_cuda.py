@@ -1,6 +1,7 @@
 """The learner's CUDA paths: fused Adam, bf16 autocast with fp32 heads, channels_last, pinned
-non-blocking copies, GPU memory metrics, and a policy published from a GPU learner acting on a CPU
-actor. They run where torch sees a GPU; elsewhere pytest reports them as skipped, with the reason."""
+non-blocking copies, the replay's frames copied to the GPU, GPU memory metrics, and a policy
+published from a GPU learner acting on a CPU actor. They run where torch sees a GPU; elsewhere
+pytest reports them as skipped, with the reason."""
 
 import numpy as np
 import pytest
@@ -135,3 +136,18 @@ def test_an_actor_on_the_gpu_acts_as_on_the_cpu():
     rng = np.random.default_rng(0)
     np.testing.assert_allclose(Actor(on_gpu, cfg, rng, device).policy_actions(observations),
                                Actor(on_cpu, cfg, rng, CPU).policy_actions(observations), rtol=1e-4, atol=1e-4)
+
+
+def test_batches_gathered_from_a_copy_of_the_frames_on_the_gpu_equal_the_host_ones():
+    from learner.device_frames import DeviceFrames
+    from replay_server.ring import FrameRing
+    from tests.bench.learner import fill_ring
+
+    ring = FrameRing(500)
+    fill_ring(ring, 1000)  # the frame store has wrapped around
+    mirror = DeviceFrames(ring, CUDA)
+    idx = ring.sample_indices(32, np.random.default_rng(0))
+    want = Batch.from_numpy(ring.gather(idx, n_step=3), CPU)
+    got = mirror.batch(ring.gather(idx, n_step=3, images=False))
+    for field in ("image", "next_image", "vector", "reward", "discount"):
+        torch.testing.assert_close(getattr(got, field).cpu(), getattr(want, field), rtol=0, atol=0)

@@ -113,7 +113,7 @@ def recorded_learner(*overrides: str):
     cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "td3.critic_warmup_updates=0", *overrides])
     torch.manual_seed(0)
     learner = Learner(TD3(cfg, torch.device("cpu")), FrameRing(16), cfg, Recorder(), np.random.default_rng(0))
-    learner.limiter.sample = lambda ring, b, rng, n_step, gamma: random_batch_arrays(4)
+    learner.limiter.sample = lambda ring, b, rng, n_step, gamma, images=True: random_batch_arrays(4)
     return learner
 
 

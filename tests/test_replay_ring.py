@@ -175,3 +175,47 @@ def test_n_step_stops_where_the_next_transition_was_evicted_or_never_came(record
     del state["successor"]  # a checkpoint written before n-step links: loads, samples one step
     old = FrameRing.from_state(state).gather(np.arange(len(ring)), n_step=5, gamma=0.5)
     np.testing.assert_array_equal(old["reward"], ring.reward[np.arange(len(ring))])
+
+
+def test_a_device_copy_of_the_frames_gives_the_same_batches(recorded):
+    import torch
+
+    from common.batch import Batch
+    from learner.device_frames import DeviceFrames
+
+    transitions, resets = recorded
+    ring = FrameRing(capacity=40)  # 120 transitions: the frame store wraps around three times
+    mirror = DeviceFrames(ring, torch.device("cpu"))
+    adder = ChunkAdder(actor_id=0, chunk_steps=8, sink=ring.add_chunk)
+    resets_left = iter(resets)
+    adder.reset(next(resets_left))
+    rng = np.random.default_rng(0)
+    for i, (obs, action, reward, nxt, terminated, truncated) in enumerate(transitions):
+        adder.add(action, float(reward), nxt, terminated, truncated)
+        if terminated or truncated:
+            adder.reset(next(resets_left))
+        if i % 13 == 12 and len(ring):  # batches between inserts, as the learner takes them
+            idx = ring.sample_indices(16, rng)
+            want = Batch.from_numpy(ring.gather(idx, n_step=3), torch.device("cpu"))
+            got = mirror.batch(ring.gather(idx, n_step=3, images=False))
+            for field in ("image", "next_image", "vector", "next_vector", "action", "reward", "done", "discount"):
+                torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    assert mirror.synced == ring.frames_added
+
+
+def test_the_learner_samples_through_the_device_copy_when_asked(recorded, tmp_path):
+    import torch
+
+    from common.metrics import MetricLogger
+    from learner.learner import Learner
+    from learner.td3 import TD3
+
+    transitions, resets = recorded
+    ring = FrameRing(capacity=200)
+    fill(ring, transitions, resets)
+    cfg = load_config(overrides=["learner.device=cpu", "learner.replay_on_device=true", "td3.batch_size=8",
+                                 "replay.min_size_to_sample=8", "td3.learning_starts=0"])
+    learner = Learner(TD3(cfg, torch.device("cpu")), ring, cfg, MetricLogger(tmp_path), np.random.default_rng(0))
+    assert learner.ready(env_step=len(ring))
+    assert learner.step(env_step=len(ring))["alerts/nonfinite_loss"] == 0.0
+    assert learner.device_frames.synced == ring.frames_added

@@ -369,6 +369,6 @@ def test_a_skipped_update_is_always_logged():
     learner = Learner(agent, FrameRing(16), cfg, logger, np.random.default_rng(0))
     bad = random_batch_arrays(4)
     bad["reward"][0] = np.nan
-    learner.limiter.sample = lambda ring, b, rng, n_step, gamma: bad
+    learner.limiter.sample = lambda ring, b, rng, n_step, gamma, images=True: bad
     learner.step(env_step=7)
     assert logger.logged and logger.logged[0]["alerts/nonfinite_loss"] == 1.0

@@ -9,6 +9,7 @@
 - how close to the hardware: the FLOPs of one update (counted by torch's FlopCounterMode, the
   actor update's share included) times our updates/s, against a large matmul timed on the same
   device in the same run;
+- sampling with the frames copied to the device (`learner.replay_on_device`) vs. from the host;
 - on CUDA: fp32 vs bf16 autocast vs channels_last (and both), the fused Adam always on; which won;
   the peak GPU memory of our update and of SB3's.
 
@@ -30,6 +31,7 @@ from common.chunk import Chunk
 from common.config import Config, load_config
 from common.driving import ACTION_DIM, FRAME_SIZE, VECTOR_DIM
 from common.env import observation_space
+from learner.device_frames import DeviceFrames
 from learner.td3 import TD3
 from replay_server.ring import FrameRing
 from tests.bench.report import write_report
@@ -74,11 +76,15 @@ def bench_config(device: torch.device, *overrides: str) -> Config:
 
 def ours(device: torch.device, ring: FrameRing | None, n: int, *overrides: str) -> float:
     """Updates/s of our TD3; from `ring` (sampled each update) or one fixed in-memory batch."""
-    agent = TD3(bench_config(device, *overrides), device)
+    cfg = bench_config(device, *overrides)
+    agent = TD3(cfg, device)
     if ring is None:
         batch = Batch.from_numpy(random_batch_arrays(BATCH), device)
         return _timed(lambda: agent.update(batch), n, device)
     rng = np.random.default_rng(0)
+    if cfg.learner.replay_on_device:
+        frames = DeviceFrames(ring, device)
+        return _timed(lambda: agent.update(frames.batch(ring.sample(BATCH, rng, images=False))), n, device)
     return _timed(lambda: agent.update(Batch.from_numpy(ring.sample(BATCH, rng), device)), n, device)
 
 
@@ -170,6 +176,8 @@ def run() -> dict[str, float | str]:
         results[f"{d}: our updates/s, b256, in-memory batch"] = synthetic
         results[f"{d}: our updates/s, b256, sampled from our replay"] = replay
         results[f"{d}: data path cost (replay / in-memory)"] = replay / synthetic
+        results[f"{d}: our updates/s, b256, frames copied to the device (learner.replay_on_device)"] = ours(
+            device, ring, n, "learner.replay_on_device=true")
         results[f"{d}: SB3 TD3 updates/s, b256, same CNN and MLPs"] = theirs
         results[f"{d}: ours (from replay) / SB3"] = replay / theirs
         flops, peak = flops_per_update(device), matmul_flops_per_s(device)
