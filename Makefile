@@ -21,10 +21,10 @@ run: $(STAMP)
 
 # pytest exits 5 when it collects no test; that is a failure here, as any non-zero code is.
 test: $(STAMP)
-	$(PY) -m pytest -q -rs -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -rfEs -m "not slow" $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -rs $(ARGS)
+	$(PY) -m pytest -q -rfEs $(ARGS)
 
 # The fault-injection tests alone (they are part of `make test` too).
 test-faults: $(STAMP)

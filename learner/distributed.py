@@ -98,6 +98,7 @@ class DistributedRun:
         self.eval_step = 0
         self.actor_steps: dict[int, int] = {}  # env steps per actor since the last perf log
         self.holds = 0  # loop passes in which idle actors waited for the learner
+        self.owed = 0.0  # updates owed for the env steps reported so far
         self.actor_versions: dict[int, int] = {}
         self.reports: dict[int, dict[str, Any]] = {}  # each actor's latest report: its counters
         dashboard = "the head node's, port 8265" if cfg.learner.ray_address else (
@@ -152,7 +153,7 @@ class DistributedRun:
                 if core.env_step > cfg.td3.learning_starts:
                     credit += new_steps * cfg.learner.updates_per_step
                 core.replay.poll()
-                credit = self._train(credit)
+                credit = self.owed = self._train(credit)
                 if cfg.eval.freq and core.env_step >= next_eval:
                     if self._launch_eval():
                         next_eval = self._next_multiple(cfg.eval.freq)
@@ -164,7 +165,7 @@ class DistributedRun:
                     self._rescale()
                     last_rescale = time.monotonic()
                 if time.monotonic() - last_perf > PERF_EVERY_S:
-                    self._log_perf(credit)
+                    self._log_perf()
                     last_perf = time.monotonic()
                 if new_steps == 0 and credit < 1:
                     time.sleep(0.005)
@@ -242,7 +243,7 @@ class DistributedRun:
         if gif:
             self.core.logger.video("eval/video", gif, size, self.eval_step)
 
-    def _log_perf(self, owed: float) -> None:
+    def _log_perf(self) -> None:
         core, actors = self.core, self.actors
         lag = [self.version - v for v in self.actor_versions.values()]
 
@@ -260,7 +261,7 @@ class DistributedRun:
             "actors/target": actors.target,
             "actors/retired": actors.retired,
             "actors/held_for_learner": self.holds,
-            "perf/updates_owed": owed,
+            "perf/updates_owed": self.owed,
             "actors/restarts": actors.restarts,
             "actors/policy_lag": max(lag) if lag else 0.0,
             "actors/weight_fetches": total("weight_fetches"),

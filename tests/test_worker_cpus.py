@@ -23,7 +23,7 @@ def test_a_worker_reserves_a_cpu_per_carla_server_it_launches():
 
 
 def test_ray_options_and_the_learners_threads_count_the_servers(tmp_path, monkeypatch):
-    cfg = load_config(CARLA_YAML, ["actors.num_actors=2", "actors.envs_per_actor=2"])
+    cfg = load_config(CARLA_YAML, ["actors.num_actors=2", "actors.envs_per_actor=2", "actors.num_gpus=0.25"])
     options: dict[str, dict] = {}
 
     class Remote:
@@ -48,5 +48,5 @@ def test_ray_options_and_the_learners_threads_count_the_servers(tmp_path, monkey
     run = DistributedRun(cfg, tmp_path)
     run._remote(RolloutWorker, 2)
     run._make_evaluator()
-    assert options == {"RolloutWorker": {"num_cpus": 3.0, "resources": {"carla": 1.0}},
-                       "EvalWorker": {"num_cpus": 2.0, "resources": {"carla": 1.0}}}
+    assert options == {"RolloutWorker": {"num_cpus": 3.0, "num_gpus": 0.25, "resources": {"carla": 1.0}},
+                       "EvalWorker": {"num_cpus": 2.0, "num_gpus": 0.25, "resources": {"carla": 1.0}}}
