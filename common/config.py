@@ -165,7 +165,8 @@ class CarlaConfig:
     """GPUs launched servers render on, as Vulkan adapter indices on their node: env slot s gets
     `-graphicsadapter=gpus[s % len(gpus)]` (and r.GraphicsAdapter, as CARLA's docs set it), so
     consecutive slots (one host's servers under docker-compose.yml) spread over them; empty adds
-    no flag and every server takes the engine's default adapter. A Vulkan index need not match nvidia-smi's; each log names the device."""
+    no flag and every server takes the engine's default adapter. A Vulkan index need not match
+    nvidia-smi's; each log names the device."""
     quality_level: Literal["Epic", "Low"] = "Epic"
     """Rendering quality of launched servers; Low (`-quality-level=Low`) renders faster, with
     simpler materials and no shadows."""

@@ -203,7 +203,8 @@ class CarlaServer:
                 try:
                     self.process = subprocess.Popen(
                         self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                        env={**os.environ, OWNER_ENV: owner_tag()}, start_new_session=True, preexec_fn=functools.partial(_in_child, cpus),
+                        env={**os.environ, OWNER_ENV: owner_tag()}, start_new_session=True,
+                        preexec_fn=functools.partial(_in_child, cpus),
                     )
                 except OSError as exc:
                     raise CarlaUnavailable(
