@@ -147,7 +147,9 @@ class CarlaServer:
         self.cfg = cfg
         self.slot = slot
         if cfg.launch:
-            reap_orphans()  # an orphan of this slot holds its ports: free them before choosing
+            # An orphan of this slot holds its ports: free them before choosing. Once only: a
+            # relaunch (`restart`) kills this server's own process group, binary included.
+            reap_orphans()
         self.ports = allocate_ports(cfg, slot)
         self.log_path = Path(cfg.log_dir) / f"carla_{slot}.log"
         self.process: subprocess.Popen | None = None
@@ -193,16 +195,15 @@ class CarlaServer:
 
     def start(self) -> None:
         if self.cfg.launch:
-            reap_orphans()
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            cpus = self.cpus
+            cpus, command = self.cpus, self.command()
             pinned = "" if cpus is None else f" on CPUs {sorted(cpus)}"
             with open(self.log_path, "ab") as out:
-                out.write(f"\n--- launch {time.strftime('%Y-%m-%d %H:%M:%S')}{pinned}: {shlex.join(self.command())}\n".encode())
+                out.write(f"\n--- launch {time.strftime('%Y-%m-%d %H:%M:%S')}{pinned}: {shlex.join(command)}\n".encode())
                 out.flush()
                 try:
                     self.process = subprocess.Popen(
-                        self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                        command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                         env={**os.environ, OWNER_ENV: owner_tag()}, start_new_session=True,
                         preexec_fn=functools.partial(_in_child, cpus),
                     )
