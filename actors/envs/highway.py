@@ -131,7 +131,7 @@ class HighwayBackend:
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)
-        if self.start != "fixed" and self._env.np_random.uniform() < self.cfg.embedded.training_start_fraction:
+        if self.start != "fixed" and self._starts_elsewhere():
             self._start_anywhere(with_lead=self.start == "anywhere_with_lead")
         ego = self._env.vehicle
         self._route = ego.lane_index
@@ -140,6 +140,12 @@ class HighwayBackend:
         self._speed = float(ego.speed)
         self._s, lat, _ = self._advance_route(ego.position)
         return self._frame(), self._state(self._s, lat, 0.0, False)
+
+    def _starts_elsewhere(self) -> bool:
+        """Whether this episode starts away from the fixed place (`training_start_fraction`). At
+        1 no draw is taken, so the seeds' starts stay those the measured arms were run with."""
+        fraction = self.cfg.embedded.training_start_fraction
+        return fraction >= 1.0 or self._env.np_random.uniform() < fraction
 
     def _start_anywhere(self, with_lead: bool) -> None:
         """Moves the ego to a random lane and place on the track (drawn from the episode's seed)
