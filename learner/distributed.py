@@ -147,12 +147,15 @@ class DistributedRun:
         last_perf = last_rescale = time.monotonic()
         try:
             while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
-                debt = cfg.learner.max_update_debt
-                # Held only while the learner can work the debt down: never a deadlock.
-                new_steps = self._collect_reports(hold=bool(debt) and credit > debt and core.learner.ready(core.env_step))
+                new_steps = self._collect_reports()
                 if core.env_step > cfg.td3.learning_starts:
                     credit += new_steps * cfg.learner.updates_per_step
                 core.replay.poll()
+                # Decided on the credit that includes the reports just read (a burst of them must
+                # not also start new work), and only while the learner can work the debt down:
+                # never a deadlock.
+                debt = cfg.learner.max_update_debt
+                self._hand_out_work(hold=bool(debt) and credit > debt and core.learner.ready(core.env_step))
                 credit = self.owed = self._train(credit)
                 if cfg.eval.freq and core.env_step >= next_eval:
                     if self._launch_eval():
@@ -184,9 +187,8 @@ class DistributedRun:
     def _next_multiple(self, every: int) -> int:
         return (self.core.env_step // every + 1) * every if every else sys.maxsize
 
-    def _collect_reports(self, hold: bool = False) -> int:
-        """Reads the actors' reports; hands idle actors new work unless `hold` (the learner is
-        too far behind)."""
+    def _collect_reports(self) -> int:
+        """Reads the actors' reports; returns the env steps they add."""
         core, actors = self.core, self.actors
         new_steps = 0
         for index, report in actors.collect():
@@ -198,12 +200,15 @@ class DistributedRun:
             self.actor_versions[index] = report["policy_version"]
             self.reports[index] = report
         actors.restart_due()
+        return new_steps
+
+    def _hand_out_work(self, hold: bool) -> None:
+        """Gives idle actors their next report's steps, unless `hold` (the learner is too far behind)."""
         if hold:
             self.holds += 1
-            return new_steps
-        for index in actors.idle():
-            actors.launch(index, self.cfg.actors.steps_per_report, core.env_step)
-        return new_steps
+            return
+        for index in self.actors.idle():
+            self.actors.launch(index, self.cfg.actors.steps_per_report, self.core.env_step)
 
     def _train(self, credit: float) -> float:
         """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read."""
@@ -294,6 +299,7 @@ class DistributedRun:
             self._log_perf()
         self.actors.shutdown()
         if not self.stop_requested:
+            self._settle_debt()
             self._collect_eval(wait=True)
             if self.core.env_step != self.eval_step or not self.core.last_eval:
                 self._launch_eval()
@@ -301,6 +307,19 @@ class DistributedRun:
         if sys.stdout.isatty() and not self.cfg.logging.quiet:
             sys.stdout.write("\n")
         self._checkpoint()
+
+    def _settle_debt(self) -> None:
+        """At the end of the budget, the updates still owed for the steps reported, so the run ends
+        with `learner.updates_per_step` x its steps like a serial one; the final evaluation and
+        checkpoint get the weights they produce."""
+        core, before = self.core, self.core.agent.updates
+        if self.owed >= 1:
+            log.info("budget reached: running the %d updates still owed", int(self.owed))
+        while self.owed >= 1 and core.learner.ready(core.env_step):
+            self.owed = self._train(self.owed)
+        if core.agent.updates != before:
+            self.version += 1
+            self._publish()
 
     def close(self) -> None:
         self.actors.shutdown()

@@ -63,8 +63,8 @@ def _run_with_fault(tmp_path, at_step: int, inject, *overrides: str) -> tuple[Di
     ray.get([h.pid.remote() for h in run.actors.handles.values()])
     collect, before = run._collect_reports, Counter()
 
-    def collect_then_fault(hold: bool = False) -> int:
-        new_steps = collect(hold)
+    def collect_then_fault() -> int:
+        new_steps = collect()
         if not before and run.core.env_step >= at_step:
             before.update(stream_transitions(run.core.replay.redis, cfg.replay.stream_key)[0])
             inject(run)
