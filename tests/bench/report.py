@@ -1,5 +1,6 @@
 """Bench results: results/bench_<name>.json per bench, merged into results/bench.json and a
-markdown table results/bench.md, each stamped with the machine it ran on."""
+markdown table results/bench.md, each stamped with the machine it ran on. bench.json is tracked,
+so a bench run on a fresh clone replaces its own section and keeps the others'."""
 
 from __future__ import annotations
 
