@@ -141,7 +141,6 @@ class DistributedRun:
     def run(self) -> dict[str, float]:
         cfg, core = self.cfg, self.core
         previous = signal.signal(signal.SIGINT, self._request_stop)
-        credit = 0.0
         next_eval = self._next_multiple(cfg.eval.freq)
         next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
         last_perf = last_rescale = time.monotonic()
@@ -149,14 +148,14 @@ class DistributedRun:
             while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
                 new_steps = self._collect_reports()
                 if core.env_step > cfg.td3.learning_starts:
-                    credit += new_steps * cfg.learner.updates_per_step
+                    self.owed += new_steps * cfg.learner.updates_per_step
                 core.replay.poll()
-                # Decided on the credit that includes the reports just read (a burst of them must
+                # Decided on the debt that includes the reports just read (a burst of them must
                 # not also start new work), and only while the learner can work the debt down:
                 # never a deadlock.
                 debt = cfg.learner.max_update_debt
-                self._hand_out_work(hold=bool(debt) and credit > debt and core.learner.ready(core.env_step))
-                credit = self.owed = self._train(credit)
+                self._hand_out_work(hold=bool(debt) and self.owed > debt and core.learner.ready(core.env_step))
+                self.owed = self._train(self.owed)
                 if cfg.eval.freq and core.env_step >= next_eval:
                     if self._launch_eval():
                         next_eval = self._next_multiple(cfg.eval.freq)
@@ -170,7 +169,7 @@ class DistributedRun:
                 if time.monotonic() - last_perf > PERF_EVERY_S:
                     self._log_perf()
                     last_perf = time.monotonic()
-                if new_steps == 0 and credit < 1:
+                if new_steps == 0 and self.owed < 1:
                     time.sleep(0.005)
             self._finish()
         finally:

@@ -39,8 +39,18 @@ def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
                                  "learner.updates_per_step=1", "learner.max_update_debt=5"])
     run = DistributedRun(cfg, tmp_path / "run").init()
     ray.get([h.pid.remote() for h in run.actors.handles.values()])  # both started, so neither can take the whole budget
+    launch, core, handed_out_in_debt = run.actors.launch, run.core, []
+
+    def checked_launch(index, *args):
+        owed = (core.env_step - 100) - core.agent.updates  # at least: one update per step past learning_starts
+        if owed > 5 and core.learner.ready(core.env_step):
+            handed_out_in_debt.append((core.env_step, core.agent.updates))
+        launch(index, *args)
+
+    run.actors.launch = checked_launch
     final = run.run()
     assert final["eval/avg_episode_length"] > 0
+    assert not handed_out_in_debt, "actors got new work while the learner owed over learner.max_update_debt"
     # Actors wait while the learner owes over 5 updates, and the run pays what it still owes at
     # the end: one update for each of the >= 300 steps reported after learning_starts.
     assert run.holds > 0
