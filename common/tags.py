@@ -84,6 +84,8 @@ TAGS: dict[str, str] = {
                           "learner.max_update_debt by at most the reports already handed out."),
     "perf/weight_broadcast_ms": "Time to serialize and publish one weight version, ms.",
     "perf/learner_rss_mb": "Resident memory of the learner process, MB.",
+    "perf/learner_heap_released_mb": ("Free malloc heap the learner handed back to the OS at this perf point "
+                                      "(glibc malloc_trim), MB; 0 without glibc."),
     "perf/gpu_memory_allocated_mb": "GPU memory held by tensors, MB (CUDA only).",
     "perf/gpu_memory_reserved_mb": "GPU memory reserved by the caching allocator, MB (CUDA only).",
     # -- replay ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import yaml
 from common.config import Config, flat_hparams, for_display, to_dict
 from common.metrics import MetricLogger, TerminationWindow
 from learner import checkpoint
-from learner.learner import Learner, rss_and_gpu_metrics
+from learner.learner import Learner, release_free_heap, rss_and_gpu_metrics
 from learner.td3 import TD3
 from replay_server.ring import FrameRing
 from replay_server.service import open_replay
@@ -93,6 +93,7 @@ class TrainingCore:
             "perf/updates_per_s": (self.agent.updates - updates0) / dt,
             "perf/updates_per_env_step": (self.agent.updates - updates0) / max(self.env_step - steps0, 1),
             **self.replay.metrics(),
+            "perf/learner_heap_released_mb": release_free_heap(),  # before the RSS is read
             **rss_and_gpu_metrics(self.device),
             **(extra or {}),
         }

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -82,6 +85,30 @@ class Learner:
         if self.cfg.logging.debug:
             log.debug("update %d: %s", self.agent.updates,
                       {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/", "debug/cnn"))})
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; absent on macOS and musl
+    except (AttributeError, OSError):
+        return None
+
+
+def release_free_heap() -> float:
+    """Hands the malloc heap's free pages back to the OS (glibc's `malloc_trim`); returns the MB
+    released, 0 where the C library has no such call. Why: every update allocates and frees
+    hundreds of MB of batch arrays and activations from several threads, and glibc keeps what
+    they free in its arenas, fragmented, so the learner's RSS crept up by ~200 MB an hour in a
+    soak although nothing was live (one trim returned 250 MB of a 740 MB update loop)."""
+    import psutil
+
+    trim = _malloc_trim()
+    if trim is None:
+        return 0.0
+    before = psutil.Process().memory_info().rss
+    trim(0)
+    return max(before - psutil.Process().memory_info().rss, 0) / 2**20
 
 
 def rss_and_gpu_metrics(device: torch.device) -> dict[str, float]:

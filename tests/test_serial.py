@@ -1,9 +1,11 @@
+import ctypes
 import json
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import learner.learner as learner_module
 from common.metrics import read_scalars
 from common.tags import describe
 from learner.cli import main
@@ -182,3 +184,21 @@ def test_a_crashed_redis_server_is_relaunched_from_its_aof(tmp_path, small_cfg):
 
     with RedisServer(tmp_path / "run" / "redis") as again:  # everything it acknowledged is still there
         assert connect(again.url).xlen(small_cfg.replay.stream_key) >= state["stream_before"]
+
+
+@pytest.mark.skipif(learner_module._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+def test_release_free_heap_hands_the_heaps_free_pages_back():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 * 1024  # below glibc's mmap threshold: from the heap, as an update's smaller arrays are
+    blocks = [libc.malloc(size) for _ in range(1600)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    pin = blocks.pop()  # keeps the freed blocks below the heap's top, where free() alone never returns them
+    for block in blocks:
+        libc.free(block)
+    try:
+        assert learner_module.release_free_heap() > 50
+    finally:
+        libc.free(pin)

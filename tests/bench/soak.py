@@ -1,7 +1,9 @@
 """Soak: the embedded distributed system for MINUTES minutes, watched for leaks and slow-downs.
 
 `make soak MINUTES=30` starts `python -m learner` (2 rollout actors, the evaluator, the Redis
-replay; a 20k-transition replay so it is full well within the warm-up), samples the RSS of every
+replay; a 20k-transition replay and 0.02 updates per env step, so that the actors run at their
+speed rather than wait for a CPU learner and the replay is full well within the warm-up: a replay
+still filling grows the learner by design), samples the RSS of every
 process of the run every 15 s, stops the run with Ctrl-C at the end (it checkpoints), and reports
 per process the RSS growth after warm-up (first 25% of the time, at least 2 minutes) as a
 least-squares slope in MB/hour, the same for the USS (memory private to the process: RSS also
@@ -95,11 +97,26 @@ def throughput(run_dir: Path, warm_up_s: float, start_wall: float) -> dict[str, 
     return out
 
 
+def trimmed_learner_rss(run_dir: Path, warm_up_s: float, start_wall: float) -> dict[str, float]:
+    """The learner's own `perf/learner_rss_mb`, read right after it hands its free heap back
+    (`release_free_heap`): its live memory, without the hundreds of MB an update frees and glibc
+    keeps for a while, which make the sampled RSS swing by +-60 MB and its slope noise."""
+    points = [(wall - start_wall, v) for wall, _, v in read_scalars(run_dir).get("perf/learner_rss_mb", [])
+              if wall - start_wall >= warm_up_s]
+    if len(points) < 3:
+        return {}
+    times, values = [t for t, _ in points], [v for _, v in points]
+    return {"rss_mb_at_warm_up": round(values[0], 1), "rss_mb_at_end": round(values[-1], 1),
+            "rss_growth_mb": round(values[-1] - values[0], 1),
+            "rss_slope_mb_per_hour": round(slope_mb_per_hour(times, values), 1)}
+
+
 def run(minutes: float) -> dict:
     logdir = Path(tempfile.mkdtemp(prefix="avtd3-soak-"))
     cmd = [sys.executable, "-m", "learner", "--quiet", "--logdir", str(logdir), "--max-timesteps", "100000000",
            "--num-actors", "2", "--set", "replay.capacity=20000", "--set", "td3.learning_starts=2000",
-           "--set", "eval.freq=20000", "--set", "eval.num_episodes=2", "--set", "learner.checkpoint_freq=50000"]
+           "--set", "eval.freq=20000", "--set", "eval.num_episodes=2", "--set", "learner.checkpoint_freq=50000",
+           "--set", "learner.updates_per_step=0.02"]
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     learner = psutil.Process(proc.pid)
@@ -138,7 +155,8 @@ def run(minutes: float) -> dict:
     return {
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": minutes,
         "warm_up_minutes": round(warm_up / 60, 1), "run_dir": str(run_dir),
-        "processes": processes, "throughput": throughput(run_dir, warm_up, start),
+        "processes": processes, "learner_after_heap_trim": trimmed_learner_rss(run_dir, warm_up, start),
+        "throughput": throughput(run_dir, warm_up, start),
     }
 
 
@@ -153,6 +171,14 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {p['rss_mb_at_warm_up']} | {p['rss_mb_at_end']} | {p['rss_growth_mb']} | "
                      f"{p['rss_slope_mb_per_hour']} | {p['uss_mb_at_warm_up']} | {p['uss_growth_mb']} | "
                      f"{p['uss_slope_mb_per_hour']} |")
+    trimmed = report.get("learner_after_heap_trim")
+    if trimmed:
+        lines += ["", "The learner's RSS as it logs it (`perf/learner_rss_mb`, every 5 s, right after handing its free "
+                  "heap back): its live memory, without the swing of what an update frees.", "",
+                  "| process | RSS after warm-up (MB) | RSS at end (MB) | RSS growth (MB) | RSS slope (MB/h) |",
+                  "|---|---|---|---|---|",
+                  f"| learner (after heap trim) | {trimmed['rss_mb_at_warm_up']} | {trimmed['rss_mb_at_end']} | "
+                  f"{trimmed['rss_growth_mb']} | {trimmed['rss_slope_mb_per_hour']} |"]
     lines += ["", "| throughput | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["throughput"].items()]
     return "\n".join(lines) + "\n"
