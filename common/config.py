@@ -123,9 +123,11 @@ class CarlaConfig:
 
     launch: bool = True
     """Launch a server per env with `server_command`; false connects to running servers instead."""
-    server_command: str = "/workspace/CarlaUE4.sh -RenderOffScreen -nosound"
-    """Command that starts a server (the path in the carlasim/carla image); the RPC, streaming and
-    secondary port flags are appended."""
+    server_command: str = "/workspace/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping CarlaUE4 -RenderOffScreen -nosound"
+    """Command that starts a server (the path in the carlasim/carla image); the map goes after its
+    last word that is not a flag, the RPC, streaming and secondary port flags are appended. The
+    binary itself, with the project name CarlaUE4.sh passes it, not the script: the script starts it
+    as a child, out of reach of the signal that kills a server when its actor dies."""
     host: str = "127.0.0.1"
     """Address the client connects to (launched servers listen on this machine)."""
     port: int = 2000
@@ -171,8 +173,8 @@ class CarlaConfig:
     """Rendering quality of launched servers; Low (`-quality-level=Low`) renders faster, with
     simpler materials and no shadows."""
     server_cpus: int = 0
-    """CPUs each launched server is pinned to (its CPU affinity, which CarlaUE4.sh's binary and all
-    its threads inherit): slot s gets `server_cpus` consecutive CPUs of those the actor may use,
+    """CPUs each launched server is pinned to (its CPU affinity, which the server and all its threads
+    inherit): slot s gets `server_cpus` consecutive CPUs of those the actor may use,
     from the (s * server_cpus)-th on, wrapping, so a node's servers spread over its cores; UE4 also
     sizes its task-graph worker pool from the CPUs it may use. Ray reserves them for the actor
     (`actors.num_cpus`). 0 leaves servers unpinned, one CPU reserved for each."""

@@ -40,10 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when its parent dies (Linux; a no-op elsewhere)."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """preexec_fn: the child gets `signum` when its parent dies (Linux; a no-op elsewhere). The
+    parent is the thread that forked it: the signal comes when that thread ends."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
     except OSError:
         pass
 

@@ -13,7 +13,9 @@ import inspect
 import math
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,9 +34,10 @@ from actors.envs.carla_server import (
     CarlaUnavailable,
     allocate_ports,
     port_free,
+    reap_orphans,
 )
 from actors.runner import EpisodeRunner
-from common.config import ConfigError, load_config
+from common.config import CarlaConfig, ConfigError, load_config
 from common.driving import LOOKAHEAD_NORM
 from common.env import DrivingEnv, SimulatorFailure
 from replay_server.server import free_port
@@ -836,9 +839,13 @@ def test_a_server_that_exits_at_launch_reports_its_log(tmp_path, carla_double, m
         CarlaServer(cfg.carla, 0).start()
 
 
-# CarlaUE4.sh starts the real binary as a child without exec (the parent-death signal set on the
-# script never reaches it); this stand-in does the same with the stand-in server.
-CARLAUE4_SH = '#!/bin/sh\n"{python}" "{server}" "$@"\n'
+# A packaged CARLA build, as under /workspace in the carlasim/carla image: CarlaUE4.sh starts the
+# binary as a child without exec ("$UE4_PROJECT_ROOT/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping"
+# CarlaUE4 "$@"), so the parent-death signal set on the script never reaches it. The stand-in
+# binary is the stand-in server, run by its interpreter line in the process that was exec'd.
+CARLAUE4_SH = '#!/bin/sh\nROOT=$(dirname "$(readlink -f "$0")")\n"$ROOT/{binary}" CarlaUE4 "$@"\n'
+SHIPPING = "CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping"
+STAND_IN_BINARY = '#!{python}\nimport runpy\nrunpy.run_path({server!r}, run_name="__main__")\n'
 
 OWNER = """
 import pickle, sys, time
@@ -850,17 +857,22 @@ time.sleep(3600)
 """
 
 
-def test_a_server_orphaned_by_a_killed_actor_is_reaped_by_the_next_launch(tmp_path, carla_double):
-    """A SIGKILLed actor (Ray's ray.kill) takes only CarlaUE4.sh with it: the binary it started
-    keeps the slot's ports (and, on a real node, its GPU). The next launch on the node kills
-    servers whose owner is gone, so the slot gets its own ports back instead of a second server."""
-    import pickle
-    import subprocess
+def _packaged_build(root: Path) -> Path:
+    """`root`/CarlaUE4.sh and `root`/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping, stand-ins."""
+    binary = root / SHIPPING
+    binary.parent.mkdir(parents=True)
+    binary.write_text(STAND_IN_BINARY.format(python=sys.executable, server=str(FAKE_SERVER)))
+    (root / "CarlaUE4.sh").write_text(CARLAUE4_SH.format(binary=SHIPPING))
+    for path in (binary, root / "CarlaUE4.sh"):
+        path.chmod(0o755)
+    return root
 
-    script = tmp_path / "CarlaUE4.sh"
-    script.write_text(CARLAUE4_SH.format(python=sys.executable, server=FAKE_SERVER))
-    script.chmod(0o755)
-    cfg = carla_config(tmp_path, f"carla.server_command={script}").carla
+
+def _server_of_a_killed_actor(tmp_path, cfg) -> tuple[int, int]:
+    """Launches env 0's server from another process, the actor, and SIGKILLs the actor once the
+    server answers; returns the pids of the server binary and of the child it started."""
+    import pickle
+
     (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DOUBLE_ROOT), str(Path(__file__).parents[1])])}
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path / "cfg.pkl")], stdout=subprocess.PIPE,
@@ -871,8 +883,17 @@ def test_a_server_orphaned_by_a_killed_actor_is_reaped_by_the_next_launch(tmp_pa
         owner.kill()
         owner.wait()
     log = (tmp_path / "carla" / "carla_0.log").read_text()
-    binary = int(log.split("fake CARLA server pid ")[-1].split()[0])
-    child = _child_pid(tmp_path / "carla" / "carla_0.log")
+    return int(log.split("fake CARLA server pid ")[-1].split()[0]), _child_pid(tmp_path / "carla" / "carla_0.log")
+
+
+def test_a_server_orphaned_by_a_killed_actor_is_reaped_by_the_next_launch(tmp_path, carla_double):
+    """A server_command that is a script (CarlaUE4.sh): a SIGKILLed actor (Ray's ray.kill) takes
+    only the script with it, and the binary it started keeps the slot's ports (and, on a real node,
+    its GPU). The next launch on the node kills servers whose owner is gone, so the slot gets its
+    own ports back instead of a second server."""
+    root = _packaged_build(tmp_path / "workspace")
+    cfg = carla_config(tmp_path, f"carla.server_command={root / 'CarlaUE4.sh'}").carla
+    binary, child = _server_of_a_killed_actor(tmp_path, cfg)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and port_free(cfg.port):
         time.sleep(0.05)
@@ -892,3 +913,42 @@ def test_a_server_orphaned_by_a_killed_actor_is_reaped_by_the_next_launch(tmp_pa
         assert other.process.poll() is None and not port_free(other.ports.rpc)
     finally:
         other.kill()
+
+
+def test_the_default_server_command_dies_with_its_killed_actor(tmp_path, carla_double):
+    """The default carla.server_command launches the server binary itself, not CarlaUE4.sh (which
+    starts it as a child), so the parent-death signal set at launch reaches the server: a SIGKILLed
+    actor's server dies at once, without waiting for a later launch on the node to reap it. The
+    map goes after the project name the binary takes first."""
+    root = _packaged_build(tmp_path / "workspace")  # a build as the image's /workspace, script and binary
+    default = CarlaConfig().server_command
+    assert default.startswith("/workspace/")
+    cfg = carla_config(tmp_path, f"carla.server_command={default.replace('/workspace/', f'{root}/', 1)}").carla
+    binary, child = _server_of_a_killed_actor(tmp_path, cfg)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (_alive(binary) or not port_free(cfg.port)):
+            time.sleep(0.05)
+        assert not _alive(binary), "the server outlived its actor"
+        assert port_free(cfg.port), "the dead actor's server still holds the slot's port"
+    finally:
+        reap_orphans()  # what the stand-in started (a real server starts no child)
+    words = CarlaServer(cfg, 0).command()
+    assert words[:3] == [str(root / SHIPPING), "CarlaUE4", "/Game/Carla/Maps/Town01"]
+    assert words[3:5] == ["-RenderOffScreen", "-nosound"], words
+
+
+def test_a_server_launched_from_a_thread_outlives_the_thread(tmp_path, carla_double):
+    """The parent-death signal fires when the thread that forked the server ends, not the
+    process: a server launched off the main thread must not die with that thread."""
+    server = CarlaServer(carla_config(tmp_path).carla, 0)
+    launch = threading.Thread(target=server.start)
+    launch.start()
+    launch.join()
+    try:
+        assert server.process is not None
+        time.sleep(1.0)
+        assert server.process.poll() is None, f"the server died with its launching thread ({server.process.returncode})"
+        server.wait_ready()
+    finally:
+        server.kill()

@@ -118,10 +118,13 @@ def test_actor_image_brings_a_python_the_carla_wheel_exists_for():
     assert re.search(rf"^COPY --from={name} /usr/local/bin/", actor, re.M)
     assert re.search(rf"python3\.{version.group(1)} -m venv /opt/venv", actor)
     assert not re.search(r"apt-get install[^\n]*\bpython3\b", actor), "the system python3 (3.8) must not be used"
-    # The 0.9.16 image keeps CARLA under /workspace; the build checks the path the config uses.
-    assert "RUN test -x /workspace/CarlaUE4.sh" in actor
+    # The 0.9.16 image keeps CARLA under /workspace; the build checks the path the config uses:
+    # the binary itself (CarlaUE4.sh would run it as a child, out of reach of the parent-death
+    # signal), with the project name the script passes it first.
+    binary = "/workspace/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping"
+    assert f"RUN test -x {binary}\n" in actor
     for cfg in (load_config(), load_config(ROOT / "deploy/configs/carla.yaml")):
-        assert cfg.carla.server_command.split()[0] == "/workspace/CarlaUE4.sh"
+        assert cfg.carla.server_command.split()[:2] == [binary, "CarlaUE4"]
 
 
 def _gpu_request(service: dict) -> dict:

@@ -192,7 +192,8 @@ def test_traffic_scenarios_add_vehicles():
 
 def test_carla_backend_without_a_server_is_a_clear_error(tmp_path):
     cfg = load_config(overrides=["env.backend=carla", f"carla.log_dir={tmp_path}"])
-    with pytest.raises(CarlaUnavailable, match="carla.server_command '/workspace/CarlaUE4.sh"):
+    binary = "/workspace/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping"
+    with pytest.raises(CarlaUnavailable, match=f"carla.server_command '{binary} CarlaUE4 -RenderOffScreen"):
         make_env(cfg)
 
 

@@ -114,7 +114,8 @@ def test_bad_flags_exit_with_a_message(tmp_path, capsys):
     assert "carla.route_file '/no/route.txt' does not exist" in capsys.readouterr().err
     # No CARLA server here: a clear error naming the command, and a non-zero exit.
     assert main(["--set", "env.backend=carla", "--mode", "serial", "--logdir", str(tmp_path)]) == 1
-    assert "carla.server_command '/workspace/CarlaUE4.sh -RenderOffScreen -nosound' cannot be started" in capsys.readouterr().err
+    command = "/workspace/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping CarlaUE4 -RenderOffScreen -nosound"
+    assert f"carla.server_command '{command}' cannot be started" in capsys.readouterr().err
 
 
 def test_serial_run_through_the_redis_replay_service_resumes_from_redis(tmp_path):

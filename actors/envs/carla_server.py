@@ -5,13 +5,17 @@ Env slot i (rollout actors 0..n-1, then the evaluator) uses RPC port `port + 4i`
 secondary +2) and Traffic Manager port `tm_port + i`, so several actors on one node never collide.
 With `gpus` set, slot i renders on GPU `gpus[i % len(gpus)]`; with `server_cpus` set, it runs on
 that many CPUs (its affinity, inherited by every process and thread of the server).
-A launched server runs in its own process group (CarlaUE4.sh starts the real binary as a child),
-which is killed as a whole; its stdout and stderr go to `<log_dir>/carla_<slot>.log`.
+A launched server runs in its own process group, which is killed as a whole; its stdout and
+stderr go to `<log_dir>/carla_<slot>.log`.
 
-A killed actor (SIGKILL, Ray's `ray.kill`) cannot kill its server: the parent-death signal reaches
-CarlaUE4.sh, not the binary it started, which keeps running and holds the slot's ports and its
-GPU. Every launched server carries its owner (pid and start time) in its environment, which all
-its processes inherit, and every launch first kills the servers on the node whose owner is gone.
+A killed actor (SIGKILL, Ray's `ray.kill`) cannot kill its server itself: the server gets SIGKILL
+from the kernel when the actor dies (the parent-death signal set before exec). That reaches the
+program we start, so `server_command` starts the server binary itself
+(CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping CarlaUE4), not CarlaUE4.sh: the script starts
+the binary as a child without exec, and the signal would kill only the script. For a command that is
+a script all the same, every launched server carries its owner (pid and start time) in its
+environment, which all its processes inherit, and every launch first kills the servers on the node
+whose owner is gone.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,9 +109,10 @@ def _owner_alive(tag: str) -> bool:
 
 
 def reap_orphans(wait_s: float = 5.0) -> list[int]:
-    """Kills every process of a launched server whose owner is gone (a SIGKILLed actor's: its
-    CarlaUE4.sh died with it, the binary did not) and waits until they are gone, so that their
-    ports are free again; returns their pids. Servers of live owners are left alone, those of
+    """Kills every process of a launched server whose owner is gone (a SIGKILLed actor's, when
+    `server_command` is a script like CarlaUE4.sh: the script died with it, the binary did not, or
+    what the server itself started) and waits until they are gone, so that their ports are free
+    again; returns their pids. Servers of live owners are left alone, those of
     other users cannot be read."""
     prefix = f"{OWNER_ENV}=".encode()
     killed = []
@@ -133,11 +140,32 @@ def reap_orphans(wait_s: float = 5.0) -> list[int]:
 
 
 def _in_child(cpus: set[int] | None) -> None:
-    """preexec_fn of a launched server: it dies with its actor, and runs on `cpus` when given (set
-    before exec, so CarlaUE4.sh's binary and all its threads inherit them)."""
-    die_with_parent()
+    """preexec_fn of a launched server: it gets SIGKILL when its actor dies (a server without its
+    actor has nothing to save, and a hung one may ignore SIGTERM), and runs on `cpus` when given
+    (set before exec, so the server and all its threads inherit them)."""
+    die_with_parent(signal.SIGKILL)
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
+
+
+_launcher: ThreadPoolExecutor | None = None
+_launcher_lock = threading.Lock()
+
+
+def _popen(*args, **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` from a thread that lives as long as this process. The parent-death
+    signal fires when the *thread* that forked the server ends, not the process: a server launched
+    from a short-lived thread would be killed with that thread. Ray runs a default actor's methods
+    (max_concurrency 1, no concurrency groups, as ours) and the serial learner runs its envs on the
+    main thread, which is used directly; any other thread hands the launch to one launcher thread,
+    which never ends before the process does."""
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(*args, **kwargs)
+    global _launcher
+    with _launcher_lock:
+        if _launcher is None:
+            _launcher = ThreadPoolExecutor(1, thread_name_prefix="carla-launcher")
+    return _launcher.submit(subprocess.Popen, *args, **kwargs).result()
 
 
 class CarlaServer:
@@ -177,8 +205,10 @@ class CarlaServer:
 
     def command(self) -> list[str]:
         """`server_command` with the town right after its program (its last word that is not a
-        flag), where UE4 reads the map to boot: otherwise CARLA boots its default town and the
-        client loads ours on top, minutes on a cold server. Then the port and option flags."""
+        flag: `CarlaUE4-Linux-Shipping CarlaUE4 /Game/Carla/Maps/Town01 -RenderOffScreen` for the
+        binary, which takes the project name first), where UE4 reads the map to boot: otherwise
+        CARLA boots its default town and the client loads ours on top, minutes on a cold server.
+        Then the port and option flags."""
         # Without an adapter every server of a node renders on the same GPU. CARLA's docs (0.9.16,
         # adv_multigpu) set the r.GraphicsAdapter console variable from the command line; UE4's
         # Vulkan RHI also reads -graphicsadapter=N, which overrides it. Both name the same index.
@@ -202,7 +232,7 @@ class CarlaServer:
                 out.write(f"\n--- launch {time.strftime('%Y-%m-%d %H:%M:%S')}{pinned}: {shlex.join(command)}\n".encode())
                 out.flush()
                 try:
-                    self.process = subprocess.Popen(
+                    self.process = _popen(
                         command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                         env={**os.environ, OWNER_ENV: owner_tag()}, start_new_session=True,
                         preexec_fn=functools.partial(_in_child, cpus),
@@ -210,7 +240,8 @@ class CarlaServer:
                 except OSError as exc:
                     raise CarlaUnavailable(
                         f"carla.server_command '{self.cfg.server_command}' cannot be started on this node: {exc}; "
-                        "point it at CarlaUE4.sh, or set carla.launch=false to connect to running servers"
+                        "point it at CARLA's CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping, "
+                        "or set carla.launch=false to connect to running servers"
                     ) from exc
             log.info("CARLA server for env %d launched (pid %d) on %s%s, log %s",
                      self.slot, self.process.pid, self.address, pinned, self.log_path)

@@ -11,8 +11,9 @@ FROM carlasim/carla:0.9.16
 
 USER root
 # CARLA lives under /workspace in the 0.9.16 image (0.9.15 and earlier: /home/carla); the
-# default carla.server_command points there, so a different layout fails here, not at run time.
-RUN test -x /workspace/CarlaUE4.sh
+# default carla.server_command launches the server binary there directly (CarlaUE4.sh would run
+# it as a child, which outlives a killed actor), so a different layout fails here, not at run time.
+RUN test -x /workspace/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping
 COPY --from=python /usr/local/bin/ /usr/local/bin/
 COPY --from=python /usr/local/lib/ /usr/local/lib/
 COPY --from=python /usr/local/include/ /usr/local/include/
@@ -38,6 +39,6 @@ COPY replay_server ./replay_server
 COPY deploy ./deploy
 RUN pip install --no-deps . && chmod +x deploy/docker/*.sh && chown -R carla /app
 
-# The image's own unprivileged user; CarlaUE4.sh refuses to run as root anyway.
+# The image's own unprivileged user; CARLA refuses to run as root anyway.
 USER carla
 ENTRYPOINT ["deploy/docker/actor-entrypoint.sh"]

@@ -1,11 +1,13 @@
-"""Stand-in for CarlaUE4.sh: listens on `-carla-rpc-port=N`, answers the double's version ('v'),
+"""Stand-in for the CARLA server (CarlaUE4-Linux-Shipping): listens on `-carla-rpc-port=N`, answers the double's version ('v'),
 incarnation ('h'), booted map ('m'), spawn ('s'), tick ('t') and map-load ('l') requests, and can
 be told to fail. It boots the map its first argument that is not a flag names, as UE4 does
-(`/Game/Carla/Maps/Town01`), else CARLA 0.9.16's default, Town10HD_Opt. A map load takes
+(`/Game/Carla/Maps/Town01`), else CARLA 0.9.16's default, Town10HD_Opt; a first argument
+`CarlaUE4` is the project name, which CarlaUE4.sh passes the packaged binary before the map. A map load takes
 FAKE_CARLA_LOAD_S seconds (default 0): a real one takes seconds to minutes.
 
-Like CarlaUE4.sh, which starts the real binary as a child, it keeps a child process in its
-process group (its pid goes to stderr as 'child pid N'), so tests can check the whole group dies.
+It keeps a child process in its process group (its pid goes to stderr as 'child pid N'), as a
+server started by a script (CarlaUE4.sh starts the binary as a child) has one, so tests can check
+the whole group dies.
 
 Faults come from the file named by FAKE_CARLA_FAULTS: each launch consumes its first line,
 'hang K' (stop answering after K ticks, staying alive), 'die K' (SIGSEGV after K ticks, as CARLA's
@@ -37,7 +39,8 @@ def next_fault() -> tuple[str, int]:
 
 def main() -> None:
     port = next(int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("-carla-rpc-port="))
-    town = next((a for a in sys.argv[1:] if not a.startswith("-")), "Town10HD_Opt").rsplit("/", 1)[-1]
+    args = sys.argv[2:] if sys.argv[1:2] == ["CarlaUE4"] else sys.argv[1:]
+    town = next((a for a in args if not a.startswith("-")), "Town10HD_Opt").rsplit("/", 1)[-1]
     fault, after = next_fault()
     print(f"fake CARLA server pid {os.getpid()} args {' '.join(sys.argv[1:])} fault {fault} {after}", file=sys.stderr, flush=True)
     if fault == "refuse":
