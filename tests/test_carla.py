@@ -272,6 +272,37 @@ def test_traffic_is_cars_the_ego_is_the_hero_and_big_fleets_run_hybrid_physics(t
         small.close()
 
 
+def test_the_shipped_configs_run_hybrid_physics_for_the_big_fleets_only(tmp_path, carla_double):
+    """With the shipped traffic and threshold (the built-in default and deploy/configs/carla.yaml,
+    no override), the 50- and 100-vehicle scenarios run hybrid physics, the 20-vehicle one does not."""
+    shipped = [load_config(), load_config(Path(__file__).parents[1] / "deploy/configs/carla.yaml")]
+    assert {(tuple(c.carla.traffic), c.carla.hybrid_physics_from) for c in shipped} == {((20, 50, 100), 50)}
+    for scenario, hybrid in enumerate([False, True, True]):
+        env = session_env(carla_config(tmp_path, f"env.scenario={scenario}", "carla.traffic=[20,50,100]"))
+        try:
+            assert carla_double._tm_map[env.backend.ports.tm].hybrid == (hybrid, 70.0), scenario
+        finally:
+            env.close()
+
+
+def test_a_server_without_car_blueprints_is_a_clear_error(tmp_path, carla_double, monkeypatch):
+    """Blueprints without base_type leave no car for the traffic: a ConfigError naming the problem
+    at connect, not an IndexError/ValueError at the first reset, nor a RuntimeError, which the
+    backend takes for a server failure and answers with relaunches of a server that cannot do
+    better. A scenario without traffic needs no cars."""
+    has_attribute = carla_double.ActorBlueprint.has_attribute
+    monkeypatch.setattr(carla_double.ActorBlueprint, "has_attribute", lambda bp, id: id != "base_type" and has_attribute(bp, id))
+    problem = r"carla.traffic asks for 3 NPC vehicles \(scenario 0\).*no vehicle blueprint with base_type 'car'"
+    with pytest.raises(ConfigError, match=problem):
+        session_env(carla_config(tmp_path))
+    assert not issubclass(ConfigError, RuntimeError)
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,5,8]"))
+    try:
+        env.reset(seed=0)
+    finally:
+        env.close()
+
+
 def test_a_launched_server_boots_the_town_instead_of_loading_it(tmp_path, carla_double, monkeypatch):
     """The town goes on the server's command line, right after the program (where UE4 reads the
     map to boot), so a launched server does not boot the default town (Town10HD_Opt) and then

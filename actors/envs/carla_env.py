@@ -194,6 +194,19 @@ class CarlaSession:
         world = self.client.get_world()
         if not world.get_map().name.endswith(self.cfg.town):
             world = self.client.load_world(self.cfg.town)
+        self.blueprints = world.get_blueprint_library()
+        # Cars only: "vehicle.*" also holds bicycles, motorbikes and trucks.
+        self.cars = [bp for bp in self.blueprints.filter("vehicle.*")
+                     if bp.has_attribute("base_type") and bp.get_attribute("base_type").as_str() == "car"]
+        wanted = self.cfg.traffic[self.env_cfg.scenario]
+        if wanted and not self.cars:
+            # Not a server failure (a relaunched server has the same library): no RuntimeError, which
+            # the backend answers with relaunches, but an error naming the problem, raised before
+            # the world turns synchronous.
+            raise ConfigError(
+                f"carla.traffic asks for {wanted} NPC vehicles (scenario {self.env_cfg.scenario}), but the "
+                f"server at {self.cfg.host}:{self.ports.rpc} has no vehicle blueprint with base_type 'car' "
+                "(the attribute CARLA 0.9.16's blueprints carry); run a CARLA 0.9.16 server or set that traffic to 0")
         settings = world.get_settings()
         settings.synchronous_mode = True
         settings.fixed_delta_seconds = self.dt
@@ -201,12 +214,11 @@ class CarlaSession:
         self.tm = self.client.get_trafficmanager(self.ports.tm)
         self.tm.set_synchronous_mode(True)
         threshold = self.cfg.hybrid_physics_from
-        self.tm.set_hybrid_physics_mode(bool(threshold) and self.cfg.traffic[self.env_cfg.scenario] >= threshold)
+        self.tm.set_hybrid_physics_mode(bool(threshold) and wanted >= threshold)
         self.tm.set_hybrid_physics_radius(self.cfg.hybrid_physics_radius_m)
         self.client.set_timeout(self.cfg.timeout_s)  # from here on, a slow answer is a hung server
         self.world = world
         self.map = world.get_map()
-        self.blueprints = world.get_blueprint_library()
         if not self.cfg.launch:
             self._clear_leftovers()
 
@@ -295,9 +307,7 @@ class CarlaSession:
         free = [tf for tf in self.map.get_spawn_points() if tf.location.distance(ego_tf.location) > 10.0]
         wanted = self.cfg.traffic[self.env_cfg.scenario]
         count = min(wanted, len(free))
-        # Cars only: "vehicle.*" also holds bicycles, motorbikes and trucks.
-        cars = [bp for bp in self.blueprints.filter("vehicle.*")
-                if bp.has_attribute("base_type") and bp.get_attribute("base_type").as_str() == "car"]
+        cars = self.cars
         batch = [
             cmd.SpawnActor(cars[int(rng.integers(len(cars)))], free[i])
             .then(cmd.SetAutopilot(cmd.FutureActor, True, self.ports.tm))
