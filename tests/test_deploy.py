@@ -127,6 +127,32 @@ def test_actor_image_brings_a_python_the_carla_wheel_exists_for():
         assert cfg.carla.server_command.split()[:2] == [binary, "CarlaUE4"]
 
 
+
+def test_actor_image_runs_ray_on_the_venv_python():
+    """The carla-worker's processes (the entrypoint's `ray start`, hence Ray's workers and our
+    actors) run the /opt/venv Python 3.1x, not the image's python3 3.8: the venv made with the
+    copied Python is first on PATH for good, and the entrypoint finds `ray` through PATH."""
+    import json
+    import shlex
+
+    actor = (ROOT / "deploy/docker/actor.Dockerfile").read_text()
+    minor = re.search(r"^FROM python:3\.(\d+)-slim", actor, re.M)
+    assert re.search(rf"^RUN python3\.{minor.group(1)} -m venv /opt/venv\b", actor, re.M)
+    env: dict[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    for line in re.findall(r"^ENV (.*)$", actor, re.M):  # ENV k=v ...; later lines win, $PATH expands
+        for word in shlex.split(line):
+            key, _, value = word.partition("=")
+            env[key] = value.replace("$PATH", env["PATH"]).replace("${PATH}", env["PATH"])
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin" and env.get("VIRTUAL_ENV") == "/opt/venv", env
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.*)$", actor, re.M)
+    script = json.loads(entrypoint)[0]
+    assert not re.search(r"^CMD ", actor, re.M)
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["carla-worker"]
+    assert "entrypoint" not in compose and "command" not in compose, "compose keeps the image's entrypoint"
+    text = (ROOT / script).read_text()
+    assert re.search(r"^exec (/opt/venv/bin/)?ray start\b", text, re.M), "the entrypoint starts ray from the venv"
+    assert not re.search(r"(^|[\s/])python3?(\.\d+)?\s", text), "no other python in the entrypoint"
+
 def _gpu_request(service: dict) -> dict:
     (request,) = service["deploy"]["resources"]["reservations"]["devices"]
     return request
