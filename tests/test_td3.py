@@ -133,6 +133,16 @@ def test_targets_follow_with_polyak_averaging_on_actor_steps_only():
     torch.testing.assert_close(agent.critic_target.cnn.conv1.weight, expected)
 
 
+def test_polyak_updates_leave_the_targets_without_autograd_history():
+    # Recorded by autograd, each lerp chained a node onto the target parameters: the learner grew
+    # by ~20 KB per update without end (the soak's 128 MB/hour).
+    agent = make_agent()
+    for _ in range(3):
+        agent.soft_update_targets()
+    for target in (agent.actor_target, agent.critic_target):
+        assert all(p.grad_fn is None and not p.requires_grad for p in target.parameters())
+
+
 def test_actor_loss_only_on_actor_update_steps():
     agent = make_agent("td3.critic_warmup_updates=0")
     batch = tiny_batch()
