@@ -98,9 +98,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 def release_free_heap() -> float:
     """Hands the malloc heap's free pages back to the OS (glibc's `malloc_trim`); returns the MB
     released, 0 where the C library has no such call. Why: every update allocates and frees
-    hundreds of MB of batch arrays and activations from several threads, and glibc keeps what
-    they free in its arenas, fragmented, so the learner's RSS crept up by ~200 MB an hour in a
-    soak although nothing was live (one trim returned 250 MB of a 740 MB update loop)."""
+    hundreds of MB of batch arrays and activations, and glibc keeps much of what they free (one
+    trim returned 250 MB of a 740 MB update loop), so the RSS swung by +-60 MB between samples
+    and a slow leak could not be told from it; trimmed first, `perf/learner_rss_mb` is live memory."""
     import psutil
 
     trim = _malloc_trim()

@@ -97,6 +97,16 @@ def throughput(run_dir: Path, warm_up_s: float, start_wall: float) -> dict[str, 
     return out
 
 
+def growth(kind: str, times: list[float], values: list[float]) -> dict[str, float]:
+    """`kind`'s memory after warm-up, at the end, their difference and the least-squares slope."""
+    return {
+        f"{kind}_mb_at_warm_up": round(values[0], 1),
+        f"{kind}_mb_at_end": round(values[-1], 1),
+        f"{kind}_growth_mb": round(values[-1] - values[0], 1),
+        f"{kind}_slope_mb_per_hour": round(slope_mb_per_hour(times, values), 1),
+    }
+
+
 def trimmed_learner_rss(run_dir: Path, warm_up_s: float, start_wall: float) -> dict[str, float]:
     """The learner's own `perf/learner_rss_mb`, read right after it hands its free heap back
     (`release_free_heap`): its live memory, without the hundreds of MB an update frees and glibc
@@ -105,10 +115,7 @@ def trimmed_learner_rss(run_dir: Path, warm_up_s: float, start_wall: float) -> d
               if wall - start_wall >= warm_up_s]
     if len(points) < 3:
         return {}
-    times, values = [t for t, _ in points], [v for _, v in points]
-    return {"rss_mb_at_warm_up": round(values[0], 1), "rss_mb_at_end": round(values[-1], 1),
-            "rss_growth_mb": round(values[-1] - values[0], 1),
-            "rss_slope_mb_per_hour": round(slope_mb_per_hour(times, values), 1)}
+    return growth("rss", [t for t, _ in points], [v for _, v in points])
 
 
 def run(minutes: float) -> dict:
@@ -143,15 +150,7 @@ def run(minutes: float) -> dict:
         if len(after) < 2:
             continue
         times = [p[0] for p in after]
-        processes[name] = {}
-        for column, kind in ((1, "rss"), (2, "uss")):
-            values = [p[column] for p in after]
-            processes[name] |= {
-                f"{kind}_mb_at_warm_up": round(values[0], 1),
-                f"{kind}_mb_at_end": round(values[-1], 1),
-                f"{kind}_growth_mb": round(values[-1] - values[0], 1),
-                f"{kind}_slope_mb_per_hour": round(slope_mb_per_hour(times, values), 1),
-            }
+        processes[name] = growth("rss", times, [p[1] for p in after]) | growth("uss", times, [p[2] for p in after])
     return {
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "minutes": minutes,
         "warm_up_minutes": round(warm_up / 60, 1), "run_dir": str(run_dir),
