@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from common.config import Config, flat_hparams, for_display, to_dict
+from common.memory import release_free_heap
 from common.metrics import MetricLogger, TerminationWindow
 from learner import checkpoint
-from learner.learner import Learner, release_free_heap, rss_and_gpu_metrics
+from learner.learner import Learner, rss_and_gpu_metrics
 from learner.td3 import TD3
 from replay_server.ring import FrameRing
 from replay_server.service import open_replay

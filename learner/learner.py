@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -85,30 +82,6 @@ class Learner:
         if self.cfg.logging.debug:
             log.debug("update %d: %s", self.agent.updates,
                       {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/", "debug/cnn"))})
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc's; absent on macOS and musl
-    except (AttributeError, OSError):
-        return None
-
-
-def release_free_heap() -> float:
-    """Hands the malloc heap's free pages back to the OS (glibc's `malloc_trim`); returns the MB
-    released, 0 where the C library has no such call. Why: every update allocates and frees
-    hundreds of MB of batch arrays and activations, and glibc keeps much of what they free (one
-    trim returned 250 MB of a 740 MB update loop), so the RSS swung by +-60 MB between samples
-    and a slow leak could not be told from it; trimmed first, `perf/learner_rss_mb` is live memory."""
-    import psutil
-
-    trim = _malloc_trim()
-    if trim is None:
-        return 0.0
-    before = psutil.Process().memory_info().rss
-    trim(0)
-    return max(before - psutil.Process().memory_info().rss, 0) / 2**20
 
 
 def rss_and_gpu_metrics(device: torch.device) -> dict[str, float]:

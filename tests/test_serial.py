@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import learner.learner as learner_module
+import common.memory as memory
 from common.metrics import read_scalars
 from common.tags import describe
 from learner.cli import main
@@ -187,7 +187,7 @@ def test_a_crashed_redis_server_is_relaunched_from_its_aof(tmp_path, small_cfg):
         assert connect(again.url).xlen(small_cfg.replay.stream_key) >= state["stream_before"]
 
 
-@pytest.mark.skipif(learner_module._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+@pytest.mark.skipif(memory._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
 def test_release_free_heap_hands_the_heaps_free_pages_back():
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -200,6 +200,6 @@ def test_release_free_heap_hands_the_heaps_free_pages_back():
     for block in blocks:
         libc.free(block)
     try:
-        assert learner_module.release_free_heap() > 50
+        assert memory.release_free_heap() > 50
     finally:
         libc.free(pin)

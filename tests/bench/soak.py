@@ -3,13 +3,15 @@
 `make soak MINUTES=30` starts `python -m learner` (2 rollout actors, the evaluator, the Redis
 replay; a 20k-transition replay and 0.02 updates per env step, so that the actors run at their
 speed rather than wait for a CPU learner and the replay is full well within the warm-up: a replay
-still filling grows the learner by design), samples the RSS of every
-process of the run every 15 s, stops the run with Ctrl-C at the end (it checkpoints), and reports
-per process the RSS growth after warm-up (first 25% of the time, at least 2 minutes) as a
-least-squares slope in MB/hour, the same for the USS (memory private to the process: RSS also
-counts the pages of Ray's shared object store that a process touched, which the object store
-bounds), and the throughput drift: env steps/s and updates/s in the last
-third of the run over the first third after warm-up. Writes results/soak.json and results/soak.md.
+still filling grows the learner by design), samples the RSS of every process of the run every
+15 s, stops the run with Ctrl-C at the end (it checkpoints), and reports per process the RSS
+growth after warm-up (first 25% of the time, at least 2 minutes) as a least-squares slope in
+MB/hour; the slope of the RSS floor (each 3-minute window's lowest sample, which an update's or an
+evaluation's passing allocations do not lift), held to 20 MB/hour; the same for the USS (memory
+private to the process: RSS also counts the pages of Ray's shared object store that a process
+touched, which the object store bounds); and the throughput drift: env steps/s and updates/s in
+the last third of the run over the first third after warm-up. Writes results/soak.json (with
+every sample) and results/soak.md.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from tests.bench.report import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_EVERY_S = 15.0
+FLOOR_WINDOW_S = 180.0
+SLOPE_TARGET_MB_PER_HOUR = 20.0
 
 
 def role(proc: psutil.Process, learner_pid: int) -> str | None:
@@ -80,6 +84,23 @@ def slope_mb_per_hour(times: list[float], values: list[float]) -> float:
     return float(np.polyfit(np.asarray(times) / 3600.0, np.asarray(values), 1)[0])
 
 
+def floor_slope_mb_per_hour(times: list[float], values: list[float]) -> float:
+    """The slope through each 3-minute window's lowest sample: the memory a process keeps, without
+    what it holds only for a while (an update's batch, an evaluation's video) and glibc returns at
+    the next trim, which put a sawtooth of tens of MB on the sampled RSS."""
+    t, v = np.asarray(times), np.asarray(values)
+    window = ((t - t[0]) // FLOOR_WINDOW_S).astype(int)
+    low_t, low_v = [], []
+    for k in np.unique(window):
+        in_k = window == k
+        if in_k.sum() < 3:  # a last, partial window has no floor to speak of
+            continue
+        i = int(np.argmin(v[in_k]))
+        low_t.append(float(t[in_k][i]))
+        low_v.append(float(v[in_k][i]))
+    return slope_mb_per_hour(low_t, low_v)
+
+
 def throughput(run_dir: Path, warm_up_s: float, start_wall: float) -> dict[str, float]:
     logged = read_scalars(run_dir)
     out = {}
@@ -104,6 +125,7 @@ def growth(kind: str, times: list[float], values: list[float]) -> dict[str, floa
         f"{kind}_mb_at_end": round(values[-1], 1),
         f"{kind}_growth_mb": round(values[-1] - values[0], 1),
         f"{kind}_slope_mb_per_hour": round(slope_mb_per_hour(times, values), 1),
+        f"{kind}_floor_slope_mb_per_hour": round(floor_slope_mb_per_hour(times, values), 1),
     }
 
 
@@ -156,6 +178,7 @@ def run(minutes: float) -> dict:
         "warm_up_minutes": round(warm_up / 60, 1), "run_dir": str(run_dir),
         "processes": processes, "learner_after_heap_trim": trimmed_learner_rss(run_dir, warm_up, start),
         "throughput": throughput(run_dir, warm_up, start),
+        "samples": {name: [[round(x, 1) for x in p] for p in points] for name, points in sorted(series.items())},
     }
 
 
@@ -163,13 +186,20 @@ def markdown(report: dict) -> str:
     lines = [f"Soak of {report['minutes']} min (warm-up {report['warm_up_minutes']} min) on {report['machine']}, "
              f"{report['date']}. USS is the memory private to a process; RSS also counts the shared pages "
              "(Ray's object store) it touched.\n",
+             f"The floor slope goes through each {FLOOR_WINDOW_S / 60:.0f}-minute window's lowest sample: what a "
+             "process keeps, without what it holds for a moment (an update's batch, an evaluation's video).\n",
              "| process | RSS after warm-up (MB) | RSS at end (MB) | RSS growth (MB) | RSS slope (MB/h) | "
-             "USS after warm-up (MB) | USS growth (MB) | USS slope (MB/h) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "RSS floor slope (MB/h) | USS after warm-up (MB) | USS growth (MB) | USS slope (MB/h) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, p in report["processes"].items():
         lines.append(f"| {name} | {p['rss_mb_at_warm_up']} | {p['rss_mb_at_end']} | {p['rss_growth_mb']} | "
-                     f"{p['rss_slope_mb_per_hour']} | {p['uss_mb_at_warm_up']} | {p['uss_growth_mb']} | "
-                     f"{p['uss_slope_mb_per_hour']} |")
+                     f"{p['rss_slope_mb_per_hour']} | {p['rss_floor_slope_mb_per_hour']} | {p['uss_mb_at_warm_up']} | "
+                     f"{p['uss_growth_mb']} | {p['uss_slope_mb_per_hour']} |")
+    floors = {name: p["rss_floor_slope_mb_per_hour"] for name, p in report["processes"].items()}
+    worst = max(floors, key=lambda name: floors[name])
+    verdict = "yes" if floors[worst] < SLOPE_TARGET_MB_PER_HOUR else "**no**"
+    lines += ["", f"Every process's RSS floor slope below {SLOPE_TARGET_MB_PER_HOUR:.0f} MB/hour: {verdict} "
+              f"(highest: {worst}, {floors[worst]} MB/hour)."]
     trimmed = report.get("learner_after_heap_trim")
     if trimmed:
         lines += ["", "The learner's RSS as it logs it (`perf/learner_rss_mb`, every 5 s, right after handing its free "
