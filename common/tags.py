@@ -79,7 +79,8 @@ TAGS: dict[str, str] = {
     "perf/env_steps_per_s": "Env steps per second of the whole run since the last perf point.",
     "perf/env_steps_per_s_actor*": "Env steps per second of one rollout actor over the same window as the total.",
     "perf/updates_per_s": "Learner updates per second since the last perf point.",
-    "perf/updates_per_env_step": "Learner updates per env step since the last perf point (learner.updates_per_step).",
+    "perf/updates_per_env_step": ("Learner updates per env step since the last perf point (learner.updates_per_step); "
+                                 "not logged for a window in which the actors were held back for the whole of it."),
     "perf/updates_owed": ("Distributed mode: updates the learner owes for the env steps reported so far; above "
                           "learner.max_update_debt by at most the reports already handed out."),
     "perf/weight_broadcast_ms": "Time to serialize and publish one weight version, ms.",

@@ -92,7 +92,10 @@ class TrainingCore:
             **{f"perf/env_steps_per_s_actor{i}": n / dt for i, n in (actor_steps or {}).items()},
             "perf/env_steps_per_s": (self.env_step - steps0) / dt,
             "perf/updates_per_s": (self.agent.updates - updates0) / dt,
-            "perf/updates_per_env_step": (self.agent.updates - updates0) / max(self.env_step - steps0, 1),
+            # Not logged for a window in which the actors were held back for the debt: its updates
+            # over no env step at all would read as a ratio of hundreds and swamp the series.
+            **({"perf/updates_per_env_step": (self.agent.updates - updates0) / (self.env_step - steps0)}
+               if self.env_step > steps0 else {}),
             **self.replay.metrics(),
             "perf/learner_heap_released_mb": release_free_heap(),  # before the RSS is read
             **rss_and_gpu_metrics(self.device),

@@ -1,9 +1,10 @@
 """Soak: the embedded distributed system for MINUTES minutes, watched for leaks and slow-downs.
 
 `make soak MINUTES=30` starts `python -m learner` (2 rollout actors, the evaluator, the Redis
-replay; a 20k-transition replay and 0.02 updates per env step, so that the actors run at their
-speed rather than wait for a CPU learner and the replay is full well within the warm-up: a replay
-still filling grows the learner by design), samples the RSS of every process of the run every
+replay; a 20k-transition replay and 0.02 updates per env step, so that the replay is full well
+within the warm-up: a replay still filling grows the learner by design; the CPU learner still
+sets the pace, holding the actors back on its debt now and then, so the drift is mostly its own),
+samples the RSS of every process of the run every
 15 s, stops the run with Ctrl-C at the end (it checkpoints), and reports per process the RSS
 growth after warm-up (first 25% of the time, at least 2 minutes) as a least-squares slope in
 MB/hour; the slope of the RSS floor (each 3-minute window's lowest sample, which an update's or an
