@@ -81,6 +81,11 @@ TAGS: dict[str, str] = {
     "perf/updates_per_s": "Learner updates per second since the last perf point.",
     "perf/updates_per_env_step": ("Learner updates per env step since the last perf point (learner.updates_per_step); "
                                  "not logged for a window in which the actors were held back for the whole of it."),
+    "perf/learner_step_ms": ("Wall time of one learner step (sampling, the update and its logging) since the last "
+                             "perf point, ms: 1000 / this is the rate the learner would reach if its loop cost nothing."),
+    "perf/learner_busy_fraction": ("Share of the time since the last perf point that the learner spent in its steps; "
+                                   "when it sets the pace, the rest is what its loop (reports, replay polling, weight "
+                                   "publication, evaluation) costs."),
     "perf/updates_owed": ("Distributed mode: updates the learner owes for the env steps reported so far; above "
                           "learner.max_update_debt by at most the reports already handed out."),
     "perf/weight_broadcast_ms": "Time to serialize and publish one weight version, ms.",
@@ -177,6 +182,7 @@ def layout() -> dict[str, dict[str, list]]:
         "6 throughput": {
             "env steps/s (total and per actor)": ["Multiline", [r"perf/env_steps_per_s.*"]],
             "updates/s": ["Multiline", ["perf/updates_per_s"]],
+            "learner step ms / busy fraction": ["Multiline", ["perf/learner_step_ms", "perf/learner_busy_fraction"]],
             "updates per env step": ["Multiline", ["perf/updates_per_env_step"]],
             "updates owed": ["Multiline", ["perf/updates_owed"]],
             "policy lag (versions)": ["Multiline", ["actors/policy_lag"]],

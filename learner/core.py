@@ -92,6 +92,11 @@ class TrainingCore:
             **{f"perf/env_steps_per_s_actor{i}": n / dt for i, n in (actor_steps or {}).items()},
             "perf/env_steps_per_s": (self.env_step - steps0) / dt,
             "perf/updates_per_s": (self.agent.updates - updates0) / dt,
+            # What the loop around the updates costs: in a run whose learner sets the pace, the
+            # share not spent in them is reports, replay polling, publication and evaluation.
+            "perf/learner_busy_fraction": self.learner.step_seconds / dt,
+            **({"perf/learner_step_ms": 1e3 * self.learner.step_seconds / (self.agent.updates - updates0)}
+               if self.agent.updates > updates0 else {}),
             # Not logged for a window in which the actors were held back for the debt: its updates
             # over no env step at all would read as a ratio of hundreds and swamp the series.
             **({"perf/updates_per_env_step": (self.agent.updates - updates0) / (self.env_step - steps0)}
@@ -103,6 +108,7 @@ class TrainingCore:
         }
         self.logger.log(perf, self.env_step)
         self._window = (now, self.env_step, self.agent.updates)
+        self.learner.step_seconds = 0.0
         return perf
 
     def log_episode(self, episode: dict[str, float]) -> None:

@@ -35,6 +35,8 @@ class Learner:
         self.interval = 10 if cfg.logging.debug else cfg.logging.log_interval
         self.device_frames = DeviceFrames(ring, agent.device) if cfg.learner.replay_on_device else None
         self._last_log = time.monotonic()
+        self.step_seconds = 0.0
+        """Wall time spent in `step` (sampling, update, its logging) since the owner last reset it."""
 
     def ready(self, env_step: int) -> bool:
         """Learning has started and the rate limiter lets the learner sample."""
@@ -43,6 +45,13 @@ class Learner:
         )
 
     def step(self, env_step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        try:
+            return self._step(env_step)
+        finally:
+            self.step_seconds += time.perf_counter() - start
+
+    def _step(self, env_step: int) -> dict[str, float]:
         t = self.cfg.td3
         frames = self.device_frames
         arrays = self.limiter.sample(self.ring, t.batch_size, self.rng, t.n_step, t.gamma, images=frames is None)

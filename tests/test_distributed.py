@@ -66,7 +66,8 @@ def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
                 "eval/avg_episode_length", "perf/env_steps_per_s", "perf/updates_per_s", "replay/size",
                 "replay/dropped", "actors/alive", "actors/restarts", "perf/weight_broadcast_ms", "perf/learner_rss_mb",
                 "perf/learner_heap_released_mb", "perf/env_steps_per_s_actor0", "train/critic_loss", "train/episode_reward",
-                "actors/target", "eval/baseline_success_rate", "train/updates"):
+                "actors/target", "eval/baseline_success_rate", "train/updates", "perf/learner_busy_fraction",
+                "perf/learner_step_ms"):
         assert tag in logged, tag
     assert not [t for t in logged if describe(t) is None]
     # The per-actor rates are taken over the total's window, so they add up to it.

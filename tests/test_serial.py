@@ -31,7 +31,8 @@ SEED_TAGS = [
     "eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/avg_episode_length", "eval/avg_lane_invasions",
     "perf/updates_per_s", "perf/env_steps_per_s",
     # the overview's tags
-    "train/updates", "perf/updates_per_env_step", "debug/q_target_mean", "train/mean_speed", "train/route_progress_m",
+    "train/updates", "perf/updates_per_env_step", "perf/learner_step_ms", "perf/learner_busy_fraction",
+    "debug/q_target_mean", "train/mean_speed", "train/route_progress_m",
     "train/route_progress_pct", "eval/mean_speed", "eval/route_progress_m", "eval/route_progress_pct",
     *(f"train/termination_{r}" for r in ("collision", "off_road", "lane_departure", "route_completed", "timeout")),
     *(f"eval/termination_{r}" for r in ("off_road", "lane_departure", "timeout")),
