@@ -241,9 +241,11 @@ class TD3Config:
     pre-tanh output: keeps tanh out of saturation, where it has no gradient left; 0 turns it off."""
     pretanh_threshold: float = 2.5
     """|z| beyond which the pre-tanh penalty applies (tanh(2.5) = 0.987)."""
-    augment_shift: int = 0
+    augment_shift: int = 4
     """DrQ random shift: pad each frame stack by this many pixels (replicate) and crop back to 84x84
-    at a random offset, independently for image and next image of every sample; 0 turns it off."""
+    at a random offset, independently for image and next image of every sample; 0 turns it off.
+    At 30,000 steps it raised held-out success from 0.55 / 0.00 / 0.00 to 1.00 / 0.35 / 0.00 on
+    three training seeds (README › The learning experiment)."""
     actor_encoder: Literal["own", "critic"] = "critic"
     """own: the actor CNN is trained by the actor loss; critic: the CNN is trained by the critic loss
     only and the actor reads its (detached) features, as in DrQ-v2 (the actor CNN then mirrors the
