@@ -82,7 +82,8 @@ def _record_cnn_calls(agent: TD3) -> list[tuple[str, int]]:
 
 
 def test_each_quantity_comes_from_the_right_cnn():
-    agent = make_agent()
+    # Without augmentation, so that each CNN's input is the batch's own tensor, told apart by its address.
+    agent = make_agent("td3.augment_shift=0")
     batch = tiny_batch()
     calls = _record_cnn_calls(agent)
     agent.update_critic(batch)
@@ -96,7 +97,7 @@ def test_each_quantity_comes_from_the_right_cnn():
     agent.update(batch)
     agent.update(batch)  # critic + actor: the actor reuses the critic update's features
     assert sorted(calls) == sorted([("critic_target", nxt), ("critic", img)] * 2)
-    own = make_agent("td3.actor_encoder=own")
+    own = make_agent("td3.actor_encoder=own", "td3.augment_shift=0")
     calls = _record_cnn_calls(own)
     own.update_critic(batch)
     assert sorted(calls) == sorted([("actor_target", nxt), ("critic_target", nxt), ("critic", img)])
