@@ -52,7 +52,8 @@ class RolloutWorker:
             self.close()  # servers already launched for this actor must not outlive it
             raise
         device = acting_device(cfg)
-        self.policy = policy_for(cfg.cnn).eval().to(device)
+        dtype = getattr(torch, cfg.actors.inference_dtype)
+        self.policy = policy_for(cfg.cnn).eval().to(device, dtype)
         r = cfg.replay
         self.client = ReplayClient(connect(redis_url), r.stream_key, max_chunks=-(-r.capacity // r.chunk_steps),
                                    buffer_chunks=r.client_buffer_chunks)

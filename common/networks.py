@@ -22,9 +22,9 @@ CONV_SHAPES = ((32, 20, 20), (64, 9, 9), (64, 7, 7))
 FLAT_DIM = 64 * 7 * 7  # 3136
 
 
-def frames_to_float(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return frames.float().mul_(1.0 / 127.5).sub_(1.0)
+def frames_to_float(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [0, 255] -> [-1, 1] in `dtype` (scaled in float32 first, so both dtypes see the same values)."""
+    return frames.float().mul_(1.0 / 127.5).sub_(1.0).to(dtype)
 
 
 class NatureCNN(nn.Module):
@@ -46,7 +46,8 @@ class NatureCNN(nn.Module):
         self.ln4 = make_norm(FEATURE_DIM)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames_to_float(frames) if frames.dtype == torch.uint8 else frames
+        # A bfloat16 policy (`actors.inference_dtype`) gets bfloat16 frames; autocast sees float32.
+        x = frames_to_float(frames, self.conv1.weight.dtype) if frames.dtype == torch.uint8 else frames
         if x.shape[1:] != (FRAME_STACK, FRAME_SIZE, FRAME_SIZE):
             raise ValueError(f"expected (B, {FRAME_STACK}, {FRAME_SIZE}, {FRAME_SIZE}) frames, got {tuple(x.shape)}")
         x = F.leaky_relu(self.ln1(self.conv1(x)), LEAKY_SLOPE)

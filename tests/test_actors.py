@@ -79,3 +79,25 @@ def test_actors_run_the_policy_on_their_device_and_name_a_missing_gpu(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="actors.device=cuda but this actor process sees no CUDA device"):
         acting_device(cfg)
+
+
+def test_a_bfloat16_policy_takes_float32_weights_and_acts_within_1e_2_of_them():
+    from common.weights import load_policy_bytes, policy_to_bytes
+
+    cfg = load_config(overrides=["actors.inference_dtype=bfloat16"])
+    torch.manual_seed(0)
+    full = policy_for(cfg.cnn).eval()
+    half = policy_for(cfg.cnn).eval().to(CPU, getattr(torch, cfg.actors.inference_dtype))
+    load_policy_bytes(half, policy_to_bytes(full))  # what a rollout actor's weight fetch does
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    env = make_env(cfg)
+    obs, _ = env.reset(seed=3)
+    observations = []
+    for _ in range(8):
+        observations.append(obs)
+        obs, *_ = env.step(np.array([0.0, 0.5], np.float32))
+    env.close()
+    exact = Actor(full, cfg, np.random.default_rng(0), CPU).policy_actions(observations)
+    fast = Actor(half, cfg, np.random.default_rng(0), CPU).policy_actions(observations)
+    assert fast.dtype == np.float32 and fast.shape == (8, 2)
+    np.testing.assert_allclose(fast, exact, atol=1e-2)

@@ -1,11 +1,13 @@
 """`make bench-scaling`: rollout actors on a local Ray cluster against the raw env.
 
-- raw env steps/s (random actions, one process, no replay);
+- raw env steps/s (random actions, one process, no replay), measured again before every
+  single-actor figure, each ratio against the raw rate just before it;
 - one actor's loop with random actions (env + chunking + Redis inserts) and with the CNN policy
   (env + CPU inference + inserts), as fractions of the raw rate;
-- one policy-driven actor stepping K = 1, 2, 4, 8 envs with one batched forward per step: its
+- one policy-driven actor stepping K = 1, 2, 4, 8, 16 envs with one batched forward per step: its
   total env steps/s against the raw rate (K raw envs stepped in a plain loop on one core run at
-  the raw rate); the target is >= 0.8;
+  the raw rate); the target is >= 0.8; each K with a float32 and a bfloat16 policy
+  (`actors.inference_dtype`);
 - aggregate env steps/s of 1 and 2 policy-driven actors, and their ratio;
 - where torch sees a GPU: the K-env actor again with its policy on the GPU (`actors.device=cuda`).
 """
@@ -17,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -32,13 +35,14 @@ STEPS = 400
 ROUNDS = 3
 
 
-ENVS_PER_ACTOR = (1, 2, 4, 8)
+ENVS_PER_ACTOR = (1, 2, 4, 8, 16)
 
 
-def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1, device: str = "cpu") -> float:
+def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1, device: str = "cpu",
+                dtype: str = "float32") -> float:
     gpus = 0.5 if device == "cuda" else 0.0
     overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0", f"actors.envs_per_actor={envs}",
-                 f"actors.device={device}", f"actors.num_gpus={gpus}"]
+                 f"actors.device={device}", f"actors.num_gpus={gpus}", f"actors.inference_dtype={dtype}"]
     cfg = dataclasses.asdict(load_config(overrides=overrides))
     worker = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpus)
     actors = [worker.remote(cfg, i, 0, [1.0] * envs, url, store) for i in range(num_actors)]
@@ -53,32 +57,45 @@ def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: in
 
 
 def run() -> dict[str, float]:
-    raw = env_rate(0)
     cuda = torch.cuda.is_available()
+    raws: list[float] = []
+
+    def vs_raw(rate: float) -> float:
+        # The host's speed drifts by 10-20% within minutes here: each ratio takes the raw env
+        # rate measured just before its actor figure (the actor is idle then).
+        return rate / raws[-1]
+
     ray.init(num_cpus=2, num_gpus=int(cuda), include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=False) as server:
             store = ray.remote(WeightStore).options(num_cpus=0).remote()
             store.publish.remote(0, [ray.put(policy_to_bytes(policy_for(load_config().cnn)))])
-            random_loop = actors_rate(server.url, store, 1, policy=False)
-            per_k = {k: actors_rate(server.url, store, 1, policy=True, envs=k) for k in ENVS_PER_ACTOR}
-            one = per_k[1]
+
+            def measure(**kwargs: object) -> tuple[float, float]:
+                raws.append(env_rate(0))
+                rate = actors_rate(server.url, store, 1, **kwargs)
+                return rate, vs_raw(rate)
+
+            random_loop = measure(policy=False)
+            runs = [("policy", {}), ("bf16_policy", {"dtype": "bfloat16"})]
+            if cuda:
+                runs.append(("cuda_policy", {"device": "cuda"}))
+            per_k = {(name, k): measure(policy=True, envs=k, **kw) for name, kw in runs for k in ENVS_PER_ACTOR}
+            one = per_k[("policy", 1)][0]
             two = actors_rate(server.url, store, 2, policy=True)
-            on_gpu = {k: actors_rate(server.url, store, 1, policy=True, envs=k, device="cuda")
-                      for k in ENVS_PER_ACTOR} if cuda else {}
     finally:
         ray.shutdown()
     return {
-        "raw_env_steps_per_s": raw,
-        "actor_loop_random_actions_steps_per_s": random_loop,
-        "actor_loop_random_vs_raw": random_loop / raw,
+        "raw_env_steps_per_s": float(np.median(raws)),
+        "raw_env_steps_per_s_range": f"{min(raws):.0f}-{max(raws):.0f} over {len(raws)} measurements",
+        "actor_loop_random_actions_steps_per_s": random_loop[0],
+        "actor_loop_random_vs_raw": random_loop[1],
         "actor_loop_policy_steps_per_s": one,
-        "actor_loop_policy_vs_raw": one / raw,
+        "actor_loop_policy_vs_raw": per_k[("policy", 1)][1],
         "two_actors_policy_steps_per_s": two,
         "two_vs_one_actor_ratio": two / one,
-        **{f"actor_loop_policy_{k}_envs_steps_per_s": rate for k, rate in per_k.items()},
-        **{f"actor_loop_policy_{k}_envs_vs_raw": rate / raw for k, rate in per_k.items()},
-        **{f"actor_loop_cuda_policy_{k}_envs_vs_raw": rate / raw for k, rate in on_gpu.items()},
+        **{f"actor_loop_{name}_{k}_envs_steps_per_s": rate for (name, k), (rate, _) in per_k.items()},
+        **{f"actor_loop_{name}_{k}_envs_vs_raw": ratio for (name, k), (_, ratio) in per_k.items()},
     }
 
 
