@@ -24,6 +24,15 @@ def acting_device(cfg: Config) -> torch.device:
     return torch.device(cfg.actors.device)
 
 
+def inference_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """`actors.inference_dtype`, with a warning where a CPU would only emulate bfloat16."""
+    dtype = getattr(torch, cfg.actors.inference_dtype)
+    if dtype == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("actors.inference_dtype=bfloat16 on a CPU without native bfloat16 (AVX512-BF16/AMX): "
+                    "its forward is emulated and slower than float32; use actors.inference_dtype=float32")
+    return dtype
+
+
 def finite_step(observation: dict[str, np.ndarray], reward: float) -> bool:
     """False for a step whose vector observation or reward holds NaN or inf (frames are uint8)."""
     return bool(np.isfinite(reward) and np.isfinite(observation["vector"]).all())

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.actor import Actor, acting_device
+from actors.actor import Actor, acting_device, inference_dtype
 from actors.adder import ChunkAdder
 from actors.envs import make_env, rollout_slot
 from actors.runner import EpisodeRunner, VectorRunner
@@ -52,8 +52,7 @@ class RolloutWorker:
             self.close()  # servers already launched for this actor must not outlive it
             raise
         device = acting_device(cfg)
-        dtype = getattr(torch, cfg.actors.inference_dtype)
-        self.policy = policy_for(cfg.cnn).eval().to(device, dtype)
+        self.policy = policy_for(cfg.cnn).eval().to(device, inference_dtype(cfg, device))
         r = cfg.replay
         self.client = ReplayClient(connect(redis_url), r.stream_key, max_chunks=-(-r.capacity // r.chunk_steps),
                                    buffer_chunks=r.client_buffer_chunks)

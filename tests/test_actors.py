@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.actor import Actor, acting_device
+from actors.actor import Actor, acting_device, inference_dtype
 from actors.adder import ChunkAdder
 from actors.envs import eval_slot, make_env, rollout_slot
 from actors.rollout import noise_scales
@@ -81,13 +81,17 @@ def test_actors_run_the_policy_on_their_device_and_name_a_missing_gpu(monkeypatc
         acting_device(cfg)
 
 
-def test_a_bfloat16_policy_takes_float32_weights_and_acts_within_1e_2_of_them():
+def test_a_bfloat16_policy_takes_float32_weights_and_acts_within_1e_2_of_them(monkeypatch, caplog):
     from common.weights import load_policy_bytes, policy_to_bytes
 
     cfg = load_config(overrides=["actors.inference_dtype=bfloat16"])
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert inference_dtype(cfg, CPU) == torch.bfloat16
+    assert "emulated and slower than float32" in caplog.text
+    monkeypatch.undo()
     torch.manual_seed(0)
     full = policy_for(cfg.cnn).eval()
-    half = policy_for(cfg.cnn).eval().to(CPU, getattr(torch, cfg.actors.inference_dtype))
+    half = policy_for(cfg.cnn).eval().to(CPU, inference_dtype(cfg, CPU))
     load_policy_bytes(half, policy_to_bytes(full))  # what a rollout actor's weight fetch does
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     env = make_env(cfg)
