@@ -1,7 +1,7 @@
 """`make bench-scaling`: rollout actors on a local Ray cluster against the raw env.
 
-- raw env steps/s (random actions, one process, no replay), measured again before every
-  single-actor figure, each ratio against the raw rate just before it;
+- raw env steps/s (random actions, one process, no replay), measured again before every timed
+  round of a single actor, each round's ratio against the raw rate just before it (medians);
 - one actor's loop with random actions (env + chunking + Redis inserts) and with the CNN policy
   (env + CPU inference + inserts), as fractions of the raw rate;
 - one policy-driven actor stepping K = 1, 2, 4, 8, 16 envs with one batched forward per step: its
@@ -31,15 +31,19 @@ from replay_server.server import RedisServer
 from tests.bench.foundation import env_rate
 from tests.bench.report import write_report
 
-STEPS = 400
-ROUNDS = 3
-
-
+STEPS = 800
+ROUNDS = 5
+RAW_STEPS = 800
 ENVS_PER_ACTOR = (1, 2, 4, 8, 16)
 
 
 def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1, device: str = "cpu",
-                dtype: str = "float32") -> float:
+                dtype: str = "float32", raws: list[float] | None = None) -> tuple[float, float]:
+    """(env steps/s of `num_actors` actors, the same / the raw env rate): medians over rounds.
+
+    The host's speed drifts here by up to 1.6x within two minutes, so with `raws` each timed
+    round follows a raw env measurement of its own (appended to `raws`; the actors idle
+    meanwhile) and the ratio is the median of the per-round ratios."""
     gpus = 0.5 if device == "cuda" else 0.0
     overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0", f"actors.envs_per_actor={envs}",
                  f"actors.device={device}", f"actors.num_gpus={gpus}", f"actors.inference_dtype={dtype}"]
@@ -47,42 +51,36 @@ def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: in
     worker = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpus)
     actors = [worker.remote(cfg, i, 0, [1.0] * envs, url, store) for i in range(num_actors)]
     ray.get([a.run.remote(50, 10**6) for a in actors])  # warm-up: imports, first weights
-    start = time.perf_counter()
+    rates, ratios = [], []
     for _ in range(ROUNDS):
-        ray.get([a.run.remote(STEPS, 10**6) for a in actors])
-    rate = num_actors * STEPS * ROUNDS / (time.perf_counter() - start)
+        raw = env_rate(0, RAW_STEPS) if raws is not None else float("nan")
+        start = time.perf_counter()
+        steps = sum(r["steps"] for r in ray.get([a.run.remote(STEPS, 10**6) for a in actors]))
+        rates.append(steps / (time.perf_counter() - start))
+        ratios.append(rates[-1] / raw)
+        if raws is not None:
+            raws.append(raw)
     for a in actors:
         ray.kill(a)
-    return rate
+    return float(np.median(rates)), float(np.median(ratios))
 
 
 def run() -> dict[str, float]:
     cuda = torch.cuda.is_available()
     raws: list[float] = []
-
-    def vs_raw(rate: float) -> float:
-        # The host's speed drifts by 10-20% within minutes here: each ratio takes the raw env
-        # rate measured just before its actor figure (the actor is idle then).
-        return rate / raws[-1]
-
     ray.init(num_cpus=2, num_gpus=int(cuda), include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=False) as server:
             store = ray.remote(WeightStore).options(num_cpus=0).remote()
             store.publish.remote(0, [ray.put(policy_to_bytes(policy_for(load_config().cnn)))])
-
-            def measure(**kwargs: object) -> tuple[float, float]:
-                raws.append(env_rate(0))
-                rate = actors_rate(server.url, store, 1, **kwargs)
-                return rate, vs_raw(rate)
-
-            random_loop = measure(policy=False)
+            random_loop = actors_rate(server.url, store, 1, policy=False, raws=raws)
             runs = [("policy", {}), ("bf16_policy", {"dtype": "bfloat16"})]
             if cuda:
                 runs.append(("cuda_policy", {"device": "cuda"}))
-            per_k = {(name, k): measure(policy=True, envs=k, **kw) for name, kw in runs for k in ENVS_PER_ACTOR}
+            per_k = {(name, k): actors_rate(server.url, store, 1, policy=True, envs=k, raws=raws, **kw)
+                     for name, kw in runs for k in ENVS_PER_ACTOR}
             one = per_k[("policy", 1)][0]
-            two = actors_rate(server.url, store, 2, policy=True)
+            two = actors_rate(server.url, store, 2, policy=True)[0]
     finally:
         ray.shutdown()
     return {
