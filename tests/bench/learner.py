@@ -3,7 +3,8 @@
 - our TD3 update at batch 256 on one in-memory batch vs. on batches sampled from our replay ring
   (the data path: sampling frame stacks, host -> device copy);
 - Stable-Baselines3's TD3 with the identical NatureCNN and MLPs (its own Dict replay buffer, same
-  batch, same device, same policy delay and target noise) vs. ours, updates/s;
+  batch, same device, same policy delay and target noise) vs. ours, updates/s, timed in
+  alternating blocks (five on the CPU), the ratio being the median of the per-block ratios;
 - the learner's resident memory per stored transition (a ring of 50k noisy frames), next to what
   SB3's DictReplayBuffer allocates per transition;
 - how close to the hardware: the FLOPs of one update (counted by torch's FlopCounterMode, the
@@ -38,6 +39,7 @@ from tests.bench.report import write_report
 from tests.conftest import random_batch_arrays
 
 BATCH = 256
+ROUNDS = 5  # CPU: alternating timed blocks of ours and SB3 for the ratio
 CHUNK = 32
 
 
@@ -74,18 +76,33 @@ def bench_config(device: torch.device, *overrides: str) -> Config:
                                   *overrides])
 
 
-def ours(device: torch.device, ring: FrameRing | None, n: int, *overrides: str) -> float:
-    """Updates/s of our TD3; from `ring` (sampled each update) or one fixed in-memory batch."""
+def our_update(device: torch.device, ring: FrameRing | None, *overrides: str) -> Callable[[], object]:
+    """One update of our TD3; from `ring` (sampled each update) or one fixed in-memory batch."""
     cfg = bench_config(device, *overrides)
     agent = TD3(cfg, device)
     if ring is None:
         batch = Batch.from_numpy(random_batch_arrays(BATCH), device)
-        return _timed(lambda: agent.update(batch), n, device)
+        return lambda: agent.update(batch)
     rng = np.random.default_rng(0)
     if cfg.learner.replay_on_device:
         frames = DeviceFrames(ring, device)
-        return _timed(lambda: agent.update(frames.batch(ring.sample(BATCH, rng, images=False))), n, device)
-    return _timed(lambda: agent.update(Batch.from_numpy(ring.sample(BATCH, rng), device)), n, device)
+        return lambda: agent.update(frames.batch(ring.sample(BATCH, rng, images=False)))
+    return lambda: agent.update(Batch.from_numpy(ring.sample(BATCH, rng), device))
+
+
+def ours(device: torch.device, ring: FrameRing | None, n: int, *overrides: str) -> float:
+    """Updates/s of our TD3 (see `our_update`)."""
+    return _timed(our_update(device, ring, *overrides), n, device)
+
+
+def side_by_side(a: Callable[[], object], b: Callable[[], object], n: int, rounds: int,
+                 device: torch.device) -> tuple[float, float, float]:
+    """(median updates/s of a, of b, median of the per-round ratios a / b), timing n updates of
+    each in turn: this host's speed drifts by up to 1.6x within minutes, which one block each
+    minutes apart would read as a difference between a and b."""
+    rates = [(_timed(a, n, device), _timed(b, n, device)) for _ in range(rounds)]
+    return (float(np.median([x for x, _ in rates])), float(np.median([y for _, y in rates])),
+            float(np.median([x / y for x, y in rates])))
 
 
 def flops_per_update(device: torch.device) -> float:
@@ -123,8 +140,8 @@ def peak_gpu_mb(run: Callable[[], object], device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def sb3(device: torch.device, n: int) -> tuple[float, float]:
-    """(updates/s, replay bytes per transition) of SB3's TD3 with our CNN and MLP sizes."""
+def sb3_update(device: torch.device) -> tuple[Callable[[], object], float]:
+    """(one update, replay bytes per transition) of SB3's TD3 with our CNN and MLP sizes."""
     from stable_baselines3 import TD3 as SB3TD3
     from stable_baselines3.common.logger import configure
 
@@ -148,7 +165,12 @@ def sb3(device: torch.device, n: int) -> tuple[float, float]:
     buf = model.replay_buffer
     arrays = [*buf.observations.values(), *buf.next_observations.values(), buf.actions, buf.rewards, buf.dones, buf.timeouts]
     per_transition = sum(a.nbytes for a in arrays) / size
-    return _timed(lambda: model.train(gradient_steps=1, batch_size=BATCH), n, device), per_transition
+    return (lambda: model.train(gradient_steps=1, batch_size=BATCH)), per_transition
+
+
+def sb3(device: torch.device, n: int) -> float:
+    """Updates/s of SB3's TD3 (see `sb3_update`)."""
+    return _timed(sb3_update(device)[0], n, device)
 
 
 def rss_per_transition(transitions: int = 50_000) -> tuple[float, float]:
@@ -171,15 +193,15 @@ def run() -> dict[str, float | str]:
         n = 8 if device.type == "cpu" else 200
         d = device.type
         synthetic = ours(device, None, n)
-        replay = ours(device, ring, n)
-        theirs, sb3_bytes = sb3(device, n)
+        theirs_update, sb3_bytes = sb3_update(device)
+        replay, theirs, ratio = side_by_side(our_update(device, ring), theirs_update, n, ROUNDS if d == "cpu" else 1, device)
         results[f"{d}: our updates/s, b256, in-memory batch"] = synthetic
         results[f"{d}: our updates/s, b256, sampled from our replay"] = replay
         results[f"{d}: data path cost (replay / in-memory)"] = replay / synthetic
         results[f"{d}: our updates/s, b256, frames copied to the device (learner.replay_on_device)"] = ours(
             device, ring, n, "learner.replay_on_device=true")
         results[f"{d}: SB3 TD3 updates/s, b256, same CNN and MLPs"] = theirs
-        results[f"{d}: ours (from replay) / SB3"] = replay / theirs
+        results[f"{d}: ours (from replay) / SB3, median of per-round ratios"] = ratio
         flops, peak = flops_per_update(device), matmul_flops_per_s(device)
         results[f"{d}: GFLOP per update (counted)"] = flops / 1e9
         results[f"{d}: achieved TFLOP/s (ours from replay)"] = flops * replay / 1e12
