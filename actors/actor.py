@@ -68,8 +68,7 @@ class Actor:
     def policy_actions(self, observations: list[dict[str, np.ndarray]]) -> np.ndarray:
         """(K, 2) deterministic actions of the current policy for K observations, one forward pass."""
         image = torch.from_numpy(np.stack([o["image"] for o in observations])).to(self.device)
-        dtype = self.policy.cnn.conv1.weight.dtype
-        vector = torch.from_numpy(np.stack([o["vector"] for o in observations])).to(self.device, dtype)
+        vector = torch.from_numpy(np.stack([o["vector"] for o in observations])).to(self.device)
         return self.policy(image, vector).float().cpu().numpy()
 
     def policy_action(self, observation: dict[str, np.ndarray]) -> np.ndarray:

@@ -45,9 +45,14 @@ class NatureCNN(nn.Module):
         self.ln1, self.ln2, self.ln3 = (make_norm(list(s)) for s in CONV_SHAPES)
         self.ln4 = make_norm(FEATURE_DIM)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: bfloat16 in a bfloat16 rollout policy (`actors.inference_dtype`);
+        float32 under autocast, which casts per operation."""
+        return self.conv1.weight.dtype
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        # A bfloat16 policy (`actors.inference_dtype`) gets bfloat16 frames; autocast sees float32.
-        x = frames_to_float(frames, self.conv1.weight.dtype) if frames.dtype == torch.uint8 else frames
+        x = frames_to_float(frames, self.dtype) if frames.dtype == torch.uint8 else frames
         if x.shape[1:] != (FRAME_STACK, FRAME_SIZE, FRAME_SIZE):
             raise ValueError(f"expected (B, {FRAME_STACK}, {FRAME_SIZE}, {FRAME_SIZE}) frames, got {tuple(x.shape)}")
         x = F.leaky_relu(self.ln1(self.conv1(x)), LEAKY_SLOPE)
@@ -115,7 +120,8 @@ class Policy(nn.Module):
         self.head = ActorHead(trunk_dim)
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return self.head(self.cnn(image), vector)
+        """Takes uint8 frames and a float32 vector whatever the policy's own dtype."""
+        return self.head(self.cnn(image), vector.to(self.cnn.dtype))
 
 
 class Critic(nn.Module):
