@@ -127,7 +127,9 @@ def test_elastic_actors_follow_nodes_that_join_and_leave(tmp_path):
                 yield
 
         def scenario():
-            yield from until(lambda: run.core.env_step > 0, "first report")
+            # The node joins after the first perf point, which logs the starting target: a join
+            # within the first 5 s would otherwise be the first value the dashboard sees.
+            yield from until(lambda: run.core.env_step > 0 and perf_points, "first report and perf point")
             node = cluster.add_node(num_cpus=1, resources={"sim": 1})
             yield from until(lambda: 1 in run.reports, "the joined node's actor reported")
             seen["target_after_join"] = run.actors.target
@@ -140,6 +142,14 @@ def test_elastic_actors_follow_nodes_that_join_and_leave(tmp_path):
             while True:
                 yield
 
+        perf_points: list[int] = []
+        log_perf = run._log_perf
+
+        def log_perf_and_count() -> None:
+            log_perf()
+            perf_points.append(run.actors.target)
+
+        run._log_perf = log_perf_and_count
         driver, rescale = scenario(), run._rescale
 
         def rescale_and_advance() -> None:
@@ -148,7 +158,7 @@ def test_elastic_actors_follow_nodes_that_join_and_leave(tmp_path):
 
         run._rescale = rescale_and_advance
         run.run()
-        assert seen["target_after_join"] == 2
+        assert perf_points[0] == 1 and seen["target_after_join"] == 2
         assert run.actors.retired == 1 and seen["alive_at_the_end"] == 1
         assert {k[0] for k in run.core.ring._episodes} == {0, 1}  # the joined actor's transitions reached the learner
         _, targets = scalars(tmp_path / "run", "actors/target")
