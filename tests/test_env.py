@@ -116,6 +116,21 @@ def test_lateral_offset_is_signed_left_positive(env):
     assert obs["vector"][1] < -0.05 and obs["vector"][2] < 0.0
 
 
+def test_braking_stops_the_car_and_never_reverses_it(env):
+    """CARLA's brake stops a car (reverse gear off); highway-env's kinematics alone let a held
+    brake drive the ego backwards down to -40 m/s."""
+    env.reset(seed=0)
+    progress = []
+    for _ in range(60):  # 6 s of full brake from highway-env's starting speed
+        _, _, terminated, _, info = env.step(np.array([0.0, -1.0], np.float32))
+        assert not terminated and info["speed"] >= 0.0
+        progress.append(info["progress"])
+    assert info["speed"] == 0.0
+    assert np.all(np.diff(progress) >= 0.0) and progress[-1] == progress[-20]  # stopped and held
+    _, _, _, _, info = env.step(np.array([0.0, 1.0], np.float32))
+    assert info["speed"] > 0.0  # and drives off again
+
+
 def _state(**kw) -> DrivingState:
     base = dict(speed=8.0, lateral_offset=0.0, heading_error=0.0, acceleration=0.0, collision=False,
                 off_road=False, lane_invasion=False, progress=0.0)

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 from highway_env.envs.racetrack_env import RacetrackEnv
+from highway_env.vehicle.kinematics import Vehicle
 
 from actors.envs.render import TopDownCamera
 from common.config import EnvConfig, TrainingStart
@@ -21,6 +22,21 @@ LaneIndex = tuple[str, str, int]
 VIDEO_SIZE = 256
 VIDEO_SCALING = 4.0
 START_CLEARANCE_M = 20.0  # highway-env's own spacing between vehicles it places at reset
+
+
+class ForwardOnlyVehicle(Vehicle):
+    """highway-env's kinematic ego, except that braking stops it and holds it.
+
+    highway-env integrates speed down to Vehicle.MIN_SPEED = -40 m/s, so a held negative
+    throttle_brake drove the car backwards. CARLA's brake (our CARLA backend leaves the reverse
+    gear off) stops the car: one action, one meaning on both backends. Learned policies that
+    slowed for the S-bend did reverse, at up to 10 m/s, and left the road backwards."""
+
+    def step(self, dt: float) -> None:
+        super().step(dt)
+        # The position moved with the speed from before this tick's acceleration, so a speed
+        # floored at 0 here never moves the car backwards, at any simulation frequency.
+        self.speed = max(self.speed, 0.0)
 
 
 class HighwayBackend:
@@ -131,6 +147,8 @@ class HighwayBackend:
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)
+        # RacetrackEnv builds the ego from its action type's class; give that object ours.
+        self._env.vehicle.__class__ = ForwardOnlyVehicle
         if self.start != "fixed" and self._starts_elsewhere():
             self._start_anywhere(with_lead=self.start == "anywhere_with_lead")
         ego = self._env.vehicle
