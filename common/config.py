@@ -80,6 +80,11 @@ class EmbeddedConfig:
     ego light gray on the gray road; highway: highway-env's own drawing, thin outlines whose fill
     is within ~30 gray levels of the road (traffic barely shows; checkpoints from before this
     switch were trained on it)."""
+    brake_reverses: bool = False
+    """highway-env's own kinematics: a held negative throttle_brake drives the ego backwards, down to
+    -40 m/s. Off, braking stops the car and holds it, as CARLA's brake does with the reverse gear
+    off. On reproduces the README's results measured before 2026-12-03's fix, where policies that
+    braked in the S-bend reversed off the road."""
     training_start: TrainingStart = "fixed"
     """Where training episodes start; evaluation episodes (and the baseline's) always start at
     highway-env's place, 20-50 m into the first straight with a slow lead car on the next segment, so

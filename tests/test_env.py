@@ -131,6 +131,20 @@ def test_braking_stops_the_car_and_never_reverses_it(env):
     assert info["speed"] > 0.0  # and drives off again
 
 
+def test_brake_reverses_keeps_highway_envs_own_kinematics():
+    """The switch that reproduces the results measured before the fix."""
+    e = make_env(load_config(overrides=["env.embedded.traffic=[0,0,0]", "env.embedded.brake_reverses=true"]))
+    try:
+        e.reset(seed=0)
+        progress = []
+        for _ in range(40):  # from highway-env's 10 m/s start: 2 s to a stop, then backwards
+            _, _, _, _, info = e.step(np.array([0.0, -1.0], np.float32))
+            progress.append(info["progress"])
+        assert info["speed"] < -5.0 and progress[-1] < progress[-10]
+    finally:
+        e.close()
+
+
 def _state(**kw) -> DrivingState:
     base = dict(speed=8.0, lateral_offset=0.0, heading_error=0.0, acceleration=0.0, collision=False,
                 off_road=False, lane_invasion=False, progress=0.0)

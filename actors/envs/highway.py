@@ -147,8 +147,9 @@ class HighwayBackend:
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)
-        # RacetrackEnv builds the ego from its action type's class; give that object ours.
-        self._env.vehicle.__class__ = ForwardOnlyVehicle
+        if not self.cfg.embedded.brake_reverses:
+            # RacetrackEnv builds the ego from its action type's class; give that object ours.
+            self._env.vehicle.__class__ = ForwardOnlyVehicle
         if self.start != "fixed" and self._starts_elsewhere():
             self._start_anywhere(with_lead=self.start == "anywhere_with_lead")
         ego = self._env.vehicle
