@@ -221,7 +221,9 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-tau-nstep": ["td3.tau=0.005", "td3.n_step=1"],
     "default+nstep5": ["td3.n_step=5"],
     "default-noise": ["actors.expl_noise_start=0.3"],
-    "default+gate": ["env.reward.lane_keeping_speed_gate=true"],
+    "default-gate": ["env.reward.lane_keeping_speed_gate=false"],
+    # The default before braking stopped the car (2026-12-03): reversing brake, ungated lane keeping.
+    "default-gate+reverse": ["env.reward.lane_keeping_speed_gate=false", "env.embedded.brake_reverses=true"],
     "default+start-anywhere": ["env.embedded.training_start=anywhere"],
     "default+start-anywhere-lead": ["env.embedded.training_start=anywhere_with_lead"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
