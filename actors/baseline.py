@@ -20,8 +20,8 @@ import numpy as np
 
 from actors.envs import make_env
 from actors.evaluator import evaluate
-from common.config import Config, ConfigError, load_config
-from common.driving import LOOKAHEAD_NORM, LOOKAHEAD_POINTS, SPEED_NORM
+from common.config import Config, ConfigError, EnvConfig, load_config
+from common.driving import SPEED_NORM, decode_lookahead
 
 KP, KI, KD = 0.5, 0.3, 0.13
 INTEGRAL_LIMIT = 1.0 / KI
@@ -36,7 +36,9 @@ MAX_STEER_RAD = {"embedded": math.pi / 4, "carla": math.radians(70.0)}
 class PurePursuitPID:
     """A policy: observation -> [steer, throttle_brake]. `reset()` clears the PID state."""
 
-    def __init__(self, target_speed: float, dt: float, max_steer_rad: float) -> None:
+    def __init__(self, target_speed: float, dt: float, max_steer_rad: float, env_cfg: EnvConfig | None = None) -> None:
+        """`env_cfg` says how the vector encodes the look-ahead (the default config when None)."""
+        self.env_cfg = env_cfg or EnvConfig()
         self.target_speed = target_speed
         self.dt = dt
         self.max_steer_rad = max_steer_rad
@@ -66,12 +68,12 @@ class PurePursuitPID:
     def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray:
         vector = observation["vector"]
         speed = float(vector[0]) * SPEED_NORM
-        lookahead = vector[3:3 + 2 * LOOKAHEAD_POINTS].reshape(LOOKAHEAD_POINTS, 2) * LOOKAHEAD_NORM
+        lookahead = decode_lookahead(vector, self.env_cfg)
         return np.array([self.steer(speed, lookahead), self.throttle_brake(speed)], dtype=np.float32)
 
 
 def baseline_for(cfg: Config, dt: float) -> PurePursuitPID:
-    return PurePursuitPID(cfg.env.reward.target_speed, dt, MAX_STEER_RAD[cfg.env.backend])
+    return PurePursuitPID(cfg.env.reward.target_speed, dt, MAX_STEER_RAD[cfg.env.backend], cfg.env)
 
 
 def run_baseline(cfg: Config, episodes: int, seed: int) -> dict[str, float]:

@@ -75,11 +75,23 @@ def to_ego_frame(points: np.ndarray, position: np.ndarray, heading: float) -> np
     return np.stack([d[:, 0] * c + d[:, 1] * s, -d[:, 0] * s + d[:, 1] * c], axis=1)
 
 
-def vector_features(state: DrivingState) -> np.ndarray:
+def lookahead_scale(cfg: EnvConfig) -> np.ndarray:
+    """(25, 1) metres per unit of each look-ahead point's features (`EnvConfig.lookahead_features`)."""
+    if cfg.lookahead_features == "per_point":
+        return (cfg.lookahead_spacing_m * np.arange(1, LOOKAHEAD_POINTS + 1, dtype=np.float32))[:, None]
+    return np.full((LOOKAHEAD_POINTS, 1), LOOKAHEAD_NORM, np.float32)
+
+
+def vector_features(state: DrivingState, cfg: EnvConfig) -> np.ndarray:
     """The (53,) float32 vector observation."""
     head = [state.speed / SPEED_NORM, state.lateral_offset / LATERAL_NORM, state.heading_error / math.pi]
-    look = np.asarray(state.lookahead, dtype=np.float32).reshape(-1) / LOOKAHEAD_NORM
+    look = (np.asarray(state.lookahead, dtype=np.float32) / lookahead_scale(cfg)).reshape(-1)
     return np.concatenate([np.asarray(head, dtype=np.float32), look]).astype(np.float32)
+
+
+def decode_lookahead(vector: np.ndarray, cfg: EnvConfig) -> np.ndarray:
+    """The (25, 2) look-ahead points in metres (ego frame) back from a vector observation."""
+    return np.asarray(vector[3:3 + 2 * LOOKAHEAD_POINTS]).reshape(LOOKAHEAD_POINTS, 2) * lookahead_scale(cfg)
 
 
 def route_time_margin(cfg: EnvConfig, dt: float) -> float:

@@ -84,7 +84,7 @@ class DrivingEnv(gym.Env):
         self._steps = 0
 
     def _observation(self, state: DrivingState) -> dict[str, np.ndarray]:
-        return {"image": self._frames.copy(), "vector": vector_features(state)}
+        return {"image": self._frames.copy(), "vector": vector_features(state, self.cfg)}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         super().reset(seed=seed)

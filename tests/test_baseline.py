@@ -47,8 +47,11 @@ def test_pid_integrator_is_clamped_and_steering_points_at_the_route():
     assert pid.steer(5.0, left * [1, -1]) > 0
 
 
-def test_baseline_drives_the_embedded_route():
-    cfg = load_config(overrides=["env.embedded.traffic=[0,0,0]", "env.route_length_m=120"])
+@pytest.mark.parametrize("lookahead", ["metres", "per_point"])
+def test_baseline_drives_the_embedded_route(lookahead):
+    """Whatever the look-ahead's scaling, the baseline decodes the same points in metres."""
+    cfg = load_config(overrides=["env.embedded.traffic=[0,0,0]", "env.route_length_m=120",
+                                 f"env.lookahead_features={lookahead}"])
     metrics = run_baseline(cfg, episodes=2, seed=5)
     assert metrics["eval/success_rate"] == 1.0 and metrics["eval/collision_rate"] == 0.0
     assert metrics["eval/avg_lane_invasions"] == 0.0

@@ -38,7 +38,7 @@ from actors.envs.carla_server import (
 )
 from actors.runner import EpisodeRunner
 from common.config import CarlaConfig, ConfigError, load_config
-from common.driving import LOOKAHEAD_NORM
+from common.driving import decode_lookahead
 from common.env import DrivingEnv, SimulatorFailure
 from replay_server.server import free_port
 
@@ -198,7 +198,7 @@ def test_episode_follows_route_with_the_baseline(tmp_path, carla_double):
         assert tm.synchronous and tm.world is world
         assert obs["image"].shape == (4, 84, 84) and obs["image"].dtype == np.uint8
         assert np.all(obs["image"][-1] == (world._frame * 7) % 256)  # the frame of this very tick
-        look = obs["vector"][3:].reshape(25, 2) * LOOKAHEAD_NORM
+        look = decode_lookahead(obs["vector"], cfg.env)
         assert look[-1, 0] > 40.0, "look-ahead points must not be zero (the old waypoint-index bug)"
         policy = baseline_for(cfg, env.backend.dt)
         policy.reset()

@@ -13,6 +13,7 @@ from actors.envs.carla_server import CarlaUnavailable
 from common.config import ConfigError, load_config
 from common.driving import (
     DrivingState,
+    decode_lookahead,
     reward_components,
     termination,
     vector_features,
@@ -90,7 +91,7 @@ def test_route_features_stay_valid_along_the_whole_route(env):
     done, steps, info = False, 0, {}
     driver = baseline_for(load_config(), env.backend.dt)
     while not done:
-        look = obs["vector"][3:].reshape(25, 2) * 50.0
+        look = decode_lookahead(obs["vector"], env.cfg)
         gaps = np.linalg.norm(np.diff(look, axis=0), axis=1)
         # Spaced along the route; highway-env's hand-made racetrack segments meet with gaps of
         # up to 2.6 m (or overlap a little), which shows where a segment ends.
@@ -153,9 +154,18 @@ def _state(**kw) -> DrivingState:
 
 def test_vector_features_normalisation():
     look = np.stack([np.arange(1, 26) * 2.0, np.full(25, 1.0)], axis=1).astype(np.float32)
-    v = vector_features(_state(speed=15.0, lateral_offset=-1.75, heading_error=math.pi / 2, lookahead=look))
+    state = _state(speed=15.0, lateral_offset=-1.75, heading_error=math.pi / 2, lookahead=look)
+    cfg = load_config().env
+    v = vector_features(state, cfg)
     np.testing.assert_allclose(v[:3], [0.5, -0.5, 0.5], rtol=1e-6)
     np.testing.assert_allclose(v[3:5], [2 / 50, 1 / 50], rtol=1e-6)
+    np.testing.assert_allclose(decode_lookahead(v, cfg), look, rtol=1e-6)
+    per_point = load_config(overrides=["env.lookahead_features=per_point"]).env
+    v = vector_features(state, per_point)
+    np.testing.assert_allclose(v[:3], [0.5, -0.5, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(v[3:5], [1.0, 1 / 2], rtol=1e-6)  # the 2 m point, by 2 m
+    np.testing.assert_allclose(v[-2:], [1.0, 1 / 50], rtol=1e-6)  # the 50 m point, by 50 m
+    np.testing.assert_allclose(decode_lookahead(v, per_point), look, rtol=1e-6)
 
 
 def test_lane_invasion_is_penalised_once():

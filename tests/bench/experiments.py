@@ -226,6 +226,7 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-gate+reverse": ["env.reward.lane_keeping_speed_gate=false", "env.embedded.brake_reverses=true"],
     "default+start-anywhere": ["env.embedded.training_start=anywhere"],
     "default+start-anywhere-lead": ["env.embedded.training_start=anywhere_with_lead"],
+    "default+lookahead-per-point": ["env.lookahead_features=per_point"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
