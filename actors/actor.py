@@ -8,6 +8,8 @@ import os
 import numpy as np
 import torch
 
+from actors.baseline import baseline_for
+from actors.envs import step_seconds
 from common.config import Config
 from common.driving import ACTION_DIM
 from common.networks import Policy
@@ -39,9 +41,10 @@ def finite_step(observation: dict[str, np.ndarray], reward: float) -> bool:
 
 
 class Actor:
-    """Uniform random actions for `learning_starts` steps, then the policy plus Gaussian noise
-    whose std decays linearly from `expl_noise_start` to `expl_noise_end`, times `noise_scale`
-    (distributed actors spread their scales, Ape-X style)."""
+    """For `learning_starts` steps uniform random actions, or the classical baseline's plus noise
+    (`actors.warmup_actions`); then the policy plus Gaussian noise whose std decays linearly from
+    `expl_noise_start` to `expl_noise_end`, times `noise_scale` (distributed actors spread their
+    scales, Ape-X style)."""
 
     def __init__(
         self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device, noise_scale: float = 1.0
@@ -52,6 +55,8 @@ class Actor:
         self.rng = rng
         self.device = device
         self.noise_scale = noise_scale
+        # One Actor per env, so the baseline's PID state is this env's alone.
+        self.warmup = baseline_for(cfg, step_seconds(cfg)) if cfg.actors.warmup_actions == "baseline" else None
         self.last_policy_action: np.ndarray | None = None
         """The policy's action before noise at the last `select_action` (None while acting randomly)."""
 
@@ -85,7 +90,10 @@ class Actor:
         (one batched forward over several envs); computed here when not given."""
         if not self.acts_on_policy(env_step):
             self.last_policy_action = None
-            action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
+            if self.warmup is None:
+                action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
+            else:
+                action = self.warmup(observation) + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
         else:
             self.last_policy_action = self.policy_action(observation) if policy_action is None else policy_action
             action = self.last_policy_action + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
@@ -98,6 +106,8 @@ class Actor:
         return np.clip(action, -lim, lim)
 
     def on_episode_start(self) -> None:
+        if self.warmup is not None:
+            self.warmup.reset()
         if self.cfg.action_scaling:
             log.warning(
                 "actors.action_scaling is on: actions are limited to +/-%.2f. This is the seeds' temporary "

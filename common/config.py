@@ -63,6 +63,7 @@ class RewardConfig:
 
 TrainingStart = Literal["fixed", "anywhere", "anywhere_with_lead"]
 LookaheadFeatures = Literal["metres", "per_point"]
+WarmupActions = Literal["uniform", "baseline"]
 
 
 @dataclass
@@ -360,6 +361,13 @@ class ReplayConfig:
 class ActorsConfig:
     """Acting in the environment: exploration."""
 
+    warmup_actions: WarmupActions = "uniform"
+    """What acts for the first `td3.learning_starts` env steps, before any update. uniform: uniform
+    random actions. baseline: the classical baseline (PID + pure pursuit, `actors/baseline.py`)
+    plus Gaussian noise of std `expl_noise_start` (times the env's noise scale), so the replay
+    holds drives through the curves before the first update. With uniform starts no seed ever
+    passed the S-bend, and there the critic ranked steering into the bend below going straight
+    (README)."""
     expl_noise_start: float = 0.1
     """Std of the Gaussian exploration noise when learning starts. 0.1 (= the end value, as SB3's
     TD3 peer): the old 0.3, decaying over 100,000 steps, still put a ~0.24 std on steering at

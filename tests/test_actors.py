@@ -6,6 +6,7 @@ import torch
 
 from actors.actor import Actor, acting_device, inference_dtype
 from actors.adder import ChunkAdder
+from actors.baseline import baseline_for
 from actors.envs import eval_slot, make_env, rollout_slot
 from actors.rollout import noise_scales
 from actors.runner import EpisodeRunner, VectorRunner
@@ -55,6 +56,31 @@ def test_k_envs_in_one_actor_make_the_transitions_of_k_separate_actors():
             np.testing.assert_allclose(a.rewards, b.rewards, atol=1e-4)
             assert (a.terminated == b.terminated).all() and (a.truncated == b.truncated).all()
             assert np.mean(a.frames != b.frames) < 0.01
+
+
+def test_baseline_warmup_drives_the_route_with_exploration_noise():
+    cfg = load_config(overrides=["actors.warmup_actions=baseline", "td3.learning_starts=1000",
+                                 "env.embedded.traffic=[0,0,0]"])
+    env = make_env(cfg, training=True)
+    actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)
+    reference = baseline_for(cfg, env.backend.dt)
+    try:
+        for episode in range(2):  # the PID's state restarts with each episode, as the reference's does
+            obs, _ = env.reset(seed=episode)
+            actor.on_episode_start()
+            reference.reset()
+            gaps = []
+            for step in range(200):
+                action = actor.select_action(obs, step)
+                gaps.append(action - np.clip(reference(obs), -1.0, 1.0))
+                obs, _, terminated, truncated, info = env.step(action)
+                assert not (terminated or truncated), info["termination"]
+            assert actor.last_policy_action is None
+            assert info["progress"] > 120.0, "the warm-up drives through the first curve"
+            steer_gap = np.array(gaps)[:, 0]
+            assert abs(steer_gap.mean()) < 0.03 and 0.07 < steer_gap.std() < 0.13  # noise of std 0.1
+    finally:
+        env.close()
 
 
 def test_slots_and_noise_scales_spread_over_every_env_of_the_run():
