@@ -119,12 +119,13 @@ class EnvConfig:
     """Lateral distance from the route centre that ends the episode as 'lane_departure'."""
     lookahead_spacing_m: float = 2.0
     """Spacing of the 25 look-ahead route points in the vector features."""
-    lookahead_features: LookaheadFeatures = "metres"
-    """How the vector scales each look-ahead point's (x, y). metres: all by 50 m, so the near points,
-    which steer the car, are the smallest features (through the S-bend the lateral y of the 2 m
-    point varies with std 0.011 against 0.42 for the 50 m point). per_point: point k by its own
-    distance along the route, k * lookahead_spacing_m, so every point reads as about (cos, sin) of
-    its bearing and varies alike (std 0.26-0.51 on the same stretch)."""
+    lookahead_features: LookaheadFeatures = "per_point"
+    """How the vector scales each look-ahead point's (x, y). per_point: point k by its own distance
+    along the route, k * lookahead_spacing_m, so every point reads as about (cos, sin) of its
+    bearing and all vary alike (through the S-bend the lateral parts vary with std 0.26-0.51).
+    metres: all by 50 m (the seeds' and, before 2026-12-03, the default), so the near points,
+    which steer the car, are the smallest features (std 0.011 for the 2 m point against 0.42 for
+    the 50 m one); no seed then passed the S-bend, two of three do per point (README)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward weights and scales."""
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)

@@ -137,9 +137,11 @@ def saved_config(path: Path) -> Config:
     ckpt = resolve(path)
     try:
         data = json.loads((ckpt / "state.json").read_text())["config"]
-        # Checkpoints from before these switches existed had no trunk and saw highway-env's vehicles.
+        # Checkpoints from before these switches existed had no trunk, saw highway-env's vehicles
+        # and read the look-ahead in metres.
         data.setdefault("cnn", {}).setdefault("trunk_dim", 0)
         data.setdefault("env", {}).setdefault("embedded", {}).setdefault("camera_vehicles", "highway")
+        data["env"].setdefault("lookahead_features", "metres")
         return from_dict(data)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint '{ckpt}' holds no usable config: {exc}") from exc

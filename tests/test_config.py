@@ -56,6 +56,7 @@ def test_the_seeds_arrangement_stays_selectable():
     default = Config()
     assert (default.cnn.trunk_dim, default.td3.weight_decay_style, default.td3.actor_encoder) == (50, "decoupled", "critic")
     assert default.td3.pretanh_penalty > 0 and default.td3.critic_warmup_updates > 0
+    assert (seeds.env.lookahead_features, default.env.lookahead_features) == ("metres", "per_point")
 
 
 def test_overrides_are_typed():

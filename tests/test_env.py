@@ -155,7 +155,7 @@ def _state(**kw) -> DrivingState:
 def test_vector_features_normalisation():
     look = np.stack([np.arange(1, 26) * 2.0, np.full(25, 1.0)], axis=1).astype(np.float32)
     state = _state(speed=15.0, lateral_offset=-1.75, heading_error=math.pi / 2, lookahead=look)
-    cfg = load_config().env
+    cfg = load_config(overrides=["env.lookahead_features=metres"]).env
     v = vector_features(state, cfg)
     np.testing.assert_allclose(v[:3], [0.5, -0.5, 0.5], rtol=1e-6)
     np.testing.assert_allclose(v[3:5], [2 / 50, 1 / 50], rtol=1e-6)

@@ -226,7 +226,7 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-gate+reverse": ["env.reward.lane_keeping_speed_gate=false", "env.embedded.brake_reverses=true"],
     "default+start-anywhere": ["env.embedded.training_start=anywhere"],
     "default+start-anywhere-lead": ["env.embedded.training_start=anywhere_with_lead"],
-    "default+lookahead-per-point": ["env.lookahead_features=per_point"],
+    "default-lookahead-per-point": ["env.lookahead_features=metres"],
     # 3,000 warm-up steps: about eight of the baseline's drives round the route, S-bend included.
     "default+baseline-warmup": ["actors.warmup_actions=baseline", "td3.learning_starts=3000"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
