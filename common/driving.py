@@ -32,8 +32,8 @@ SPEED_NORM = 30.0
 LATERAL_NORM = 3.5
 LOOKAHEAD_NORM = 50.0
 
-TERMINATIONS = ("collision", "off_road", "lane_departure", "route_completed", "timeout")
-EVAL_ONLY_TERMINATIONS = ("off_road", "lane_departure", "timeout")
+TERMINATIONS = ("collision", "off_road", "lane_departure", "route_completed", "stuck", "timeout")
+EVAL_ONLY_TERMINATIONS = ("off_road", "lane_departure", "stuck", "timeout")
 """Reasons with an eval/termination_* tag; the other two are eval/collision_rate and eval/success_rate."""
 REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
 
@@ -100,8 +100,17 @@ def route_time_margin(cfg: EnvConfig, dt: float) -> float:
     return cfg.max_episode_steps * dt / (cfg.route_length_m / cfg.reward.target_speed)
 
 
-def termination(state: DrivingState, step: int, cfg: EnvConfig) -> tuple[bool, bool, str | None]:
-    """(terminated, truncated, reason). Only a timeout truncates, so only it bootstraps."""
+def stopped_time(state: DrivingState, stopped_s: float, dt: float, cfg: EnvConfig) -> float:
+    """Seconds the car has now been stopped with the road ahead clear, given `stopped_s` before
+    this step of `dt` seconds; any motion or an obstacle in reach starts the count again."""
+    if state.speed < cfg.stuck_speed_ms and state.obstacle_distance >= cfg.stuck_clearance_m:
+        return stopped_s + dt
+    return 0.0
+
+
+def termination(state: DrivingState, step: int, cfg: EnvConfig, stopped_s: float = 0.0) -> tuple[bool, bool, str | None]:
+    """(terminated, truncated, reason), `stopped_s` being `stopped_time` after this step. Only a
+    timeout truncates, so only it bootstraps."""
     if state.collision:
         return True, False, "collision"
     if state.off_road:
@@ -110,6 +119,8 @@ def termination(state: DrivingState, step: int, cfg: EnvConfig) -> tuple[bool, b
         return True, False, "lane_departure"
     if state.progress >= cfg.route_length_m:
         return True, False, "route_completed"
+    if cfg.stuck_after_s > 0 and stopped_s >= cfg.stuck_after_s - 1e-9:
+        return True, False, "stuck"
     if step >= cfg.max_episode_steps:
         return False, True, "timeout"
     return False, False, None

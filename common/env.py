@@ -27,6 +27,7 @@ from common.driving import (
     VECTOR_DIM,
     DrivingState,
     reward_components,
+    stopped_time,
     termination,
     vector_features,
     weighted_components,
@@ -82,6 +83,7 @@ class DrivingEnv(gym.Env):
         self._frames = np.zeros((FRAME_STACK, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self._state: DrivingState | None = None
         self._steps = 0
+        self._stopped_s = 0.0
 
     def _observation(self, state: DrivingState) -> dict[str, np.ndarray]:
         return {"image": self._frames.copy(), "vector": vector_features(state, self.cfg)}
@@ -92,6 +94,7 @@ class DrivingEnv(gym.Env):
         self._frames[:] = frame
         self._state = state
         self._steps = 0
+        self._stopped_s = 0.0
         return self._observation(state), {"termination": None, "speed": state.speed, "progress": state.progress}
 
     def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
@@ -105,7 +108,8 @@ class DrivingEnv(gym.Env):
         self._steps += 1
         self._frames = np.roll(self._frames, -1, axis=0)
         self._frames[-1] = frame
-        terminated, truncated, reason = termination(state, self._steps, self.cfg)
+        self._stopped_s = stopped_time(state, self._stopped_s, self.backend.dt, self.cfg)
+        terminated, truncated, reason = termination(state, self._steps, self.cfg, self._stopped_s)
         components = weighted_components(
             reward_components(state, self._state, self.backend.dt, reason, self.cfg), self.cfg.reward
         )

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from common.config import load_config
+from common.driving import TERMINATIONS
 from common.metrics import TerminationWindow
 from common.tags import TAGS, describe, layout, markdown_table
 from learner.cli import main
@@ -83,7 +84,7 @@ def test_termination_fractions_cover_the_last_episodes():
     out = {}
     for reason in reasons:
         episode = {f"train/termination_{r}": float(r == reason)
-                   for r in ("collision", "off_road", "lane_departure", "route_completed", "timeout")}
+                   for r in TERMINATIONS}
         out = window.apply({"train/episode_reward": 1.0, **episode})
     # the last four: timeout, collision, route_completed, route_completed
     assert out["train/termination_route_completed"] == 0.5

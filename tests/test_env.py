@@ -15,6 +15,7 @@ from common.driving import (
     DrivingState,
     decode_lookahead,
     reward_components,
+    stopped_time,
     termination,
     vector_features,
     weighted_components,
@@ -122,7 +123,7 @@ def test_braking_stops_the_car_and_never_reverses_it(env):
     brake drive the ego backwards down to -40 m/s."""
     env.reset(seed=0)
     progress = []
-    for _ in range(60):  # 6 s of full brake from highway-env's starting speed
+    for _ in range(45):  # 4.5 s of full brake from highway-env's starting speed, < 3 s stopped
         _, _, terminated, _, info = env.step(np.array([0.0, -1.0], np.float32))
         assert not terminated and info["speed"] >= 0.0
         progress.append(info["progress"])
@@ -130,6 +131,39 @@ def test_braking_stops_the_car_and_never_reverses_it(env):
     assert np.all(np.diff(progress) >= 0.0) and progress[-1] == progress[-20]  # stopped and held
     _, _, _, _, info = env.step(np.array([0.0, 1.0], np.float32))
     assert info["speed"] > 0.0  # and drives off again
+
+
+@pytest.mark.parametrize("stuck_after_s", [3.0, 0.0])
+def test_a_car_stopped_on_a_clear_road_ends_the_episode_as_stuck(stuck_after_s):
+    """Terminal, not a timeout: a standstill's value is the 0 it earns, not the critic's guess."""
+    e = make_env(load_config(overrides=["env.embedded.traffic=[0,0,0]", f"env.stuck_after_s={stuck_after_s}"]))
+    try:
+        e.reset(seed=0)
+        stopped_at = None
+        for step in range(1, 101):
+            _, reward, terminated, truncated, info = e.step(np.array([0.0, -1.0], np.float32))
+            if stopped_at is None and info["speed"] < 0.5:
+                stopped_at = step
+            if terminated:
+                break
+        assert stopped_at is not None and not truncated
+        if stuck_after_s:
+            assert info["termination"] == "stuck" and step - stopped_at == 29  # the 30th stopped step
+            assert info["obstacle_distance"] == math.inf and reward == pytest.approx(0.0, abs=1e-6)
+        else:
+            assert not terminated and info["termination"] is None
+    finally:
+        e.close()
+
+
+def test_a_stop_behind_an_obstacle_is_a_wait_not_stuck():
+    cfg = load_config().env
+    clear, blocked = _state(speed=0.0), _state(speed=0.0, obstacle_distance=12.0)
+    assert stopped_time(clear, 2.9, 0.1, cfg) == pytest.approx(3.0)
+    assert stopped_time(blocked, 2.9, 0.1, cfg) == 0.0
+    assert stopped_time(_state(speed=1.0), 2.9, 0.1, cfg) == 0.0
+    assert termination(clear, 10, cfg, stopped_s=3.0) == (True, False, "stuck")
+    assert termination(clear, 10, cfg, stopped_s=2.9) == (False, False, None)
 
 
 def test_brake_reverses_keeps_highway_envs_own_kinematics():
