@@ -149,7 +149,10 @@ def reward_components(
         + r.off_road_penalty * state.off_road
         + r.lane_invasion_penalty * state.lane_invasion
     )
-    progress = (state.progress - prev.progress) / r.progress_scale
+    gained = state.progress - prev.progress
+    if r.progress_speed_cap:
+        gained = min(gained, r.target_speed * dt)
+    progress = gained / r.progress_scale
     if reason == "route_completed":
         progress += r.completion_bonus
     return {

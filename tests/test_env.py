@@ -157,7 +157,7 @@ def test_a_car_stopped_on_a_clear_road_ends_the_episode_as_stuck(stuck_after_s):
 
 
 def test_a_stop_behind_an_obstacle_is_a_wait_not_stuck():
-    cfg = load_config().env
+    cfg = load_config(overrides=["env.stuck_after_s=3"]).env
     clear, blocked = _state(speed=0.0), _state(speed=0.0, obstacle_distance=12.0)
     assert stopped_time(clear, 2.9, 0.1, cfg) == pytest.approx(3.0)
     assert stopped_time(blocked, 2.9, 0.1, cfg) == 0.0
@@ -209,6 +209,21 @@ def test_lane_invasion_is_penalised_once():
     invaded = reward_components(_state(progress=1.0, lane_invasion=True), prev, 0.1, None, cfg)
     diff = {k: invaded[k] - clean[k] for k in clean}
     assert diff == {"efficiency": 0, "lane_keeping": 0, "comfort": 0, "safety": -cfg.reward.lane_invasion_penalty, "progress": 0}
+
+
+def _step_reward(speed: float, cfg) -> float:
+    """The step reward of driving one 0.1 s step at `speed` on the route centre."""
+    prev = _state(speed=speed, progress=100.0)
+    now = _state(speed=speed, progress=100.0 + speed * 0.1)
+    return sum(weighted_components(reward_components(now, prev, 0.1, None, cfg), cfg.reward).values())
+
+
+def test_the_progress_cap_makes_the_target_speed_pay_most():
+    capped = load_config().env
+    plain = load_config(overrides=["env.reward.progress_speed_cap=false"]).env
+    speeds = [4.0, 8.0, 12.0, 19.0]
+    assert [round(_step_reward(v, capped), 2) for v in speeds] == [3.2, 6.4, 5.4, 3.65]
+    assert [round(_step_reward(v, plain), 2) for v in speeds] == [3.2, 6.4, 6.6, 6.95]  # faster always pays more
 
 
 def test_speed_gated_lane_keeping_pays_nothing_standing_still():
