@@ -131,13 +131,14 @@ class EnvConfig:
     metres: all by 50 m (the seeds' and, before 2026-12-03, the default), so the near points,
     which steer the car, are the smallest features (std 0.011 for the 2 m point against 0.42 for
     the 50 m one); no seed then passed the S-bend, two of three do per point (README)."""
-    stuck_after_s: float = 0.0
+    stuck_after_s: float = 3.0
     """Seconds stopped (speed below stuck_speed_ms) with the road ahead clear (no obstacle within
     stuck_clearance_m) after which the episode ends as 'stuck', terminal, so its value is the 0 a
     standstill earns. Without it a timeout bootstraps a standstill from the critic's own guess: a
     policy stopped behind where the lead car had been rated braking at 40 and stayed stopped until
-    the timeout (README). 0 (the default) turns it off: measured alone at 3 s, every seed drove
-    faster and rear-ended the lead car instead (success 0.00 / 0.05 / 0.00, README)."""
+    the timeout (README). With env.reward.progress_speed_cap (the default since 2026-12-04): success
+    0.00 / 1.00 / 1.00, no collision; without the cap every seed drove faster and rear-ended the
+    lead car (0.00 / 0.05 / 0.00). 0 turns it off (the seeds' arrangement)."""
     stuck_speed_ms: float = 0.5
     """Speed, m/s, below which the car counts as stopped for stuck_after_s."""
     stuck_clearance_m: float = 20.0
