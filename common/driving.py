@@ -119,6 +119,7 @@ def termination(state: DrivingState, step: int, cfg: EnvConfig, stopped_s: float
         return True, False, "lane_departure"
     if state.progress >= cfg.route_length_m:
         return True, False, "route_completed"
+    # stopped_s sums dt per step: thirty 0.1 s steps add up to 2.9999999999999996, not 3.
     if cfg.stuck_after_s > 0 and stopped_s >= cfg.stuck_after_s - 1e-9:
         return True, False, "stuck"
     if step >= cfg.max_episode_steps:

@@ -227,10 +227,10 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+start-anywhere": ["env.embedded.training_start=anywhere"],
     "default+start-anywhere-lead": ["env.embedded.training_start=anywhere_with_lead"],
     "default-lookahead-per-point": ["env.lookahead_features=metres"],
-    # 3,000 warm-up steps: about eight of the baseline's drives round the route, S-bend included.
     "default-stuck": ["env.stuck_after_s=0"],
     "default-stuck-progress-cap": ["env.stuck_after_s=0", "env.reward.progress_speed_cap=false"],
     "default-progress-cap": ["env.reward.progress_speed_cap=false"],
+    # 3,000 warm-up steps: about eight of the baseline's drives round the route, S-bend included.
     "default+baseline-warmup": ["actors.warmup_actions=baseline", "td3.learning_starts=3000"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
 }
