@@ -120,6 +120,13 @@ class EnvConfig:
     """Steps after which an episode is truncated (termination reason 'timeout')."""
     route_length_m: float = 300.0
     """Metres along the route after which the episode ends as 'route_completed'."""
+    route_end_bootstraps: bool = False
+    """Route completion truncates the episode (the TD target bootstraps, as at a timeout) instead of
+    terminating it. Nothing the policy observes tells where the route ends, so a terminal there
+    drops the value of states that look like any other stretch of road, and near the end standing
+    still (worth 0) and driving on (worth the few steps left plus the bonus) end up close: a
+    policy stopped 20 m short of the end on a clear road (README). The task is to keep driving; the
+    route's length is where evaluation stops counting, as a time limit is (Pardo et al., 2018)."""
     max_lateral_deviation_m: float = 2.5
     """Lateral distance from the route centre that ends the episode as 'lane_departure'."""
     lookahead_spacing_m: float = 2.0

@@ -109,8 +109,9 @@ def stopped_time(state: DrivingState, stopped_s: float, dt: float, cfg: EnvConfi
 
 
 def termination(state: DrivingState, step: int, cfg: EnvConfig, stopped_s: float = 0.0) -> tuple[bool, bool, str | None]:
-    """(terminated, truncated, reason), `stopped_s` being `stopped_time` after this step. Only a
-    timeout truncates, so only it bootstraps."""
+    """(terminated, truncated, reason), `stopped_s` being `stopped_time` after this step. A
+    timeout truncates, and so does a completed route with `cfg.route_end_bootstraps`: only a
+    truncation bootstraps."""
     if state.collision:
         return True, False, "collision"
     if state.off_road:
@@ -118,7 +119,7 @@ def termination(state: DrivingState, step: int, cfg: EnvConfig, stopped_s: float
     if abs(state.lateral_offset) > cfg.max_lateral_deviation_m:
         return True, False, "lane_departure"
     if state.progress >= cfg.route_length_m:
-        return True, False, "route_completed"
+        return not cfg.route_end_bootstraps, cfg.route_end_bootstraps, "route_completed"
     # stopped_s sums dt per step: thirty 0.1 s steps add up to 2.9999999999999996, not 3.
     if cfg.stuck_after_s > 0 and stopped_s >= cfg.stuck_after_s - 1e-9:
         return True, False, "stuck"

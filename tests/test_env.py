@@ -268,6 +268,13 @@ def test_termination_reasons(kw, step, expected):
     assert termination(_state(**kw), step, load_config().env) == expected
 
 
+def test_route_completion_truncates_when_the_route_end_bootstraps():
+    cfg = load_config(overrides=["env.route_end_bootstraps=true"]).env
+    assert termination(_state(progress=300.0), 1, cfg) == (False, True, "route_completed")
+    # Failures stay terminal.
+    assert termination(_state(progress=300.0, collision=True), 1, cfg) == (True, False, "collision")
+
+
 def test_traffic_scenarios_add_vehicles():
     counts = []
     for scenario in (0, 2):

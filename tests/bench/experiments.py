@@ -233,6 +233,9 @@ LEARN_ARMS: dict[str, list[str]] = {
     # 3,000 warm-up steps: about eight of the baseline's drives round the route, S-bend included.
     "default+baseline-warmup": ["actors.warmup_actions=baseline", "td3.learning_starts=3000"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
+    "default+route-bootstrap": ["env.route_end_bootstraps=true"],
+    "default+route-bootstrap+baseline-warmup": ["env.route_end_bootstraps=true", "actors.warmup_actions=baseline",
+                                                "td3.learning_starts=3000"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
