@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import torch
+from colorednoise import powerlaw_psd_gaussian
 
 from actors.baseline import baseline_for
 from actors.envs import step_seconds
@@ -59,11 +60,31 @@ class Actor:
         self.warmup = baseline_for(cfg, step_seconds(cfg)) if cfg.actors.warmup_actions == "baseline" else None
         self.last_policy_action: np.ndarray | None = None
         """The policy's action before noise at the last `select_action` (None while acting randomly)."""
+        self.horizon = cfg.env.max_episode_steps
+        self._colored: np.ndarray | None = None
+        self._draw_colored_noise()
 
     def noise_std(self, env_step: int) -> float:
         c = self.cfg
         frac = min(max(env_step - self.learning_starts, 0) / c.expl_noise_decay_steps, 1.0)
         return self.noise_scale * (c.expl_noise_start + frac * (c.expl_noise_end - c.expl_noise_start))
+
+    def _draw_colored_noise(self) -> None:
+        """A unit-variance (ACTION_DIM, horizon) sequence for this episode's coloured noise."""
+        beta = self.cfg.expl_noise_exponent
+        if beta > 0:
+            self._colored = powerlaw_psd_gaussian(beta, (ACTION_DIM, self.horizon), random_state=self.rng)
+            self._t = 0
+
+    def _noise(self, env_step: int) -> np.ndarray:
+        """The exploration noise of this step: white from the generator, or the next column of
+        the episode's coloured sequence (it wraps past the horizon)."""
+        std = self.noise_std(env_step)
+        if self._colored is None:
+            return self.rng.normal(0.0, std, ACTION_DIM)
+        column = self._colored[:, self._t % self.horizon]
+        self._t += 1
+        return std * column
 
     def acts_on_policy(self, env_step: int) -> bool:
         """Whether `select_action` at `env_step` needs the policy (not during the random start)."""
@@ -93,10 +114,10 @@ class Actor:
             if self.warmup is None:
                 action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
             else:
-                action = self.warmup(observation) + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
+                action = self.warmup(observation) + self._noise(env_step)
         else:
             self.last_policy_action = self.policy_action(observation) if policy_action is None else policy_action
-            action = self.last_policy_action + self.rng.normal(0.0, self.noise_std(env_step), ACTION_DIM)
+            action = self.last_policy_action + self._noise(env_step)
         return self.limit(np.clip(action, -1.0, 1.0).astype(np.float32))
 
     def limit(self, action: np.ndarray) -> np.ndarray:
@@ -106,6 +127,7 @@ class Actor:
         return np.clip(action, -lim, lim)
 
     def on_episode_start(self) -> None:
+        self._draw_colored_noise()
         if self.warmup is not None:
             self.warmup.reset()
         if self.cfg.action_scaling:

@@ -402,6 +402,13 @@ class ActorsConfig:
     """Std of the exploration noise after the decay."""
     expl_noise_decay_steps: int = 100_000
     """Env steps after learning_starts over which the noise decays linearly."""
+    expl_noise_exponent: float = 0.0
+    """Colour of the exploration noise: the exponent beta of its 1/f^beta power spectrum, drawn per
+    episode and action dimension (`colorednoise`) and scaled to the std above. 0: white, independent
+    at every step (TD3's); the car's own inertia averages it out within a few steps, so it seldom
+    holds a steering or braking offset through a curve. 1: pink, whose low frequencies do hold one
+    for seconds (Eberhard et al., ICLR 2023: the best default of white, pink and OU noise for
+    off-policy continuous control). 2: red (Brownian, close to Ornstein-Uhlenbeck)."""
     action_scaling: bool = False
     """The seeds' temporary safety limit on actions; off by default, warns every episode when on."""
     action_scaling_limit: float = 0.6

@@ -131,3 +131,24 @@ def test_a_bfloat16_policy_takes_float32_weights_and_acts_within_1e_2_of_them(mo
     fast = Actor(half, cfg, np.random.default_rng(0), CPU).policy_actions(observations)
     assert fast.dtype == np.float32 and fast.shape == (8, 2)
     np.testing.assert_allclose(fast, exact, atol=1e-2)
+
+
+@pytest.mark.parametrize("exponent, low, high", [(0.0, -0.15, 0.15), (1.0, 0.5, 1.0)])
+def test_exploration_noise_colour(exponent, low, high):
+    """Pink noise (exponent 1) holds an offset from one step to the next; white noise does not.
+    Both have the configured std, and a new episode draws a new sequence."""
+    cfg = load_config(overrides=["td3.learning_starts=0", "actors.expl_noise_start=0.2", "actors.expl_noise_end=0.2",
+                                 f"actors.expl_noise_exponent={exponent}"])
+    actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)
+    zero = np.zeros(2, np.float32)
+
+    def episode() -> np.ndarray:
+        actor.on_episode_start()
+        return np.array([actor.select_action({}, 0, policy_action=zero) for _ in range(cfg.env.max_episode_steps)])
+
+    first, second = episode(), episode()
+    lag1 = np.mean([np.corrcoef(first[:-1, d], first[1:, d])[0, 1] for d in range(2)])
+    assert low < lag1 < high
+    # Pink noise's low frequencies make one episode's std itself vary: a looser bound.
+    assert 0.12 < first.std() < 0.28
+    assert not np.allclose(first, second)
