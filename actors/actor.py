@@ -71,10 +71,14 @@ class Actor:
 
     def _draw_colored_noise(self) -> None:
         """A unit-variance (ACTION_DIM, horizon) sequence for this episode's coloured noise."""
-        beta = self.cfg.expl_noise_exponent
-        if beta > 0:
-            self._colored = powerlaw_psd_gaussian(beta, (ACTION_DIM, self.horizon), random_state=self.rng)
-            self._t = 0
+        betas = self.cfg.expl_noise_exponent
+        if max(betas) == 0:
+            return
+        if len(set(betas)) == 1:  # one draw for both rows: the stream of the measured pink arm
+            self._colored = powerlaw_psd_gaussian(betas[0], (ACTION_DIM, self.horizon), random_state=self.rng)
+        else:
+            self._colored = np.stack([powerlaw_psd_gaussian(b, self.horizon, random_state=self.rng) for b in betas])
+        self._t = 0
 
     def _noise(self, env_step: int) -> np.ndarray:
         """The exploration noise of this step: white from the generator, or the next column of

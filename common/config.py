@@ -402,13 +402,15 @@ class ActorsConfig:
     """Std of the exploration noise after the decay."""
     expl_noise_decay_steps: int = 100_000
     """Env steps after learning_starts over which the noise decays linearly."""
-    expl_noise_exponent: float = 0.0
-    """Colour of the exploration noise: the exponent beta of its 1/f^beta power spectrum, drawn per
-    episode and action dimension (`colorednoise`) and scaled to the std above. 0: white, independent
-    at every step (TD3's); the car's own inertia averages it out within a few steps, so it seldom
-    holds a steering or braking offset through a curve. 1: pink, whose low frequencies do hold one
-    for seconds (Eberhard et al., ICLR 2023: the best default of white, pink and OU noise for
-    off-policy continuous control). 2: red (Brownian, close to Ornstein-Uhlenbeck)."""
+    expl_noise_exponent: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """Colour of the exploration noise of [steer, throttle_brake]: the exponent beta of its 1/f^beta
+    power spectrum, drawn per episode (`colorednoise`) and scaled to the std above. 0: white,
+    independent at every step (TD3's); the car's own inertia averages it out within a few steps,
+    so it seldom holds a steering or braking offset through a curve. 1: pink, whose low
+    frequencies do hold one for seconds (Eberhard et al., ICLR 2023: the best default of white,
+    pink and OU noise for off-policy continuous control). 2: red (Brownian, close to
+    Ornstein-Uhlenbeck). Pink on both took every seed through the S-bend, where white left one
+    seed off the road, but collided more with the lead car (README)."""
     action_scaling: bool = False
     """The seeds' temporary safety limit on actions; off by default, warns every episode when on."""
     action_scaling_limit: float = 0.6
@@ -686,6 +688,8 @@ def validate(cfg: Config) -> None:
              f"actors.elastic_resource={ea!r} must be one of actors.resources with a positive amount, "
              f"got actors.resources={cfg.actors.resources}")
     _require(cfg.actors.elastic_check_s > 0, "actors.elastic_check_s must be > 0")
+    _require(len(cfg.actors.expl_noise_exponent) == 2 and min(cfg.actors.expl_noise_exponent) >= 0,
+             f"actors.expl_noise_exponent={cfg.actors.expl_noise_exponent} must list 2 exponents >= 0 (steer, throttle_brake)")
     _require(cfg.actors.envs_per_actor >= 1, f"actors.envs_per_actor={cfg.actors.envs_per_actor} must be >= 1")
     _require(r.min_size_to_sample >= 1, "replay.min_size_to_sample must be >= 1")
     _require(r.samples_per_insert >= 0 and r.error_buffer >= 0, "replay.samples_per_insert and replay.error_buffer must be >= 0")

@@ -133,12 +133,13 @@ def test_a_bfloat16_policy_takes_float32_weights_and_acts_within_1e_2_of_them(mo
     np.testing.assert_allclose(fast, exact, atol=1e-2)
 
 
-@pytest.mark.parametrize("exponent, low, high", [(0.0, -0.15, 0.15), (1.0, 0.5, 1.0)])
-def test_exploration_noise_colour(exponent, low, high):
-    """Pink noise (exponent 1) holds an offset from one step to the next; white noise does not.
-    Both have the configured std, and a new episode draws a new sequence."""
+@pytest.mark.parametrize("exponents", [[0, 0], [1, 1], [1, 0], [0, 2]])
+def test_exploration_noise_colour(exponents):
+    """Pink and red noise (exponents 1, 2) hold an offset from one step to the next; white noise
+    (0) does not. Each action dimension has its own colour and the configured std, and a new
+    episode draws a new sequence."""
     cfg = load_config(overrides=["td3.learning_starts=0", "actors.expl_noise_start=0.2", "actors.expl_noise_end=0.2",
-                                 f"actors.expl_noise_exponent={exponent}"])
+                                 f"actors.expl_noise_exponent={exponents}"])
     actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)
     zero = np.zeros(2, np.float32)
 
@@ -147,8 +148,14 @@ def test_exploration_noise_colour(exponent, low, high):
         return np.array([actor.select_action({}, 0, policy_action=zero) for _ in range(cfg.env.max_episode_steps)])
 
     first, second = episode(), episode()
-    lag1 = np.mean([np.corrcoef(first[:-1, d], first[1:, d])[0, 1] for d in range(2)])
-    assert low < lag1 < high
-    # Pink noise's low frequencies make one episode's std itself vary: a looser bound.
-    assert 0.12 < first.std() < 0.28
+    for d, beta in enumerate(exponents):
+        lag1 = np.corrcoef(first[:-1, d], first[1:, d])[0, 1]
+        assert (0.5 < lag1) if beta else (abs(lag1) < 0.15), (d, beta, lag1)
+        # Coloured noise's low frequencies make one episode's std itself vary: a looser bound.
+        assert 0.08 < first[:, d].std() < 0.32, (d, beta)
     assert not np.allclose(first, second)
+
+
+def test_exploration_noise_exponents_are_checked():
+    with pytest.raises(ConfigError, match="actors.expl_noise_exponent"):
+        load_config(overrides=["actors.expl_noise_exponent=[1]"])

@@ -233,7 +233,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     # 3,000 warm-up steps: about eight of the baseline's drives round the route, S-bend included.
     "default+baseline-warmup": ["actors.warmup_actions=baseline", "td3.learning_starts=3000"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
-    "default+pink": ["actors.expl_noise_exponent=1"],
+    "default+pink": ["actors.expl_noise_exponent=[1,1]"],
+    "default+pink-steer": ["actors.expl_noise_exponent=[1,0]"],
     "default+route-bootstrap": ["env.route_end_bootstraps=true"],
     "default+route-bootstrap+baseline-warmup": ["env.route_end_bootstraps=true", "actors.warmup_actions=baseline",
                                                 "td3.learning_starts=3000"],
