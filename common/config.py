@@ -126,7 +126,9 @@ class EnvConfig:
     drops the value of states that look like any other stretch of road, and near the end standing
     still (worth 0) and driving on (worth the few steps left plus the bonus) end up close: a
     policy stopped 20 m short of the end on a clear road (README). The task is to keep driving; the
-    route's length is where evaluation stops counting, as a time limit is (Pardo et al., 2018)."""
+    route's length is where evaluation stops counting, as a time limit is (Pardo et al., 2018).
+    Measured alone (3 seeds, 30,000 steps): success 0.00 / 0.70 / 0.95 against the default's
+    0.00 / 1.00 / 1.00, so it stays off."""
     max_lateral_deviation_m: float = 2.5
     """Lateral distance from the route centre that ends the episode as 'lane_departure'."""
     lookahead_spacing_m: float = 2.0
@@ -409,8 +411,9 @@ class ActorsConfig:
     so it seldom holds a steering or braking offset through a curve. 1: pink, whose low
     frequencies do hold one for seconds (Eberhard et al., ICLR 2023: the best default of white,
     pink and OU noise for off-policy continuous control). 2: red (Brownian, close to
-    Ornstein-Uhlenbeck). Pink on both took every seed through the S-bend, where white left one
-    seed off the road, but collided more with the lead car (README)."""
+    Ornstein-Uhlenbeck). Pink ([1, 1], or [1, 0] on steering alone) took every seed through the
+    S-bend, where white leaves seed 1 off the road, but the policies then rear-ended the slow lead
+    car more often (README: success 0.80 / 0.40 / 0.45 with [1, 0], collisions 0.20 / 0.60 / 0.55)."""
     action_scaling: bool = False
     """The seeds' temporary safety limit on actions; off by default, warns every episode when on."""
     action_scaling_limit: float = 0.6
