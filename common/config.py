@@ -88,6 +88,10 @@ class EmbeddedConfig:
     ego light gray on the gray road; highway: highway-env's own drawing, thin outlines whose fill
     is within ~30 gray levels of the road (traffic barely shows; checkpoints from before this
     switch were trained on it)."""
+    camera_heading_up: bool = False
+    """Turn the camera with the ego so its heading points up, as a camera mounted on the car (CARLA's)
+    sees the road; off, north stays up and the road ahead points wherever the car heads, so the
+    CNN must learn the lead car's gap at every orientation around the track."""
     brake_reverses: bool = False
     """highway-env's own kinematics: a held negative throttle_brake drives the ego backwards, down to
     -40 m/s. Off, braking stops the car and holds it, as CARLA's brake does with the reverse gear

@@ -85,6 +85,31 @@ def test_the_camera_shows_traffic_in_contrast():
     assert (frame_near_the_lead_car("highway") < 40).sum() < (contrast == OTHER_SHADE).sum()
 
 
+def test_the_heading_up_camera_shows_the_lead_car_straight_ahead():
+    """The route starts heading east (+x): north up, the lead car is right of the ego; turned with
+    the ego, it is above it, in the ego's columns."""
+    from actors.envs.render import EGO_SHADE, OTHER_SHADE
+
+    def centres(heading_up: bool) -> tuple[np.ndarray, np.ndarray]:
+        e = make_env(load_config(overrides=[f"env.embedded.camera_heading_up={str(heading_up).lower()}"]))
+        try:
+            obs, _ = e.reset(seed=100001)
+            obs, *_ = e.step(np.array([0.0, 0.0], np.float32))  # the lead car ~13 m ahead
+            frame = obs["image"][-1].astype(int)
+            assert frame.shape == (84, 84)
+            ego = np.argwhere(np.abs(frame - EGO_SHADE) <= 1).mean(axis=0)
+            lead = np.argwhere(frame == OTHER_SHADE).mean(axis=0)
+            return ego, lead  # (row, col)
+        finally:
+            e.close()
+
+    ego, lead = centres(False)
+    assert lead[1] - ego[1] > 5 and abs(lead[0] - ego[0]) < 3
+    ego, lead = centres(True)
+    assert ego[0] - lead[0] > 5 and abs(lead[1] - ego[1]) < 3
+    assert abs(ego[0] - 42) < 4 and abs(ego[1] - 42) < 4  # the ego stays at the centre
+
+
 def test_route_features_stay_valid_along_the_whole_route(env):
     """The old system's waypoint-index bug zeroed the route features after a while."""
     obs, _ = env.reset(seed=3)

@@ -142,7 +142,7 @@ class HighwayBackend:
         if self._camera is None:
             # The racetrack geometry is the same every episode: draw it once.
             emb = self.cfg.embedded
-            self._camera = TopDownCamera(road, FRAME_SIZE, emb.render_scaling, emb.camera_vehicles)
+            self._camera = TopDownCamera(road, FRAME_SIZE, emb.render_scaling, emb.camera_vehicles, emb.camera_heading_up)
         return self._camera.gray(road, self._env.vehicle.position, self._env.vehicle)
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:

@@ -9,6 +9,8 @@ involved and frames are real pictures on any machine.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pygame
 from highway_env.road.graphics import RoadGraphics, WorldSurface
@@ -33,19 +35,24 @@ def _road_bounds(road: Road) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TopDownCamera:
-    """Renders `size` x `size` pixel views centred on a vehicle at `scaling` px/m."""
+    """Renders `size` x `size` pixel views centred on a vehicle at `scaling` px/m: north up, or
+    with `heading_up` turned so the ego's heading points up, as a camera mounted on the car sees."""
 
-    def __init__(self, road: Road, size: int, scaling: float, vehicles: str = "highway") -> None:
+    def __init__(self, road: Road, size: int, scaling: float, vehicles: str = "highway", heading_up: bool = False) -> None:
         lo, hi = _road_bounds(road)
         big = tuple(int(np.ceil(v)) for v in (hi - lo) * scaling)
         self._road_surface = WorldSurface(big, 0, pygame.Surface(big))
         self._road_surface.scaling = scaling
         self._road_surface.origin = lo
         RoadGraphics.display(road, self._road_surface)
-        self._view = WorldSurface((size, size), 0, pygame.Surface((size, size)))
+        # A turned view is cut from the middle of a window whose inscribed circle covers its corners.
+        window = int(math.ceil(size * math.sqrt(2))) + 2 if heading_up else size
+        self._view = WorldSurface((window, window), 0, pygame.Surface((window, window)))
         self._view.scaling = scaling
         self._view.centering_position = [0.5, 0.5]
         self.vehicles = vehicles
+        self.size = size
+        self.heading_up = heading_up
 
     def rgb(self, road: Road, centre: np.ndarray, ego: object | None = None) -> np.ndarray:
         """(size, size, 3) uint8 view of the road and every vehicle around `centre`.
@@ -66,8 +73,19 @@ class TopDownCamera:
                 pygame.draw.polygon(view, (shade,) * 3, [view.vec2pix(p) for p in vehicle.polygon()[:4]])
             else:
                 VehicleGraphics.display(vehicle, view, offscreen=True)
+        surface = self._turn(view, ego) if self.heading_up else view
         # surfarray is (x, y, c); images are (row=y, col=x).
-        return np.ascontiguousarray(pygame.surfarray.array3d(view).transpose(1, 0, 2))
+        return np.ascontiguousarray(pygame.surfarray.array3d(surface).transpose(1, 0, 2))
+
+    def _turn(self, view: pygame.Surface, ego: object | None) -> pygame.Surface:
+        """The middle `size` x `size` of `view` turned so that `ego`'s heading points up. The
+        screen's y axis points down, so a heading h (radians from +x toward +y) is a clockwise
+        angle on screen; pygame turns counter-clockwise by degrees."""
+        if ego is None:
+            raise ValueError("a heading-up camera needs the ego vehicle to turn its view")
+        turned = pygame.transform.rotate(view, 90.0 + math.degrees(ego.heading))
+        w, h = turned.get_size()
+        return turned.subsurface(((w - self.size) // 2, (h - self.size) // 2, self.size, self.size))
 
     def gray(self, road: Road, centre: np.ndarray, ego: object | None = None) -> np.ndarray:
         """(size, size) uint8 grayscale view."""

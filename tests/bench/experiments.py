@@ -236,6 +236,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+pink": ["actors.expl_noise_exponent=[1,1]"],
     "default+pink-steer": ["actors.expl_noise_exponent=[1,0]"],
     "default+route-bootstrap": ["env.route_end_bootstraps=true"],
+    "default+heading-up": ["env.embedded.camera_heading_up=true"],
+    "default+heading-up+pink-steer": ["env.embedded.camera_heading_up=true", "actors.expl_noise_exponent=[1,0]"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
