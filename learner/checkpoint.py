@@ -138,11 +138,10 @@ def saved_config(path: Path) -> Config:
     try:
         data = json.loads((ckpt / "state.json").read_text())["config"]
         # Checkpoints from before these switches existed had no trunk, saw highway-env's vehicles
-        # on a north-up camera, read the look-ahead in metres and explored with white noise.
+        # on a north-up camera and read the look-ahead in metres.
         data.setdefault("cnn", {}).setdefault("trunk_dim", 0)
         data.setdefault("env", {}).setdefault("embedded", {}).setdefault("camera_vehicles", "highway")
         data["env"]["embedded"].setdefault("camera_heading_up", False)
-        data.setdefault("actors", {}).setdefault("expl_noise_exponent", [0.0, 0.0])
         data["env"].setdefault("lookahead_features", "metres")
         return from_dict(data)
     except (ValueError, KeyError, TypeError) as exc:

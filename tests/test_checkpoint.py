@@ -64,16 +64,15 @@ def test_a_checkpoint_from_before_the_trunk_still_loads(tmp_path):
     cfg = load_config(overrides=["learner.device=cpu", "cnn.trunk_dim=0", "td3.weight_decay_style=l2"])
     agent = TD3(cfg, CPU)
     saved = to_dict(cfg)
-    # what a checkpoint written before cnn.trunk_dim, the contrast and heading-up camera,
-    # env.lookahead_features and coloured noise existed holds
+    # what a checkpoint written before cnn.trunk_dim, the contrast and heading-up camera and
+    # env.lookahead_features existed holds
     del saved["cnn"]["trunk_dim"], saved["env"]["embedded"]["camera_vehicles"], saved["env"]["lookahead_features"]
-    del saved["env"]["embedded"]["camera_heading_up"], saved["actors"]["expl_noise_exponent"]
+    del saved["env"]["embedded"]["camera_heading_up"]
     path = checkpoint.save(tmp_path, 7, agent, {"config": saved})
     old = checkpoint.saved_config(path)
     assert old.cnn.trunk_dim == 0
     assert old.env.embedded.camera_vehicles == "highway"  # evaluated on the camera it was trained on
     assert not old.env.embedded.camera_heading_up
-    assert old.actors.expl_noise_exponent == [0.0, 0.0]
     assert old.env.lookahead_features == "metres"  # and on the vector it was trained on
     policy = checkpoint.load_policy(path, old)
     for k, v in agent.actor.state_dict().items():

@@ -233,14 +233,13 @@ LEARN_ARMS: dict[str, list[str]] = {
     # 3,000 warm-up steps: about eight of the baseline's drives round the route, S-bend included.
     "default+baseline-warmup": ["actors.warmup_actions=baseline", "td3.learning_starts=3000"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
-    # Measured on the north-up camera with white noise (the default until 2026-12-05):
-    # default+pink, default+pink-steer, default+route-bootstrap; see README.
+    # default+pink and default+route-bootstrap were measured on the north-up camera (the default
+    # until 2026-12-05), default+pink-steer on both cameras; see README.
     "default+pink": ["actors.expl_noise_exponent=[1,1]"],
+    "default+pink-steer": ["actors.expl_noise_exponent=[1,0]"],
     "default+route-bootstrap": ["env.route_end_bootstraps=true"],
-    # Since 2026-12-05 the default turns the camera with the ego and colours the steering noise pink.
     "default-heading-up": ["env.embedded.camera_heading_up=false"],
-    "default-pink-steer": ["actors.expl_noise_exponent=[0,0]"],
-    "default-heading-up-pink-steer": ["env.embedded.camera_heading_up=false", "actors.expl_noise_exponent=[0,0]"],
+    "default-heading-up+pink-steer": ["env.embedded.camera_heading_up=false", "actors.expl_noise_exponent=[1,0]"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
