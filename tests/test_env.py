@@ -63,26 +63,31 @@ def test_frames_are_real_pictures_even_with_the_dummy_sdl_driver():
     assert std > 10 and bright > 0.002 and unique >= 3
 
 
+def _frame_near_the_lead_car(override: str, steps: int, throttle: float) -> np.ndarray:
+    """The newest camera frame of held-out episode 100001 (its lead car starts ~13 m ahead in the
+    ego's lane) after `steps` straight steps at `throttle`, with one config `override`."""
+    e = make_env(load_config(overrides=[override]))
+    try:
+        obs, _ = e.reset(seed=100001)
+        for _ in range(steps):
+            obs, *_ = e.step(np.array([0.0, throttle], np.float32))
+        return obs["image"][-1]
+    finally:
+        e.close()
+
+
 def test_the_camera_shows_traffic_in_contrast():
     """Other vehicles are black and the ego light gray on the contrast camera; highway-env's own
     drawing leaves the lead car within a few dozen gray levels of the road."""
     from actors.envs.render import EGO_SHADE, OTHER_SHADE
 
-    def frame_near_the_lead_car(camera: str) -> np.ndarray:
-        e = make_env(load_config(overrides=[f"env.embedded.camera_vehicles={camera}"]))
-        try:
-            obs, _ = e.reset(seed=100001)
-            for _ in range(15):  # full throttle until the lead car is a few metres ahead
-                obs, *_ = e.step(np.array([0.0, 1.0], np.float32))
-            return obs["image"][-1]
-        finally:
-            e.close()
-
-    contrast = frame_near_the_lead_car("contrast")
+    # full throttle until the lead car is a few metres ahead
+    contrast = _frame_near_the_lead_car("env.embedded.camera_vehicles=contrast", 15, 1.0)
     ego = np.abs(contrast[34:50, 34:50].astype(int) - EGO_SHADE) <= 1  # the gray conversion rounds down
     assert ego.sum() >= 15  # the ego's footprint, at the centre
     assert (contrast == OTHER_SHADE).sum() >= 15  # the lead car's
-    assert (frame_near_the_lead_car("highway") < 40).sum() < (contrast == OTHER_SHADE).sum()
+    highway = _frame_near_the_lead_car("env.embedded.camera_vehicles=highway", 15, 1.0)
+    assert (highway < 40).sum() < (contrast == OTHER_SHADE).sum()
 
 
 def test_the_heading_up_camera_shows_the_lead_car_straight_ahead():
@@ -91,17 +96,11 @@ def test_the_heading_up_camera_shows_the_lead_car_straight_ahead():
     from actors.envs.render import EGO_SHADE, OTHER_SHADE
 
     def centres(heading_up: bool) -> tuple[np.ndarray, np.ndarray]:
-        e = make_env(load_config(overrides=[f"env.embedded.camera_heading_up={str(heading_up).lower()}"]))
-        try:
-            obs, _ = e.reset(seed=100001)
-            obs, *_ = e.step(np.array([0.0, 0.0], np.float32))  # the lead car ~13 m ahead
-            frame = obs["image"][-1].astype(int)
-            assert frame.shape == (84, 84)
-            ego = np.argwhere(np.abs(frame - EGO_SHADE) <= 1).mean(axis=0)
-            lead = np.argwhere(frame == OTHER_SHADE).mean(axis=0)
-            return ego, lead  # (row, col)
-        finally:
-            e.close()
+        frame = _frame_near_the_lead_car(f"env.embedded.camera_heading_up={str(heading_up).lower()}", 1, 0.0).astype(int)
+        assert frame.shape == (84, 84)
+        ego = np.argwhere(np.abs(frame - EGO_SHADE) <= 1).mean(axis=0)
+        lead = np.argwhere(frame == OTHER_SHADE).mean(axis=0)
+        return ego, lead  # (row, col)
 
     ego, lead = centres(False)
     assert lead[1] - ego[1] > 5 and abs(lead[0] - ego[0]) < 3
