@@ -5,6 +5,7 @@ actor by the learner."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,7 @@ class RolloutWorker:
             runners.append(EpisodeRunner(env, actor, adder, seed))
         self.runner = VectorRunner(runners)
         self.steps = 0
+        self.loop_seconds = 0.0
 
     def run(self, steps: int, global_step: int) -> dict[str, Any]:
         """About `steps` env steps over all envs (whole rounds of one step per env); `global_step`
@@ -75,11 +77,13 @@ class RolloutWorker:
         rounds = max(1, -(-steps // k))
         sync = self.cfg.actors.weight_sync_steps
         finished: list[dict[str, float]] = []
+        start = time.perf_counter()
         for i in range(rounds):
             if (self.steps + k - 1) // sync != (self.steps - 1) // sync:  # a multiple of sync among this round's steps
                 self.weights.update()
             finished += self.runner.step(global_step + i * k, policy_version=max(self.weights.version, 0))
             self.steps += k
+        self.loop_seconds += time.perf_counter() - start
         c = self.client.counters
         return {
             "steps": rounds * k,
@@ -90,6 +94,8 @@ class RolloutWorker:
             "send_failures": c.send_failures,
             "nonfinite_dropped": self.runner.nonfinite,
             "simulator_failures": self.runner.simulator_failures,
+            "inference_seconds": self.runner.inference_seconds,
+            "loop_seconds": self.loop_seconds,
             "envs": [env.backend.metrics() for env in self.envs],
         }
 

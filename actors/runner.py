@@ -5,6 +5,7 @@ with one batched policy forward (`VectorRunner`)."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -81,13 +82,17 @@ class VectorRunner:
         if not runners:
             raise ValueError("a VectorRunner needs at least one EpisodeRunner")
         self.runners = runners
+        self.inference_seconds = 0.0
+        """Wall time spent in the batched policy forward (stacking and conversions included)."""
 
     def step(self, env_step: int, policy_version: int = 0) -> list[dict[str, float]]:
         """One step of every env; the metrics of the episodes that ended."""
         lead = self.runners[0].actor
         actions: list[np.ndarray | None] = [None] * len(self.runners)
         if lead.acts_on_policy(env_step):
+            start = time.perf_counter()
             actions = list(lead.policy_actions([r.obs for r in self.runners]))
+            self.inference_seconds += time.perf_counter() - start
         finished = (r.step(env_step, policy_version, a) for r, a in zip(self.runners, actions))
         return [episode for episode in finished if episode is not None]
 

@@ -115,6 +115,9 @@ TAGS: dict[str, str] = {
     "actors/weight_fetches": "Weight versions fetched by all actors.",
     "actors/nonfinite_dropped": "Env steps with a NaN/inf observation or reward, dropped before the replay.",
     "actors/simulator_failures": "Episodes lost to a simulator hang or crash.",
+    "actors/inference_fraction": ("Share of the rollout actors' loop time spent in the batched policy forward, "
+                                  "since each started; where it rivals the env's share, more envs per actor, "
+                                  "bfloat16 or actors.device=cuda pay off."),
     "actors/carla_restarts": "CARLA servers relaunched by the actors' supervisors.",
     "actors/carla_tick_ms": "Mean CARLA world tick time of the actors, ms.",
     "actors/npc_spawn_failures": "NPC vehicles CARLA could not spawn (occupied or too few spawn points), all episodes.",
@@ -187,6 +190,7 @@ def layout() -> dict[str, dict[str, list]]:
             "updates owed": ["Multiline", ["perf/updates_owed"]],
             "policy lag (versions)": ["Multiline", ["actors/policy_lag"]],
             "actors alive / target": ["Multiline", ["actors/alive", "actors/target"]],
+            "actor time in the policy forward": ["Multiline", ["actors/inference_fraction"]],
             "learner memory MB": ["Multiline", [r"perf/.*_mb"]],
         },
         "7 replay": {

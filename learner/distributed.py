@@ -275,6 +275,7 @@ class DistributedRun:
             "replay/send_failures": total("send_failures"),
             "actors/nonfinite_dropped": total("nonfinite_dropped"),
             "actors/simulator_failures": total("simulator_failures"),
+            "actors/inference_fraction": total("inference_seconds") / max(total("loop_seconds"), 1e-9),
             **backend,
         }
         perf = core.log_perf(extra, self.actor_steps)

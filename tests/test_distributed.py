@@ -62,6 +62,9 @@ def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
     logged, lag = scalars(tmp_path / "run", "actors/policy_lag")
     _, fetches = scalars(tmp_path / "run", "actors/weight_fetches")
     assert fetches and fetches[-1][1] >= 2  # weight versions reached the actors
+    # Past learning_starts the actors run the policy, so part of their loop is its forward.
+    _, inference = scalars(tmp_path / "run", "actors/inference_fraction")
+    assert 0.0 < inference[-1][1] < 1.0
     for tag in ("eval/mean_reward", "eval/success_rate", "eval/collision_rate", "eval/avg_lane_invasions",
                 "eval/avg_episode_length", "perf/env_steps_per_s", "perf/updates_per_s", "replay/size",
                 "replay/dropped", "actors/alive", "actors/restarts", "perf/weight_broadcast_ms", "perf/learner_rss_mb",

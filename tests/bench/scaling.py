@@ -7,7 +7,9 @@
 - one policy-driven actor stepping K = 1, 2, 4, 8, 16 envs with one batched forward per step: its
   total env steps/s against the raw rate (K raw envs stepped in a plain loop on one core run at
   the raw rate); the target is >= 0.8; each K with a float32 and a bfloat16 policy
-  (`actors.inference_dtype`);
+  (`actors.inference_dtype`); with each, the policy forward's ms per env step (from the actor's
+  own `inference_seconds`) and the ceiling it sets: raw step / (raw step + forward), the ratio a
+  loop that cost nothing besides the env and the forward would reach;
 - aggregate env steps/s of 1 and 2 policy-driven actors, and their ratio;
 - where torch sees a GPU: the K-env actor again with its policy on the GPU (`actors.device=cuda`).
 """
@@ -38,8 +40,10 @@ ENVS_PER_ACTOR = (1, 2, 4, 8, 16)
 
 
 def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1, device: str = "cpu",
-                dtype: str = "float32", raws: list[float] | None = None) -> tuple[float, float]:
-    """(env steps/s of `num_actors` actors, the same / the raw env rate): medians over rounds.
+                dtype: str = "float32", raws: list[float] | None = None) -> tuple[float, float, float, float]:
+    """(env steps/s of `num_actors` actors, the same / the raw env rate, ms of policy forward per
+    env step, the ceiling: the ratio a loop costing only the raw env step plus that forward would
+    reach): medians over rounds.
 
     The host's speed drifts here by up to 1.6x within two minutes, so with `raws` each timed
     round follows a raw env measurement of its own (appended to `raws`; the actors idle
@@ -50,19 +54,25 @@ def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: in
     cfg = dataclasses.asdict(load_config(overrides=overrides))
     worker = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpus)
     actors = [worker.remote(cfg, i, 0, [1.0] * envs, url, store) for i in range(num_actors)]
-    ray.get([a.run.remote(50, 10**6) for a in actors])  # warm-up: imports, first weights
-    rates, ratios = [], []
+    warmup = ray.get([a.run.remote(50, 10**6) for a in actors])  # imports, first weights
+    inference_before = sum(r["inference_seconds"] for r in warmup)
+    rates, ratios, forward_ms, ceilings = [], [], [], []
     for _ in range(ROUNDS):
         raw = env_rate(0, RAW_STEPS) if raws is not None else float("nan")
         start = time.perf_counter()
-        steps = sum(r["steps"] for r in ray.get([a.run.remote(STEPS, 10**6) for a in actors]))
-        rates.append(steps / (time.perf_counter() - start))
+        reports = ray.get([a.run.remote(STEPS, 10**6) for a in actors])
+        rates.append(sum(r["steps"] for r in reports) / (time.perf_counter() - start))
         ratios.append(rates[-1] / raw)
+        # inference_seconds is cumulative per actor: this round's share is the increase.
+        seconds = sum(r["inference_seconds"] for r in reports)
+        forward_ms.append(1e3 * (seconds - inference_before) / sum(r["steps"] for r in reports))
+        inference_before = seconds
+        ceilings.append((1e3 / raw) / (1e3 / raw + forward_ms[-1]))
         if raws is not None:
             raws.append(raw)
     for a in actors:
         ray.kill(a)
-    return float(np.median(rates)), float(np.median(ratios))
+    return tuple(float(np.median(x)) for x in (rates, ratios, forward_ms, ceilings))
 
 
 def run() -> dict[str, float]:
@@ -92,8 +102,10 @@ def run() -> dict[str, float]:
         "actor_loop_policy_vs_raw": per_k[("policy", 1)][1],
         "two_actors_policy_steps_per_s": two,
         "two_vs_one_actor_ratio": two / one,
-        **{f"actor_loop_{name}_{k}_envs_steps_per_s": rate for (name, k), (rate, _) in per_k.items()},
-        **{f"actor_loop_{name}_{k}_envs_vs_raw": ratio for (name, k), (_, ratio) in per_k.items()},
+        **{f"actor_loop_{name}_{k}_envs_steps_per_s": figures[0] for (name, k), figures in per_k.items()},
+        **{f"actor_loop_{name}_{k}_envs_vs_raw": figures[1] for (name, k), figures in per_k.items()},
+        **{f"actor_loop_{name}_{k}_envs_forward_ms_per_step": figures[2] for (name, k), figures in per_k.items()},
+        **{f"actor_loop_{name}_{k}_envs_ceiling_vs_raw": figures[3] for (name, k), figures in per_k.items()},
     }
 
 
