@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv bench-venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling bench-learner experiment-norm experiment-learn screenshot clean up down logs scale
+.PHONY: venv bench-venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling bench-learner bench-loop device-kit experiment-norm experiment-learn screenshot clean up down logs scale
 
 venv: $(STAMP)
 
@@ -54,7 +54,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: bench-foundation bench-replay bench-scaling bench-learner
 
 bench-learner: $(BENCH_STAMP)
-	$(PY) -m tests.bench.learner
+	$(PY) -m tests.bench.learner $(ARGS)
 
 # ARGS="--steps N --set key=value ..." scales them (e.g. on a GPU: --set learner.device=cuda --set td3.batch_size=256);
 # experiment-learn also takes --arms default,seeds,sb3-cnn,sb3-vector,... --seeds 1,2,3 --scenario 0|1|2.
@@ -75,7 +75,16 @@ bench-replay: $(STAMP)
 	$(PY) -m tests.bench.replay
 
 bench-scaling: $(STAMP)
-	$(PY) -m tests.bench.scaling
+	$(PY) -m tests.bench.scaling $(ARGS)
+
+# The learner's loop in a distributed run against bench-learner's rate (not in `make bench`: on a
+# CPU its actors share the learner's cores). ARGS="--seconds 120 --actors 4".
+bench-loop: $(BENCH_STAMP)
+	$(PY) -m tests.bench.loop $(ARGS)
+
+# .whl/: the wheels and slim Ray that deploy/device/check.sh needs on a GPU machine without network.
+device-kit: $(BENCH_STAMP)
+	$(PY) deploy/device/kit.py
 
 # -- the GPU cluster (docker-compose.yml); COMPOSE=docker-compose for Compose v1 ------------------
 COMPOSE ?= docker compose

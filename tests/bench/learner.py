@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -184,11 +185,10 @@ def rss_per_transition(transitions: int = 50_000) -> tuple[float, float]:
     return grown / len(ring), arrays / ring.capacity
 
 
-def run() -> dict[str, float | str]:
+def run(devices: list[torch.device]) -> dict[str, float | str]:
     results: dict[str, float | str] = {}
     ring = FrameRing(20_000)
     fill_ring(ring, 20_000)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         n = 8 if device.type == "cpu" else 200
         d = device.type
@@ -228,6 +228,19 @@ def run() -> dict[str, float | str]:
     return results
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`--devices cuda` skips the CPU rows (a device check's time is short); the report's section is
+    `learner` with every device and `learner_<devices>` otherwise, so the CPU table stays."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    parser.add_argument("--devices", default=",".join(available), help=f"comma-separated, from {available}")
+    names = parser.parse_args().devices.split(",")
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        parser.error(f"--devices {','.join(unknown) or '(none)'}: this machine has {available}")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    write_report("learner", run())
+    write_report("learner" if names == available else "learner_" + "_".join(names), run([torch.device(n) for n in names]))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tempfile
 import time
@@ -75,39 +76,67 @@ def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: in
     return tuple(float(np.median(x)) for x in (rates, ratios, forward_ms, ceilings))
 
 
-def run() -> dict[str, float]:
-    cuda = torch.cuda.is_available()
+RUNS = {"policy": {}, "bf16_policy": {"dtype": "bfloat16"}, "cuda_policy": {"device": "cuda"}}
+"""The K-env rows: a float32 and a bfloat16 policy on the CPU, and a float32 policy on the GPU."""
+
+
+def run(runs: list[str], envs: list[int], whole: bool) -> dict[str, float | str]:
+    """The K-env rows of `runs` at each K in `envs`; `whole` adds the random-action loop and the
+    two-actor rows (they need the float32 row at K = 1)."""
     raws: list[float] = []
-    ray.init(num_cpus=2, num_gpus=int(cuda), include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=int(torch.cuda.is_available()), include_dashboard=False,
+             object_store_memory=256 * 2**20, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=False) as server:
             store = ray.remote(WeightStore).options(num_cpus=0).remote()
             store.publish.remote(0, [ray.put(policy_to_bytes(policy_for(load_config().cnn)))])
-            random_loop = actors_rate(server.url, store, 1, policy=False, raws=raws)
-            runs = [("policy", {}), ("bf16_policy", {"dtype": "bfloat16"})]
-            if cuda:
-                runs.append(("cuda_policy", {"device": "cuda"}))
-            per_k = {(name, k): actors_rate(server.url, store, 1, policy=True, envs=k, raws=raws, **kw)
-                     for name, kw in runs for k in ENVS_PER_ACTOR}
-            one = per_k[("policy", 1)][0]
-            two = actors_rate(server.url, store, 2, policy=True)[0]
+            if whole:
+                random_loop = actors_rate(server.url, store, 1, policy=False, raws=raws)
+            per_k = {(name, k): actors_rate(server.url, store, 1, policy=True, envs=k, raws=raws, **RUNS[name])
+                     for name in runs for k in envs}
+            if whole:
+                one = per_k[("policy", 1)][0]
+                two = actors_rate(server.url, store, 2, policy=True)[0]
     finally:
         ray.shutdown()
-    return {
+    figures: dict[str, float | str] = {
         "raw_env_steps_per_s": float(np.median(raws)),
         "raw_env_steps_per_s_range": f"{min(raws):.0f}-{max(raws):.0f} over {len(raws)} measurements",
-        "actor_loop_random_actions_steps_per_s": random_loop[0],
-        "actor_loop_random_vs_raw": random_loop[1],
-        "actor_loop_policy_steps_per_s": one,
-        "actor_loop_policy_vs_raw": per_k[("policy", 1)][1],
-        "two_actors_policy_steps_per_s": two,
-        "two_vs_one_actor_ratio": two / one,
-        **{f"actor_loop_{name}_{k}_envs_steps_per_s": figures[0] for (name, k), figures in per_k.items()},
-        **{f"actor_loop_{name}_{k}_envs_vs_raw": figures[1] for (name, k), figures in per_k.items()},
-        **{f"actor_loop_{name}_{k}_envs_forward_ms_per_step": figures[2] for (name, k), figures in per_k.items()},
-        **{f"actor_loop_{name}_{k}_envs_ceiling_vs_raw": figures[3] for (name, k), figures in per_k.items()},
     }
+    if whole:
+        figures.update({
+            "actor_loop_random_actions_steps_per_s": random_loop[0],
+            "actor_loop_random_vs_raw": random_loop[1],
+            "actor_loop_policy_steps_per_s": one,
+            "actor_loop_policy_vs_raw": per_k[("policy", 1)][1],
+            "two_actors_policy_steps_per_s": two,
+            "two_vs_one_actor_ratio": two / one,
+        })
+    for i, what in enumerate(("steps_per_s", "vs_raw", "forward_ms_per_step", "ceiling_vs_raw")):
+        figures.update({f"actor_loop_{name}_{k}_envs_{what}": row[i] for (name, k), row in per_k.items()})
+    return figures
+
+
+def main() -> None:
+    """`--runs cuda_policy --envs 1,8` times only those rows (a device check's time is short),
+    into its own report section, so the full CPU table stays."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    available = [name for name in RUNS if name != "cuda_policy" or torch.cuda.is_available()]
+    parser.add_argument("--runs", default=",".join(available), help=f"comma-separated, from {available}")
+    parser.add_argument("--envs", default=",".join(map(str, ENVS_PER_ACTOR)), help="comma-separated K values")
+    args = parser.parse_args()
+    runs = args.runs.split(",")
+    if [n for n in runs if n not in available]:
+        parser.error(f"--runs {args.runs}: this machine has {available}")
+    try:
+        envs = [int(k) for k in args.envs.split(",")]
+    except ValueError:
+        parser.error(f"--envs {args.envs}: expected comma-separated integers")
+    if min(envs) < 1:
+        parser.error(f"--envs {args.envs}: every K must be >= 1")
+    whole = runs == available and envs == list(ENVS_PER_ACTOR)
+    write_report("scaling" if whole else "scaling_" + "_".join(runs), run(runs, envs, whole))
 
 
 if __name__ == "__main__":
-    write_report("scaling", run())
+    main()
