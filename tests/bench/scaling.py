@@ -4,7 +4,7 @@
   round of a single actor, each round's ratio against the raw rate just before it (medians);
 - one actor's loop with random actions (env + chunking + Redis inserts) and with the CNN policy
   (env + CPU inference + inserts), as fractions of the raw rate;
-- one policy-driven actor stepping K = 1, 2, 4, 8, 16 envs with one batched forward per step: its
+- one policy-driven actor stepping K = 1, 2, 4, 8, 16, 32, 64 envs with one batched forward per step: its
   total env steps/s against the raw rate (K raw envs stepped in a plain loop on one core run at
   the raw rate); the target is >= 0.8; each K with a float32 and a bfloat16 policy
   (`actors.inference_dtype`); with each, the policy forward's ms per env step (from the actor's
@@ -37,7 +37,7 @@ from tests.bench.report import write_report
 STEPS = 800
 ROUNDS = 5
 RAW_STEPS = 800
-ENVS_PER_ACTOR = (1, 2, 4, 8, 16)
+ENVS_PER_ACTOR = (1, 2, 4, 8, 16, 32, 64)
 
 
 def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: int = 1, device: str = "cpu",
