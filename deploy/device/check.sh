@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #12 and #13, for a session lent a device machine. Here, once:
-#   make device-kit                      (builds .whl/, ~55 MiB, git-ignored)
+#   make device-kit                      (builds .whl/, ~50 MiB, git-ignored)
 # then one device call from the repository root, carry [".whl"]:
 #   bash deploy/device/check.sh [STEP ...]
 # STEPs, in this order by default (9 minutes at most: the limits below add up to 510 s, plus the

@@ -36,7 +36,7 @@ from common.env import observation_space
 from learner.device_frames import DeviceFrames
 from learner.td3 import TD3
 from replay_server.ring import FrameRing
-from tests.bench.report import write_report
+from tests.bench.report import chosen, section, write_report
 from tests.conftest import random_batch_arrays
 
 BATCH = 256
@@ -89,6 +89,11 @@ def our_update(device: torch.device, ring: FrameRing | None, *overrides: str) ->
         frames = DeviceFrames(ring, device)
         return lambda: agent.update(frames.batch(ring.sample(BATCH, rng, images=False)))
     return lambda: agent.update(Batch.from_numpy(ring.sample(BATCH, rng), device))
+
+
+def timed_updates(device: torch.device) -> int:
+    """Updates per timed block: a CPU update takes ~0.25 s, a GPU one a few ms."""
+    return 8 if device.type == "cpu" else 200
 
 
 def ours(device: torch.device, ring: FrameRing | None, n: int, *overrides: str) -> float:
@@ -190,7 +195,7 @@ def run(devices: list[torch.device]) -> dict[str, float | str]:
     ring = FrameRing(20_000)
     fill_ring(ring, 20_000)
     for device in devices:
-        n = 8 if device.type == "cpu" else 200
+        n = timed_updates(device)
         d = device.type
         synthetic = ours(device, None, n)
         theirs_update, sb3_bytes = sb3_update(device)
@@ -234,12 +239,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     available = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--devices", default=",".join(available), help=f"comma-separated, from {available}")
-    names = parser.parse_args().devices.split(",")
-    unknown = [n for n in names if n not in available]
-    if unknown or not names:
-        parser.error(f"--devices {','.join(unknown) or '(none)'}: this machine has {available}")
+    names = chosen(parser, "--devices", parser.parse_args().devices, available)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    write_report("learner" if names == available else "learner_" + "_".join(names), run([torch.device(n) for n in names]))
+    write_report(section("learner", names == available, names), run([torch.device(n) for n in names]))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 
 from common.metrics import read_scalars
 from replay_server.ring import FrameRing
-from tests.bench.learner import BATCH, fill_ring, ours
+from tests.bench.learner import BATCH, fill_ring, ours, timed_updates
 from tests.bench.report import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ TARGET = 0.9
 def bench_rate(device: torch.device) -> float:
     ring = FrameRing(20_000)
     fill_ring(ring, 20_000)
-    return ours(device, ring, 8 if device.type == "cpu" else 200)
+    return ours(device, ring, timed_updates(device))
 
 
 def run_learner(device: torch.device, actors: int, seconds: float, logdir: Path) -> Path:

@@ -4,6 +4,7 @@ so a bench run on a fresh clone replaces its own section and keeps the others'."
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -38,3 +39,18 @@ def write_report(name: str, figures: dict[str, float | str]) -> None:
     merged_path.write_text(json.dumps(merged, indent=1))
     (RESULTS / "bench.md").write_text("".join(f"## {n}\n\n{_table(f)}\n" for n, f in merged.items()))
     print(_table(figures))
+
+
+def chosen(parser: argparse.ArgumentParser, flag: str, value: str, available: list[str]) -> list[str]:
+    """The comma-separated names of `value`, each checked against `available` (a parser error
+    names the rest)."""
+    names = value.split(",")
+    if unknown := [n for n in names if n not in available]:
+        parser.error(f"{flag} {','.join(unknown)}: this machine has {available}")
+    return names
+
+
+def section(name: str, whole: bool, names: list[str]) -> str:
+    """The report section of a bench run over `names`: `name` for a `whole` run, else a section of
+    its own, so that a partial run never overwrites the whole table."""
+    return name if whole else name + "_" + "_".join(names)

@@ -32,7 +32,7 @@ from common.networks import policy_for
 from common.weights import WeightStore, policy_to_bytes
 from replay_server.server import RedisServer
 from tests.bench.foundation import env_rate
-from tests.bench.report import write_report
+from tests.bench.report import chosen, section, write_report
 
 STEPS = 800
 ROUNDS = 5
@@ -62,11 +62,12 @@ def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: in
         raw = env_rate(0, RAW_STEPS) if raws is not None else float("nan")
         start = time.perf_counter()
         reports = ray.get([a.run.remote(STEPS, 10**6) for a in actors])
-        rates.append(sum(r["steps"] for r in reports) / (time.perf_counter() - start))
+        steps = sum(r["steps"] for r in reports)
+        rates.append(steps / (time.perf_counter() - start))
         ratios.append(rates[-1] / raw)
         # inference_seconds is cumulative per actor: this round's share is the increase.
         seconds = sum(r["inference_seconds"] for r in reports)
-        forward_ms.append(1e3 * (seconds - inference_before) / sum(r["steps"] for r in reports))
+        forward_ms.append(1e3 * (seconds - inference_before) / steps)
         inference_before = seconds
         ceilings.append((1e3 / raw) / (1e3 / raw + forward_ms[-1]))
         if raws is not None:
@@ -125,9 +126,7 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(available), help=f"comma-separated, from {available}")
     parser.add_argument("--envs", default=",".join(map(str, ENVS_PER_ACTOR)), help="comma-separated K values")
     args = parser.parse_args()
-    runs = args.runs.split(",")
-    if [n for n in runs if n not in available]:
-        parser.error(f"--runs {args.runs}: this machine has {available}")
+    runs = chosen(parser, "--runs", args.runs, available)
     try:
         envs = [int(k) for k in args.envs.split(",")]
     except ValueError:
@@ -135,7 +134,7 @@ def main() -> None:
     if min(envs) < 1:
         parser.error(f"--envs {args.envs}: every K must be >= 1")
     whole = runs == available and envs == list(ENVS_PER_ACTOR)
-    write_report("scaling" if whole else "scaling_" + "_".join(runs), run(runs, envs, whole))
+    write_report(section("scaling", whole, runs), run(runs, envs, whole))
 
 
 if __name__ == "__main__":
