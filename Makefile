@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: venv bench-venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling bench-learner bench-loop device-kit experiment-norm experiment-learn screenshot clean up down logs scale
+.PHONY: venv bench-venv run test test-all test-faults soak tensorboard bench bench-foundation bench-replay bench-scaling bench-learner bench-loop device-kit experiment-norm experiment-learn screenshot clean up down logs scale rehearse chaos
 
 venv: $(STAMP)
 
@@ -85,6 +85,11 @@ bench-loop: $(BENCH_STAMP)
 # .whl/: the wheels and slim Ray that deploy/device/check.sh needs on a GPU machine without network.
 device-kit: $(BENCH_STAMP)
 	$(PY) deploy/device/kit.py
+
+# docker-compose.yml's services as host processes (their real entrypoints and compose's environment,
+# CARLA stand-in servers): join, elastic scale up/down, refused workers, SIGINT + resume. No Docker needed.
+rehearse: $(STAMP)
+	$(PY) -m tests.rehearse $(ARGS)
 
 # -- the GPU cluster (docker-compose.yml); COMPOSE=docker-compose for Compose v1 ------------------
 COMPOSE ?= docker compose
