@@ -120,6 +120,104 @@ def test_actor_image_brings_a_python_the_carla_wheel_exists_for():
     assert re.search(rf"^COPY --from={name} /usr/local/bin/", actor, re.M)
     assert re.search(r"/usr/local/bin/python3 -m venv /opt/venv", actor)
     assert not re.search(r"apt-get install[^\n]*\bpython3\b", actor), "the system python3 (3.8) must not be used"
+    # The 0.9.16 image keeps CARLA under /workspace; the build checks the path the config uses:
+    # the binary itself (CarlaUE4.sh would run it as a child, out of reach of the parent-death
+    # signal), with the project name the script passes it first.
+    binary = "/workspace/CarlaUE4/Binaries/Linux/CarlaUE4-Linux-Shipping"
+    assert f"RUN test -f {binary}" in actor and f"chmod +x {binary}" in actor
+    for cfg in (load_config(), load_config(ROOT / "deploy/configs/carla.yaml")):
+        assert cfg.carla.server_command.split()[:2] == [binary, "CarlaUE4"]
+
+
+def test_actor_image_runs_ray_on_the_venv_python():
+    """The carla-worker's processes (the entrypoint's `ray start`, hence Ray's workers and our
+    actors) run the /opt/venv Python 3.1x, not the image's python3 3.8: the venv made with the
+    copied Python is first on PATH for good, and the entrypoint finds `ray` through PATH."""
+    import json
+    import shlex
+
+    actor = (ROOT / "deploy/docker/actor.Dockerfile").read_text()
+    assert re.search(r"^RUN /usr/local/bin/python3 -m venv /opt/venv\b", actor, re.M)
+    env: dict[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    for line in re.findall(r"^ENV (.*)$", actor, re.M):  # ENV k=v ...; later lines win, $PATH expands
+        for word in shlex.split(line):
+            key, _, value = word.partition("=")
+            env[key] = value.replace("$PATH", env["PATH"]).replace("${PATH}", env["PATH"])
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin" and env.get("VIRTUAL_ENV") == "/opt/venv", env
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.*)$", actor, re.M)
+    script = json.loads(entrypoint)[0]
+    assert not re.search(r"^CMD ", actor, re.M)
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["carla-worker"]
+    assert "entrypoint" not in compose and "command" not in compose, "compose keeps the image's entrypoint"
+    text = (ROOT / script).read_text()
+    assert re.search(r"^exec (/opt/venv/bin/)?ray start\b", text, re.M), "the entrypoint starts ray from the venv"
+    assert not re.search(r"(^|[\s/])python3?(\.\d+)?\s", text), "no other python in the entrypoint"
+
+def _gpu_request(service: dict) -> dict:
+    (request,) = service["deploy"]["resources"]["reservations"]["devices"]
+    return request
+
+
+def test_gpus_are_mapped_not_all_gpu_0():
+    """Docker turns `count: 1` into NVIDIA_VISIBLE_DEVICES=0 for every container, and replicas of
+    one service cannot differ: the learner names its GPU, workers see all of the host's, and the
+    CARLA servers spread over CARLA_GPUS (carla.gpus) by env slot; Ray keeps off those GPUs."""
+    services = _compose_config()["services"]
+    learner, worker = _gpu_request(services["learner"]), _gpu_request(services["carla-worker"])
+    assert "count" not in learner and learner["device_ids"] in (["${LEARNER_GPU:-0}"], ["0"]), learner
+    assert worker.get("count") in ("all", -1) and "device_ids" not in worker, worker
+    assert "CARLA_GPUS" in services["learner"]["environment"]
+    actor = (ROOT / "deploy/docker/actor-entrypoint.sh").read_text()
+    assert "--num-gpus=0" in actor
+
+
+@pytest.mark.parametrize("gpus, expected", [("1,2,3", [1, 2, 3]), ("", [])])
+def test_learner_entrypoint_passes_carla_gpus(tmp_path, gpus, expected):
+    """The entrypoint, run with `ray` and `python` stand-ins, turns CARLA_GPUS into carla.gpus."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("ray", "exit 0"), ("python", 'printf "%s\\n" "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CARLA_GPUS": gpus, "REDIS_PASSWORD": "x"}
+    out = subprocess.run(["sh", str(ROOT / "deploy/docker/learner-entrypoint.sh")], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=30)
+    assert out.returncode == 0, out.stderr
+    args = out.stdout.splitlines()
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert load_config(ROOT / "deploy/configs/carla.yaml", overrides).carla.gpus == expected
+
+
+def test_carla_workers_run_an_init_that_reaps_orphans():
+    assert _compose_config()["services"]["carla-worker"].get("init") is True
+
+
+def test_makefile_and_readme_describe_the_same_cluster():
+    make = (ROOT / "Makefile").read_text()
+    for target in ("up", "down", "logs", "scale"):
+        assert re.search(rf"^{target}:", make, re.M), target
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run on a GPU cluster"):]
+    section = section[:section.index("\n## ", 5)]
+    for text in ("NVIDIA Container Toolkit", "cp .env.example .env", "make up", "make logs", "make scale N=",
+                 "make down", "127.0.0.1:6006", "127.0.0.1:8265", "--resume latest", "redis", "learner",
+                 "carla-worker", "tensorboard", "LEARNER_GPU", "CARLA_GPUS", "carla.gpus", "-graphicsadapter"):
+        assert text in section, text
+
+
+
+def test_make_scale_keeps_the_actor_count_in_env(tmp_path):
+    """`make scale N=4` in a copy of the project: 4 workers, 3 actors written to .env."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    no_env = subprocess.run(["make", "scale", "N=4", "COMPOSE=echo compose"], capture_output=True, text=True, cwd=tmp_path)
+    assert no_env.returncode != 0 and "no .env" in no_env.stderr
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    out = subprocess.run(["make", "scale", "N=4", "COMPOSE=echo compose"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "compose up -d --no-recreate --scale carla-worker=4" in out.stdout  # the learner keeps training
+    assert "NUM_ACTORS=3" in (tmp_path / ".env").read_text().splitlines()
+    up = subprocess.run(["make", "-n", "up", "COMPOSE=compose"], capture_output=True, text=True, cwd=tmp_path)
+    assert "--scale carla-worker=$(( 3 + 1 ))" in up.stdout
 
 
 def _python_image(dockerfile: str) -> str:
