@@ -23,7 +23,7 @@ import ray
 import torch
 
 from actors.evaluator import EvalWorker
-from actors.rollout import RolloutWorker, noise_scales
+from actors.rollout import RolloutWorker
 from common.config import Config
 from common.weights import WeightStore, policy_to_bytes
 from learner.core import TrainingCore
@@ -83,14 +83,11 @@ class DistributedRun:
         self._publish()
         a = cfg.actors
         k = a.envs_per_actor
-        scales = noise_scales(a.num_actors * k, a.noise_scale_min, a.noise_scale_max)
         remote_worker = self._remote(RolloutWorker, k)
         url = self.core.replay.url
 
         def make(index: int, incarnation: int) -> Any:
-            # Elastic actors beyond num_actors reuse the spread from its start.
-            own = [scales[(index * k + j) % len(scales)] for j in range(k)]
-            return remote_worker.remote(cfg_dict, index, incarnation, own, url, self.store)
+            return remote_worker.remote(cfg_dict, index, incarnation, url, self.store)
 
         self.actors = ActorSupervisor(make, self._wanted_actors(), a.restart_backoff_s, a.max_consecutive_deaths)
         self.evaluator = self._make_evaluator()

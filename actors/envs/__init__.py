@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 
 from common.config import Config, ConfigError
 from common.driving import CARLA_FPS, ROUTE_TIME_MARGIN, route_time_margin
@@ -49,6 +50,18 @@ def check_backend(cfg: Config) -> None:
 def rollout_slot(cfg: Config, actor: int, env: int) -> int:
     """The slot of env `env` of rollout actor `actor`."""
     return actor * cfg.actors.envs_per_actor + env
+
+
+def noise_scale(cfg: Config, slot: int) -> float:
+    """The exploration-noise multiplier of rollout env `slot`, Ape-X style: the run's n =
+    num_actors x envs_per_actor envs spread geometrically from `actors.noise_scale_min` to
+    `noise_scale_max` (one env: their geometric mean). Slots past n, of elastic actors beyond
+    num_actors, repeat the spread from its start."""
+    a = cfg.actors
+    n, low, high = a.num_actors * a.envs_per_actor, a.noise_scale_min, a.noise_scale_max
+    if n == 1:
+        return math.sqrt(low * high)
+    return float(low * (high / low) ** ((slot % n) / (n - 1)))
 
 
 def eval_slot(cfg: Config) -> int:
