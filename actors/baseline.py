@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from actors.envs import backend_spec
 from common.config import Config, EnvConfig
 from common.driving import SPEED_NORM, decode_lookahead
 
@@ -21,8 +22,6 @@ INTEGRAL_LIMIT = 1.0 / KI
 WHEELBASE_M = 3.0
 MIN_LOOKAHEAD_M = 6.0
 LOOKAHEAD_GAIN_S = 0.8
-MAX_STEER_RAD = {"embedded": math.pi / 4, "carla": math.radians(70.0)}
-"""Front-wheel angle at steer = 1: highway-env's steering_range, CARLA's Tesla Model 3."""
 
 
 class PurePursuitPID:
@@ -65,5 +64,5 @@ class PurePursuitPID:
 
 
 def baseline_for(cfg: Config, dt: float) -> PurePursuitPID:
-    return PurePursuitPID(cfg.env.reward.target_speed, dt, MAX_STEER_RAD[cfg.env.backend], cfg.env)
+    return PurePursuitPID(cfg.env.reward.target_speed, dt, backend_spec(cfg).max_steer_rad, cfg.env)
 

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from common.backends import registered
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
@@ -118,8 +120,12 @@ class EmbeddedConfig:
 class EnvConfig:
     """The driving task, identical for every backend."""
 
-    backend: Literal["embedded", "carla"] = "embedded"
-    """Simulator behind the env contract: the embedded highway-env or a CARLA server."""
+    backend: str = "embedded"
+    """Simulator behind the env contract, a registered backend (common/backends.py): embedded
+    (highway-env) or carla (a CARLA server), or one of your own with backend_module."""
+    backend_module: str = ""
+    """Module that registers env.backend when it is not built in; every process that makes envs
+    (Ray workers too) imports it first."""
     scenario: Literal[0, 1, 2] = 0
     """Traffic density: 0 light, 1 medium, 2 heavy."""
     max_episode_steps: int = 1000
@@ -758,13 +764,17 @@ _DISPLAY_ORDER = ("seed", "mode", "td3", "cnn", "learner", "replay", "actors", "
 
 
 def for_display(cfg: Config) -> dict[str, Any]:
-    """The sections that apply to this run, hyperparameters first: no `carla` section on the
-    embedded backend and no `env.embedded` on CARLA. For the config text and the HPARAMS tab."""
+    """The sections that apply to this run, hyperparameters first: without the config sections
+    of the other registered backends (no `carla` on the embedded backend, no `env.embedded` on
+    CARLA). For the config text and the HPARAMS tab."""
     data = to_dict(cfg)
-    if cfg.env.backend == "carla":
-        data["env"].pop("embedded")
-    else:
-        data.pop("carla")
+    for spec in registered().values():
+        if spec.name != cfg.env.backend and spec.config_section:
+            *parents, leaf = spec.config_section.split(".")
+            node = data
+            for key in parents:
+                node = node[key]
+            node.pop(leaf, None)
     return {k: data[k] for k in _DISPLAY_ORDER if k in data}
 
 

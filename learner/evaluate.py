@@ -27,6 +27,7 @@ from actors.actor import Actor
 from actors.baseline import baseline_for
 from actors.envs import eval_slot, make_env
 from actors.evaluator import PolicyFn, run_episode_retrying, summarize, video_fps
+from common.backends import registered
 from common.config import Config, ConfigError, load_config
 from common.env import DrivingEnv
 from common.metrics import MetricLogger, encode_gif
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=10, help="deterministic episodes (default 10)")
     p.add_argument("--seed", type=int, default=100_000,
                    help="seed of the first episode (default 100000: far from training and periodic-eval seeds)")
-    p.add_argument("--backend", choices=["embedded", "carla"], help="simulator (default: the checkpoint's)")
+    p.add_argument("--backend", help=f"simulator, one of {sorted(registered())} (default: the checkpoint's)")
     p.add_argument("--scenario", type=int, choices=[0, 1, 2], help="traffic scenario (default: the checkpoint's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key of the checkpoint's config, e.g. env.max_episode_steps=2000")
