@@ -3,24 +3,17 @@
 It acts on the learned policy's own observation (speed and look-ahead route points decoded from
 the vector features; it ignores the camera and therefore traffic), goes through the same env
 contract, and is scored by the same evaluator, so its eval/* metrics compare one to one with the
-learner's: `python -m actors.baseline --config deploy/configs/default.yaml --episodes 3`.
+learner's: `python -m learner.evaluate --policy baseline --config deploy/configs/default.yaml`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import math
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-from actors.envs import make_env
-from actors.evaluator import evaluate
-from common.config import Config, ConfigError, EnvConfig, load_config
+from actors.envs import backend_spec
+from common.config import Config, EnvConfig
 from common.driving import SPEED_NORM, decode_lookahead
 
 KP, KI, KD = 0.5, 0.3, 0.13
@@ -29,8 +22,6 @@ INTEGRAL_LIMIT = 1.0 / KI
 WHEELBASE_M = 3.0
 MIN_LOOKAHEAD_M = 6.0
 LOOKAHEAD_GAIN_S = 0.8
-MAX_STEER_RAD = {"embedded": math.pi / 4, "carla": math.radians(70.0)}
-"""Front-wheel angle at steer = 1: highway-env's steering_range, CARLA's Tesla Model 3."""
 
 
 class PurePursuitPID:
@@ -73,52 +64,5 @@ class PurePursuitPID:
 
 
 def baseline_for(cfg: Config, dt: float) -> PurePursuitPID:
-    return PurePursuitPID(cfg.env.reward.target_speed, dt, MAX_STEER_RAD[cfg.env.backend], cfg.env)
+    return PurePursuitPID(cfg.env.reward.target_speed, dt, backend_spec(cfg).max_steer_rad, cfg.env)
 
-
-def run_baseline(cfg: Config, episodes: int, seed: int) -> dict[str, float]:
-    """The evaluator's metrics for the baseline over `episodes` episodes from `seed`."""
-    env = make_env(cfg)
-    try:
-        return evaluate(env, baseline_for(cfg, env.backend.dt), episodes, seed)
-    finally:
-        env.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m actors.baseline",
-                                description="Evaluate the PID + pure-pursuit baseline with the learner's evaluator.")
-    p.add_argument("--config", help="YAML config file (see deploy/configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable)")
-    p.add_argument("--episodes", type=int, default=5, help="evaluation episodes (default 5)")
-    p.add_argument("--seed", type=int, help="first episode seed (default: seed + eval.seed_offset, as the learner's evaluator)")
-    p.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.episodes < 1:
-            raise ConfigError(f"--episodes={args.episodes} must be >= 1")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    seed = args.seed if args.seed is not None else cfg.seed + cfg.eval.seed_offset
-    metrics = run_baseline(cfg, args.episodes, seed)
-
-    from common.metrics import MetricLogger
-
-    run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_baseline_{cfg.env.backend}_s{cfg.seed}"
-    logger = MetricLogger(run_dir)
-    logger.log(metrics, 0)
-    logger.close()
-    for key, value in metrics.items():
-        print(f"{key:28s} {value:10.3f}")
-    print(f"logged to {run_dir}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,10 +6,18 @@ import logging
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
-from common.config import Config
+from actors.actor import Actor, acting_device
+from actors.baseline import baseline_for
+from actors.envs import eval_slot, make_env
+from common.config import Config, from_dict
 from common.driving import EVAL_ONLY_TERMINATIONS
 from common.env import DrivingEnv, SimulatorFailure
+from common.memory import release_free_heap
+from common.metrics import encode_gif
+from common.networks import policy_for
+from common.weights import load_policy_bytes
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +119,6 @@ REFERENCE_KEYS = {"baseline": ("mean_reward", "success_rate", "collision_rate", 
 def reference_results(env: DrivingEnv, cfg: Config, episodes: int, seed: int) -> dict[str, dict[str, float]]:
     """eval/* of a uniformly random policy and of the classical baseline (PID + pure pursuit)
     on the evaluation seeds `seed`, `seed + 1`, ...: what a learning curve is read against."""
-    # Imported here: actors.baseline evaluates with this module's functions.
-    from actors.baseline import baseline_for
-
     rng = np.random.default_rng(0)
     return {
         "random": evaluate(env, lambda _: rng.uniform(-1, 1, 2).astype(np.float32), episodes, seed),
@@ -146,13 +151,6 @@ class EvalWorker:
     """The evaluator process (a Ray actor in distributed mode): its own env and policy (on `actors.device`)."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
-        import torch
-
-        from actors.actor import Actor, acting_device
-        from actors.envs import eval_slot, make_env
-        from common.config import from_dict
-        from common.networks import policy_for
-
         torch.set_num_threads(1)
         self.cfg = from_dict(cfg_dict)
         self.env = make_env(self.cfg, slot=eval_slot(self.cfg))
@@ -162,10 +160,6 @@ class EvalWorker:
 
     def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:
         """Metrics of `eval.num_episodes` deterministic episodes under `weights`, and a GIF of the first."""
-        from common.memory import release_free_heap
-        from common.metrics import encode_gif
-        from common.weights import load_policy_bytes
-
         load_policy_bytes(self.actor.policy, weights)
         frames: list | None = [] if video else None
         metrics = evaluate(self.env, self.actor.eval_action, self.cfg.eval.num_episodes, seed, frames)

@@ -13,7 +13,7 @@ import torch
 
 from actors.actor import Actor, acting_device, inference_dtype
 from actors.adder import ChunkAdder
-from actors.envs import make_env, rollout_slot
+from actors.envs import make_env, noise_scale, rollout_slot
 from actors.runner import EpisodeRunner, VectorRunner
 from common.config import from_dict
 from common.env import DrivingEnv
@@ -22,29 +22,18 @@ from common.weights import VariableClient
 from replay_server.client import ReplayClient, connect
 
 
-def noise_scales(n: int, low: float, high: float) -> list[float]:
-    """Ape-X style: env i of the run's n explores with low * (high/low)^(i/(n-1))."""
-    if n == 1:
-        return [float(np.sqrt(low * high))]
-    return [float(low * (high / low) ** (i / (n - 1))) for i in range(n)]
-
-
 class RolloutWorker:
     """Runs env steps in calls of `run()`, between which the learner collects its reports.
 
     It steps `actors.envs_per_actor` envs together (one batched policy forward per step); env j
-    has its own slot, seed, noise scale `noise_scales[j]`, chunk stream and episodes."""
+    has its own slot, and from it its seed, noise scale, chunk stream and episodes."""
 
-    def __init__(self, cfg_dict: dict[str, Any], index: int, incarnation: int, noise_scales: list[float],
-                 redis_url: str, weight_store: Any) -> None:
+    def __init__(self, cfg_dict: dict[str, Any], index: int, incarnation: int, redis_url: str, weight_store: Any) -> None:
         torch.set_num_threads(1)
         cfg = from_dict(cfg_dict)
-        k = cfg.actors.envs_per_actor
-        if len(noise_scales) != k:
-            raise ValueError(f"actor {index}: {len(noise_scales)} noise scales for actors.envs_per_actor={k} envs")
         self.cfg = cfg
         self.index = index
-        slots = [rollout_slot(cfg, index, j) for j in range(k)]
+        slots = [rollout_slot(cfg, index, j) for j in range(cfg.actors.envs_per_actor)]
         self.envs: list[DrivingEnv] = []
         try:
             for slot in slots:
@@ -60,10 +49,10 @@ class RolloutWorker:
         self.weights = VariableClient(weight_store, self.policy)
         self.weights.update(wait=True)  # start from the learner's current policy
         runners = []
-        for slot, env, scale in zip(slots, self.envs, noise_scales):
+        for slot, env in zip(slots, self.envs):
             # With one env per actor, the seeds of the runs before envs_per_actor existed.
             seed = cfg.seed + 1000 * (slot + 1) + 100_000 * incarnation
-            actor = Actor(self.policy, cfg, np.random.default_rng(seed), device, scale)
+            actor = Actor(self.policy, cfg, np.random.default_rng(seed), device, noise_scale(cfg, slot))
             adder = ChunkAdder(actor_id=slot, chunk_steps=r.chunk_steps, sink=self.client.insert)
             runners.append(EpisodeRunner(env, actor, adder, seed))
         self.runner = VectorRunner(runners)

@@ -8,6 +8,10 @@ import numpy as np
 import torch
 
 
+OPTIONAL = ("indices", "weight")
+"""The fields a batch may lack."""
+
+
 @dataclass
 class Batch:
     """B transitions. Images stay uint8 until they are inside the networks."""
@@ -28,6 +32,11 @@ class Batch:
     """(B,) float32: 1 where the episode terminated (no bootstrap); 0 for time-limit truncation."""
     discount: torch.Tensor
     """(B,) float32 gamma^k for the k rewards summed in `reward` (n-step returns; k = 1 for one step)."""
+    indices: np.ndarray | None = None
+    """(B,) int64 replay slots the transitions came from, on the host: where a sampler's new
+    priorities go (`replay_server.sampler`). None for a batch not drawn from a replay."""
+    weight: torch.Tensor | None = None
+    """(B,) float32 importance weights of a prioritized sampler; None: uniform, all 1."""
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device, **on_device: torch.Tensor) -> "Batch":
@@ -39,4 +48,7 @@ class Batch:
             t = torch.from_numpy(np.ascontiguousarray(a))
             return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
-        return cls(**{f.name: on_device[f.name] if f.name in on_device else move(arrays[f.name]) for f in fields(cls)})
+        tensors = {f.name: on_device[f.name] if f.name in on_device else move(arrays[f.name])
+                   for f in fields(cls) if f.name not in OPTIONAL}
+        weight = arrays.get("weight")
+        return cls(**tensors, indices=arrays.get("indices"), weight=None if weight is None else move(weight))

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from common.backends import registered
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
@@ -40,7 +42,7 @@ class RewardConfig:
     1)), so standing centred in the lane earns nothing. Off, it pays at any speed: standing still
     earns 2 a step against about 6.4 at the target speed, with no risk in the curves, and once
     braking stops the car (`env.embedded.brake_reverses` off) every seed learned to stand still
-    (README)."""
+    (results/history.md)."""
     w_comfort: float = 1.0
     """Weight of the comfort component (longitudinal jerk)."""
     w_safety: float = 1.0
@@ -61,7 +63,7 @@ class RewardConfig:
     """Progress counts at most target_speed * dt metres a step, so the step reward peaks at the
     target speed (6.4 at 8 m/s, 5.4 at 12, 3.65 at 19). Off (the seeds'), 3 per metre outpaces the
     efficiency term's fall above the target: 6.4 a step at 8 m/s, 6.6 at 12, 6.95 at 19, and a learned
-    policy went full throttle to 19 m/s into the S-bend and the slow lead car (README)."""
+    policy went full throttle to 19 m/s into the S-bend and the slow lead car (results/history.md)."""
     completion_bonus: float = 10.0
     """Progress-component bonus on the step the route is completed."""
 
@@ -92,12 +94,12 @@ class EmbeddedConfig:
     """Turn the camera with the ego so its heading points up, as a camera mounted on the car (CARLA's)
     sees the road. Off (north up, the default until 2026-12-05), the road ahead points wherever the
     car heads, so the CNN must learn the lead car's gap at every orientation around the track; on,
-    held-out success at 30,000 steps rose from 0.00 / 1.00 / 1.00 to 0.95 / 0.95 / 1.00 (README ›
-    Results). Checkpoints from before the switch load with it off."""
+    held-out success at 30,000 steps rose from 0.00 / 1.00 / 1.00 to 0.95 / 0.95 / 1.00
+    (results/README.md). Checkpoints from before the switch load with it off."""
     brake_reverses: bool = False
     """highway-env's own kinematics: a held negative throttle_brake drives the ego backwards, down to
     -40 m/s. Off, braking stops the car and holds it, as CARLA's brake does with the reverse gear
-    off. On reproduces the README's results measured before 2026-12-03's fix, where policies that
+    off. On reproduces the results (results/history.md) measured before 2026-12-03's fix, where policies that
     braked in the S-bend reversed off the road."""
     training_start: TrainingStart = "fixed"
     """Where training episodes start; evaluation episodes (and the baseline's) always start at
@@ -118,8 +120,12 @@ class EmbeddedConfig:
 class EnvConfig:
     """The driving task, identical for every backend."""
 
-    backend: Literal["embedded", "carla"] = "embedded"
-    """Simulator behind the env contract: the embedded highway-env or a CARLA server."""
+    backend: str = "embedded"
+    """Simulator behind the env contract, a registered backend (common/backends.py): embedded
+    (highway-env) or carla (a CARLA server), or one of your own with backend_module."""
+    backend_module: str = ""
+    """Module that registers env.backend when it is not built in; every process that makes envs
+    (Ray workers too) imports it first."""
     scenario: Literal[0, 1, 2] = 0
     """Traffic density: 0 light, 1 medium, 2 heavy."""
     max_episode_steps: int = 1000
@@ -131,7 +137,7 @@ class EnvConfig:
     terminating it. Nothing the policy observes tells where the route ends, so a terminal there
     drops the value of states that look like any other stretch of road, and near the end standing
     still (worth 0) and driving on (worth the few steps left plus the bonus) end up close: a
-    policy stopped 20 m short of the end on a clear road (README). The task is to keep driving; the
+    policy stopped 20 m short of the end on a clear road (results/history.md). The task is to keep driving; the
     route's length is where evaluation stops counting, as a time limit is (Pardo et al., 2018).
     Measured alone (3 seeds, 30,000 steps): success 0.00 / 0.70 / 0.95 against the default's
     0.00 / 1.00 / 1.00, so it stays off."""
@@ -145,13 +151,13 @@ class EnvConfig:
     bearing and all vary alike (through the S-bend the lateral parts vary with std 0.26-0.51).
     metres: all by 50 m (the seeds' and, before 2026-12-03, the default), so the near points,
     which steer the car, are the smallest features (std 0.011 for the 2 m point against 0.42 for
-    the 50 m one); no seed then passed the S-bend, two of three do per point (README)."""
+    the 50 m one); no seed then passed the S-bend, two of three do per point (results/history.md)."""
     stuck_after_s: float = 3.0
     """Seconds stopped (speed below stuck_speed_ms) with the road ahead clear (no obstacle within
     stuck_clearance_m) after which the episode ends as 'stuck', terminal, so its value is the 0 a
     standstill earns. Without it a timeout bootstraps a standstill from the critic's own guess: a
     policy stopped behind where the lead car had been rated braking at 40 and stayed stopped until
-    the timeout (README). With env.reward.progress_speed_cap (the default since 2026-12-04): success
+    the timeout (results/history.md). With env.reward.progress_speed_cap (the default since 2026-12-04): success
     0.00 / 1.00 / 1.00, no collision; without the cap every seed drove faster and rear-ended the
     lead car (0.00 / 0.05 / 0.00). 0 turns it off (the seeds' arrangement)."""
     stuck_speed_ms: float = 0.5
@@ -245,7 +251,7 @@ class CnnConfig:
     trunk_dim: int = 50
     """Width of the bounded trunk (Linear -> LayerNorm -> Tanh, as in DrQ-v2) that each head puts
     between the 512 CNN features and its MLP; 0 feeds the raw features (the seeds' arrangement,
-    which locks the actor at an action bound, README › Results)."""
+    which locks the actor at an action bound, results/README.md)."""
 
 
 @dataclass
@@ -293,7 +299,7 @@ class TD3Config:
     """DrQ random shift: pad each frame stack by this many pixels (replicate) and crop back to 84x84
     at a random offset, independently for image and next image of every sample; 0 turns it off.
     At 30,000 steps it raised held-out success from 0.55 / 0.00 / 0.00 to 1.00 / 0.35 / 0.00 on
-    three training seeds (README › The learning experiment)."""
+    three training seeds (results/history.md)."""
     actor_encoder: Literal["own", "critic"] = "critic"
     """own: the actor CNN is trained by the actor loss; critic: the CNN is trained by the critic loss
     only and the actor reads its (detached) features, as in DrQ-v2 (the actor CNN then mirrors the
@@ -401,11 +407,11 @@ class ActorsConfig:
     plus Gaussian noise of std `expl_noise_start` (times the env's noise scale), so the replay
     holds drives through the curves before the first update. Measured on the cap + stuck default
     (3 seeds, 30k steps): mean success 0.57 against uniform's 0.67; seed 1 passed the S-bend but
-    stopped short of the route's end (README)."""
+    stopped short of the route's end (results/history.md)."""
     expl_noise_start: float = 0.1
     """Std of the Gaussian exploration noise when learning starts. 0.1 (= the end value, as SB3's
     TD3 peer): the old 0.3, decaying over 100,000 steps, still put a ~0.24 std on steering at
-    30,000 steps, which drove the car out of the curves (README › Results)."""
+    30,000 steps, which drove the car out of the curves (results/history.md)."""
     expl_noise_end: float = 0.1
     """Std of the exploration noise after the decay."""
     expl_noise_decay_steps: int = 100_000
@@ -419,7 +425,7 @@ class ActorsConfig:
     pink and OU noise for off-policy continuous control). 2: red (Brownian, close to
     Ornstein-Uhlenbeck). Pink steering ([1, 0]) took every seed through the S-bend on the north-up
     camera, where white left seed 1 off the road; with the heading-up camera white does that too
-    and collides less (README: success 0.95 / 0.95 / 1.00 white, 0.95 / 1.00 / 0.55 pink steering)."""
+    and collides less (results/README.md: success 0.95 / 0.95 / 1.00 white, 0.95 / 1.00 / 0.55 pink steering)."""
     action_scaling: bool = False
     """The seeds' temporary safety limit on actions; off by default, warns every episode when on."""
     action_scaling_limit: float = 0.6
@@ -758,13 +764,17 @@ _DISPLAY_ORDER = ("seed", "mode", "td3", "cnn", "learner", "replay", "actors", "
 
 
 def for_display(cfg: Config) -> dict[str, Any]:
-    """The sections that apply to this run, hyperparameters first: no `carla` section on the
-    embedded backend and no `env.embedded` on CARLA. For the config text and the HPARAMS tab."""
+    """The sections that apply to this run, hyperparameters first: without the config sections
+    of the other registered backends (no `carla` on the embedded backend, no `env.embedded` on
+    CARLA). For the config text and the HPARAMS tab."""
     data = to_dict(cfg)
-    if cfg.env.backend == "carla":
-        data["env"].pop("embedded")
-    else:
-        data.pop("carla")
+    for spec in registered().values():
+        if spec.name != cfg.env.backend and spec.config_section:
+            *parents, leaf = spec.config_section.split(".")
+            node = data
+            for key in parents:
+                node = node[key]
+            node.pop(leaf, None)
     return {k: data[k] for k in _DISPLAY_ORDER if k in data}
 
 

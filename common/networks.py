@@ -76,7 +76,7 @@ def _trunk(trunk_dim: int) -> nn.Module:
     that differ little between frames early on; Adam moves every weight by ~lr in the sign of its
     tiny gradient, so one actor update shifts the pre-tanh output by ~0.24 for every state alike
     and tanh saturates within ~10 actor updates. The trunk cuts that shift about 4x
-    (`python -m tests.bench.actor_step`); alone it only delays the action lock (README › Results)."""
+    (`python -m tests.bench.actor_step`); alone it only delays the action lock (results/README.md)."""
     if trunk_dim == 0:
         return nn.Identity()
     return nn.Sequential(nn.Linear(FEATURE_DIM, trunk_dim), nn.LayerNorm(trunk_dim), nn.Tanh())

@@ -2,8 +2,8 @@
 hover, and the overview layout (custom scalars) built from them.
 
 One table, three readers: `MetricLogger` writes each description into the event file with the
-tag's first value, `python -m common.tags` prints the README's metrics table, and a test fails
-when a logged tag is missing here or the README lists a tag that is not here. A `*` in a tag
+tag's first value, `python -m common.tags` prints the metrics table of docs/metrics.md, and a test fails
+when a logged tag is missing here or that page lists a tag that is not here. A `*` in a tag
 stands for an index or a name (an actor, a reward component, a termination reason).
 """
 
@@ -215,7 +215,7 @@ def reference_lines() -> dict[str, float]:
 
 
 def markdown_table() -> str:
-    """The README's metrics table, one row per tag."""
+    """The metrics table of docs/metrics.md, one row per tag."""
     rows = ["| tag | what it shows |", "|---|---|"]
     rows += [f"| `{tag}` | {text.replace('|', chr(92) + '|')} |" for tag, text in TAGS.items()]
     return "\n".join(rows)

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
+from actors.envs import backend_spec
 from actors.evaluator import EvalWorker
-from actors.rollout import RolloutWorker, noise_scales
+from actors.rollout import RolloutWorker
+from common.backends import aggregate
 from common.config import Config
 from common.weights import WeightStore, policy_to_bytes
 from learner.core import TrainingCore
@@ -38,12 +39,11 @@ TRAIN_SLICE_S = 0.25
 
 def worker_cpus(cfg: Config, envs: int) -> float:
     """CPUs a Ray worker stepping `envs` envs reserves: `actors.num_cpus` for itself and its env
-    clients, and for each CARLA server it launches `carla.server_cpus`, at least one: in synchronous
-    mode a server's game thread busy-waits for the next tick, so it holds a core of its own even
-    while the actor waits for it, and Ray must not place more servers on a node than it has cores."""
-    c = cfg.carla
-    servers = envs if cfg.env.backend == "carla" and c.launch else 0
-    return cfg.actors.num_cpus + servers * max(c.server_cpus, 1)
+    clients, and what each env's simulator server needs beside it (a launched CARLA server's
+    `carla.server_cpus`, at least one: in synchronous mode its game thread busy-waits for the next
+    tick, so it holds a core of its own even while the actor waits for it, and Ray must not place
+    more servers on a node than it has cores)."""
+    return cfg.actors.num_cpus + envs * backend_spec(cfg).server_cpus(cfg)
 
 
 def start_ray(cfg: Config) -> None:
@@ -83,14 +83,11 @@ class DistributedRun:
         self._publish()
         a = cfg.actors
         k = a.envs_per_actor
-        scales = noise_scales(a.num_actors * k, a.noise_scale_min, a.noise_scale_max)
         remote_worker = self._remote(RolloutWorker, k)
         url = self.core.replay.url
 
         def make(index: int, incarnation: int) -> Any:
-            # Elastic actors beyond num_actors reuse the spread from its start.
-            own = [scales[(index * k + j) % len(scales)] for j in range(k)]
-            return remote_worker.remote(cfg_dict, index, incarnation, own, url, self.store)
+            return remote_worker.remote(cfg_dict, index, incarnation, url, self.store)
 
         self.actors = ActorSupervisor(make, self._wanted_actors(), a.restart_backoff_s, a.max_consecutive_deaths)
         self.evaluator = self._make_evaluator()
@@ -256,12 +253,7 @@ class DistributedRun:
         def total(key: str) -> float:
             return float(sum(r[key] for r in self.reports.values()))
 
-        env = [e for r in self.reports.values() for e in r["envs"] if e]
-        backend = {  # the CARLA backend's health; the embedded one reports nothing
-            "actors/carla_restarts": float(sum(e["carla_restarts"] for e in env)),
-            "actors/npc_spawn_failures": float(sum(e["npc_spawn_failures"] for e in env)),
-            "actors/carla_tick_ms": float(np.mean([e["carla_tick_ms"] for e in env])),
-        } if env else {}
+        backend = aggregate(backend_spec(self.cfg), [e for r in self.reports.values() for e in r["envs"]])
         extra = {
             "actors/alive": actors.alive,
             "actors/target": actors.target,

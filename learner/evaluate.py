@@ -1,10 +1,13 @@
-"""`python -m learner.evaluate RUN_OR_CHECKPOINT`: deterministic episodes of a trained policy.
+"""`python -m learner.evaluate RUN_OR_CHECKPOINT`: deterministic episodes of a trained policy, or
+of the classical baseline (`--policy baseline`).
 
 Loads the policy of a run (its latest checkpoint) or of one checkpoint, runs N episodes with
 seeds --seed, --seed+1, ... on the backend and scenario of the checkpoint's config (or those
 given), prints the eval metrics (`--json` also writes them, with every episode), and optionally
-writes an animated GIF of chosen episodes. The held-out evaluations of `make experiment-learn`
-go through `evaluate_checkpoint`.
+writes an animated GIF of chosen episodes. `--policy baseline` drives the PID + pure-pursuit
+baseline instead, on the config of RUN_OR_CHECKPOINT when given, else of `--config` and `--set`,
+and also logs its metrics to TensorBoard under logging.logdir. The held-out evaluations of
+`make experiment-learn` go through `evaluate_checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,31 +16,35 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from actors.actor import Actor
+from actors.baseline import baseline_for
 from actors.envs import eval_slot, make_env
-from actors.evaluator import run_episode_retrying, summarize, video_fps
+from actors.evaluator import PolicyFn, run_episode_retrying, summarize, video_fps
+from common.backends import registered
 from common.config import Config, ConfigError, load_config
-from common.metrics import encode_gif
+from common.env import DrivingEnv
+from common.metrics import MetricLogger, encode_gif
 from learner import checkpoint
 
+Evaluation = tuple[dict[str, float], list[dict[str, Any]], bytes | None]
+"""(eval metrics, per-episode results, an animated GIF of the chosen episodes or None)."""
 
-def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[str] | None = None,
-                        video_episodes: set[int] | None = None) -> tuple[dict[str, float], list[dict[str, Any]], bytes | None]:
-    """(eval metrics, per-episode results, an animated GIF of `video_episodes` or None)."""
-    cfg: Config = load_config(overrides=overrides, base=checkpoint.saved_config(path))
-    policy = checkpoint.load_policy(path, cfg)
-    actor = Actor(policy, cfg, np.random.default_rng(0), torch.device("cpu"))
+
+def evaluate_policy(cfg: Config, policy_for_env: Callable[[DrivingEnv], PolicyFn], episodes: int, seed: int,
+                    video_episodes: set[int] | None = None) -> Evaluation:
+    """`episodes` deterministic episodes from `seed` on the evaluator's env slot of `cfg`."""
     env = make_env(cfg, slot=eval_slot(cfg))
     frames: list = []
     try:
-        results = [run_episode_retrying(env, actor.eval_action, seed + i,
-                                        frames if video_episodes and i in video_episodes else None)
+        policy = policy_for_env(env)
+        results = [run_episode_retrying(env, policy, seed + i, frames if video_episodes and i in video_episodes else None)
                    for i in range(episodes)]
         gif = encode_gif(frames, video_fps(env)) if frames else None
     finally:
@@ -45,38 +52,84 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[st
     return summarize(results), results, gif
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[str] | None = None,
+                        video_episodes: set[int] | None = None) -> Evaluation:
+    """The policy of a checkpoint (or a run's latest) on its own config plus `overrides`."""
+    cfg: Config = load_config(overrides=overrides, base=checkpoint.saved_config(path))
+    actor = Actor(checkpoint.load_policy(path, cfg), cfg, np.random.default_rng(0), torch.device("cpu"))
+    return evaluate_policy(cfg, lambda _: actor.eval_action, episodes, seed, video_episodes)
+
+
+def evaluate_baseline(cfg: Config, episodes: int, seed: int, video_episodes: set[int] | None = None) -> Evaluation:
+    """The classical baseline (PID + pure pursuit) on `cfg`."""
+    return evaluate_policy(cfg, lambda env: baseline_for(cfg, env.backend.dt), episodes, seed, video_episodes)
+
+
+def log_baseline(cfg: Config, metrics: dict[str, float]) -> Path:
+    """Write the baseline's metrics to a TensorBoard run of their own; returns its folder."""
+    run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_baseline_{cfg.env.backend}_s{cfg.seed}"
+    logger = MetricLogger(run_dir)
+    logger.log(metrics, 0)
+    logger.close()
+    return run_dir
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m learner.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="a run directory (its latest checkpoint) or one checkpoint directory")
+    p.add_argument("path", nargs="?", help="a run directory (its latest checkpoint) or one checkpoint directory; "
+                   "optional with --policy baseline")
+    p.add_argument("--policy", choices=["checkpoint", "baseline"], default="checkpoint",
+                   help="what drives: the checkpoint's policy (default) or the PID + pure-pursuit baseline")
+    p.add_argument("--config", help="YAML config file for --policy baseline without a path (see deploy/configs/)")
     p.add_argument("--episodes", type=int, default=10, help="deterministic episodes (default 10)")
     p.add_argument("--seed", type=int, default=100_000,
                    help="seed of the first episode (default 100000: far from training and periodic-eval seeds)")
-    p.add_argument("--backend", choices=["embedded", "carla"], help="simulator (default: the checkpoint's)")
+    p.add_argument("--backend", help=f"simulator, one of {sorted(registered())} (default: the checkpoint's)")
     p.add_argument("--scenario", type=int, choices=[0, 1, 2], help="traffic scenario (default: the checkpoint's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key of the checkpoint's config, e.g. env.max_episode_steps=2000")
     p.add_argument("--json", metavar="PATH", help="also write the metrics and every episode's result to this file")
     p.add_argument("--video", metavar="FILE.gif", help="write the episodes of --video-episodes as one animated GIF")
     p.add_argument("--video-episodes", default="0", help="comma-separated episode indices for --video (default 0)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> tuple[Evaluation, Path | None]:
+    """The evaluation the arguments ask for, and the baseline's TensorBoard folder (None for a checkpoint)."""
     overrides = list(args.overrides)
     if args.backend:
         overrides.append(f"env.backend={args.backend}")
     if args.scenario is not None:
         overrides.append(f"env.scenario={args.scenario}")
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes={args.episodes} must be >= 1")
+    chosen = {int(i) for i in args.video_episodes.split(",") if i.strip()} if args.video else set()
+    if any(not 0 <= i < args.episodes for i in chosen):
+        raise ConfigError(f"--video-episodes={args.video_episodes} must be indices in [0, {args.episodes})")
+    if args.path and args.config:
+        raise ConfigError("give a run or checkpoint path or --config, not both")
+    if args.policy == "checkpoint":
+        if not args.path:
+            raise ConfigError("--policy checkpoint needs a run or checkpoint path")
+        return evaluate_checkpoint(Path(args.path), args.episodes, args.seed, overrides, chosen), None
+    base = checkpoint.saved_config(Path(args.path)) if args.path else None
+    cfg = load_config(args.config, overrides, base=base)
+    evaluation = evaluate_baseline(cfg, args.episodes, args.seed, chosen)
+    return evaluation, log_baseline(cfg, evaluation[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.episodes < 1:
-            raise ConfigError(f"--episodes={args.episodes} must be >= 1")
-        chosen = {int(i) for i in args.video_episodes.split(",") if i.strip()} if args.video else set()
-        if any(not 0 <= i < args.episodes for i in chosen):
-            raise ConfigError(f"--video-episodes={args.video_episodes} must be indices in [0, {args.episodes})")
-        metrics, results, gif = evaluate_checkpoint(Path(args.path), args.episodes, args.seed, overrides, chosen)
+        (metrics, results, gif), logged = run(args)
     except (ValueError, checkpoint.CheckpointError) as exc:  # ValueError: ConfigError, bad --video-episodes
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for key, value in metrics.items():
         print(f"{key:28s} {value:10.3f}")
+    if logged:
+        print(f"logged to {logged}")
     if args.json:
         Path(args.json).write_text(json.dumps({"metrics": metrics, "episodes": results, "seed": args.seed}, indent=1))
     if args.video and gif:

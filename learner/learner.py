@@ -15,8 +15,8 @@ from common.metrics import MetricLogger
 from common.tags import reference_lines
 from learner.device_frames import DeviceFrames
 from learner.td3 import TD3
-from replay_server.ingest import RateLimiter
 from replay_server.ring import FrameRing
+from replay_server.sampler import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,10 @@ import numpy as np
 
 from actors.actor import Actor
 from actors.adder import ChunkAdder
-from actors.envs import make_env
+from actors.envs import backend_spec, make_env
 from actors.evaluator import References, evaluate
 from actors.runner import EpisodeRunner
+from common.backends import aggregate
 from common.config import Config
 from learner.core import TrainingCore
 
@@ -89,7 +90,7 @@ class SerialRun:
         perf = core.log_perf({
             "actors/nonfinite_dropped": self.nonfinite,
             "actors/simulator_failures": self.runner.simulator_failures,
-            **{f"actors/{k}": v for k, v in self.env.backend.metrics().items()},
+            **aggregate(backend_spec(self.cfg), [self.env.backend.metrics()]),
         })
         log.info(
             "step %d/%d | updates %d | episode reward %.1f | %.0f steps/s | %.1f updates/s",

@@ -18,6 +18,7 @@ from common.config import ConfigError, load_config
 from replay_server.client import STATS_SUFFIX, connect
 from replay_server.ingest import RedisReplay
 from replay_server.ring import FrameRing
+from replay_server.sampler import sample as sample_batch
 from replay_server.server import RedisServer
 
 
@@ -110,7 +111,7 @@ def inspect(args: argparse.Namespace) -> int:
     if len(ring) == 0:
         print(f"error: stream '{key}' holds no transitions", file=sys.stderr)
         return 1
-    sample = ring.sample(args.n, np.random.default_rng(args.seed))
+    sample = sample_batch(ring, args.n, np.random.default_rng(args.seed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(args.n):

@@ -3,7 +3,7 @@
 `warm_start()` reads everything already in the stream (after a learner restart nothing that
 Redis kept is lost), `poll()` reads what arrived since, without blocking. Entries that are not
 chunks, do not decode, carry another schema version or exceed `max_chunk_bytes` are skipped
-and counted, never fatal. `RateLimiter` gives Reverb's sampling semantics.
+and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import redis
 
 from common.chunk import ChunkError, decode
@@ -84,26 +83,3 @@ class RedisReplay:
         reply = self.client.xread({self.stream_key: self.last_id}, count=max_entries)
         return sum(self._ingest(entries) for _, entries in reply)
 
-
-class RateLimiter:
-    """Reverb's semantics: no sampling below `min_size`, and sampled transitions may run at most
-    `error_buffer` ahead of `samples_per_insert` x inserted ones (0 disables the ratio). Only the
-    learner waits; inserts are never held back."""
-
-    def __init__(self, min_size: int, samples_per_insert: float, error_buffer: float) -> None:
-        self.min_size = min_size
-        self.samples_per_insert = samples_per_insert
-        self.error_buffer = error_buffer
-        self.sampled = 0
-
-    def can_sample(self, size: int, inserted: int, batch_size: int) -> bool:
-        if size < max(self.min_size, 1):
-            return False
-        if self.samples_per_insert <= 0:
-            return True
-        return self.sampled + batch_size - inserted * self.samples_per_insert <= self.error_buffer
-
-    def sample(self, ring: FrameRing, batch_size: int, rng: np.random.Generator, n_step: int = 1,
-               gamma: float = 0.99, images: bool = True) -> dict[str, np.ndarray]:
-        self.sampled += batch_size
-        return ring.sample(batch_size, rng, n_step, gamma, images)

@@ -122,11 +122,6 @@ class FrameRing:
             self._episodes.popitem(last=False)
         return True
 
-    def sample_indices(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-        if len(self) == 0:
-            raise ValueError("cannot sample from an empty replay")
-        return (rng.integers(self.tail, self.head, size=batch_size)) % self.capacity
-
     def gather(self, idx: np.ndarray, n_step: int = 1, gamma: float = 0.99, images: bool = True) -> dict[str, np.ndarray]:
         """Rebuilds stacked observations for ring slots `idx`, with n-step returns.
 
@@ -160,10 +155,6 @@ class FrameRing:
             "done": self.done[last],
             "discount": discount.astype(np.float32),
         }
-
-    def sample(self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99,
-               images: bool = True) -> dict[str, np.ndarray]:
-        return self.gather(self.sample_indices(batch_size, rng), n_step, gamma, images)
 
     # -- persistence (numpy arrays only; loaded with allow_pickle=False) --------------------
     _FRAME_ARRAYS = ("frames",)

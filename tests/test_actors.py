@@ -7,8 +7,7 @@ import torch
 from actors.actor import Actor, acting_device, inference_dtype
 from actors.adder import ChunkAdder
 from actors.baseline import baseline_for
-from actors.envs import eval_slot, make_env, rollout_slot
-from actors.rollout import noise_scales
+from actors.envs import eval_slot, make_env, noise_scale, rollout_slot
 from actors.runner import EpisodeRunner, VectorRunner
 from common.config import ConfigError, load_config
 from common.networks import policy_for
@@ -88,9 +87,13 @@ def test_slots_and_noise_scales_spread_over_every_env_of_the_run():
     cfg = load_config(overrides=["actors.num_actors=3", "actors.envs_per_actor=2"])
     slots = [rollout_slot(cfg, i, j) for i in range(3) for j in range(2)]
     assert slots == list(range(6)) and eval_slot(cfg) == 6
-    scales = noise_scales(6, 0.5, 2.0)
+    scales = [noise_scale(cfg, slot) for slot in slots]
     assert scales[0] == pytest.approx(0.5) and scales[-1] == pytest.approx(2.0)
     assert all(a < b for a, b in zip(scales, scales[1:]))
+    assert scales == [0.5 * 4 ** (i / 5) for i in range(6)]  # geometric, exactly as before
+    assert noise_scale(cfg, 7) == scales[1], "an elastic actor's envs past the spread repeat it from its start"
+    alone = load_config(overrides=["actors.num_actors=1"])
+    assert noise_scale(alone, 0) == 1.0, "one env: the geometric mean of 0.5 and 2"
 
 
 def test_a_vector_runner_needs_a_runner():

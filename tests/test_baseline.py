@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from actors.baseline import INTEGRAL_LIMIT, PurePursuitPID, run_baseline
+from actors.baseline import INTEGRAL_LIMIT, PurePursuitPID
 from actors.envs.route import Route
 from common.config import load_config
+from learner.evaluate import evaluate_baseline
 
 
 def test_route_measures_signed_offset_heading_and_progress():
@@ -52,22 +53,27 @@ def test_baseline_drives_the_embedded_route(lookahead):
     """Whatever the look-ahead's scaling, the baseline decodes the same points in metres."""
     cfg = load_config(overrides=["env.embedded.traffic=[0,0,0]", "env.route_length_m=120",
                                  f"env.lookahead_features={lookahead}"])
-    metrics = run_baseline(cfg, episodes=2, seed=5)
+    metrics, _, _ = evaluate_baseline(cfg, episodes=2, seed=5)
     assert metrics["eval/success_rate"] == 1.0 and metrics["eval/collision_rate"] == 0.0
     assert metrics["eval/avg_lane_invasions"] == 0.0
 
 
 def test_baseline_cli(tmp_path):
+    """`python -m learner.evaluate --policy baseline`: the baseline through the evaluator's command line."""
     out = tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "actors.baseline", "--episodes", "1", "--json", str(out),
+        [sys.executable, "-m", "learner.evaluate", "--policy", "baseline", "--episodes", "1", "--json", str(out),
          "--set", f"logging.logdir={tmp_path}", "--set", "env.route_length_m=60"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "eval/success_rate" in proc.stdout and "eval/mean_reward" in proc.stdout
-    assert set(json.loads(out.read_text())) >= {"eval/success_rate", "eval/collision_rate", "eval/avg_episode_length"}
+    report = json.loads(out.read_text())
+    assert set(report["metrics"]) >= {"eval/success_rate", "eval/collision_rate", "eval/avg_episode_length"}
+    assert report["seed"] == 100_000 and len(report["episodes"]) == 1
     assert any(p.name.startswith("events") for p in next(tmp_path.glob("*_baseline_embedded_*")).iterdir())
-    bad = subprocess.run([sys.executable, "-m", "actors.baseline", "--set", "env.scenrio=1"],
+    bad = subprocess.run([sys.executable, "-m", "learner.evaluate", "--policy", "baseline", "--set", "env.scenrio=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Did you mean 'scenario'" in bad.stderr
+    no_path = subprocess.run([sys.executable, "-m", "learner.evaluate"], capture_output=True, text=True, timeout=60)
+    assert no_path.returncode == 2 and "needs a run or checkpoint path" in no_path.stderr

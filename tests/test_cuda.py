@@ -141,12 +141,13 @@ def test_an_actor_on_the_gpu_acts_as_on_the_cpu():
 def test_batches_gathered_from_a_copy_of_the_frames_on_the_gpu_equal_the_host_ones():
     from learner.device_frames import DeviceFrames
     from replay_server.ring import FrameRing
+    from replay_server.sampler import UniformSampler
     from tests.bench.learner import fill_ring
 
     ring = FrameRing(500)
     fill_ring(ring, 1000)  # the frame store has wrapped around
     mirror = DeviceFrames(ring, CUDA)
-    idx = ring.sample_indices(32, np.random.default_rng(0))
+    idx, _ = UniformSampler().choose(ring, 32, np.random.default_rng(0))
     want = Batch.from_numpy(ring.gather(idx, n_step=3), CPU)
     got = mirror.batch(ring.gather(idx, n_step=3, images=False))
     for field in ("image", "next_image", "vector", "reward", "discount"):

@@ -24,13 +24,14 @@ from common.tags import TAGS, describe, layout, markdown_table
 from learner.cli import main
 from tests.test_serial import SMOKE
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+METRICS_DOC = ROOT / "docs" / "metrics.md"
 
 
-def test_readme_metrics_table_is_the_tag_table():
-    text = README.read_text()
+def test_the_metrics_page_table_is_the_tag_table():
+    text = METRICS_DOC.read_text()
     table = text.split("<!-- tags:begin -->\n", 1)[1].split("\n<!-- tags:end -->", 1)[0]
-    assert table == markdown_table(), "README's metrics table is stale: paste `python -m common.tags` into it"
+    assert table == markdown_table(), "docs/metrics.md's table is stale: paste `python -m common.tags` into it"
 
 
 def _logged_tag_patterns() -> set[str]:
@@ -38,7 +39,7 @@ def _logged_tag_patterns() -> set[str]:
     replacement field as `*`) that start with a known prefix; the tag table itself excluded."""
     from common.metrics import PREFIXES
 
-    root = README.parent
+    root = ROOT
     patterns = set()
     for path in [p for role in ("actors", "learner", "common", "replay_server") for p in (root / role).rglob("*.py")]:
         tree = ast.parse(path.read_text())
@@ -55,7 +56,7 @@ def _logged_tag_patterns() -> set[str]:
 
 
 def test_every_described_tag_is_logged_somewhere():
-    """The other half of the README check: no row for a tag the code never logs. A catch-all such
+    """The other half of the metrics-page check: no row for a tag the code never logs. A catch-all such
     as f"eval/{name}" only vouches for a row that is itself a catch-all."""
     patterns = _logged_tag_patterns()
     specific = {p for p in patterns if not re.fullmatch(r"\w+/[*_]*", p)}

@@ -1,7 +1,7 @@
 """The cluster deployment: docker-compose.yml validates (with Compose itself when this machine has
 it; no Docker engine is needed for that) and keeps its promises: a password-protected, unpublished
 Redis, GPUs reserved, published ports on localhost, non-root images; the Makefile targets and the
-README's cluster section agree with it."""
+cluster page (docs/cluster.md) agree with it."""
 
 from __future__ import annotations
 
@@ -192,13 +192,11 @@ def test_carla_workers_run_an_init_that_reaps_orphans():
     assert _compose_config()["services"]["carla-worker"].get("init") is True
 
 
-def test_makefile_and_readme_describe_the_same_cluster():
+def test_makefile_and_the_cluster_page_describe_the_same_cluster():
     make = (ROOT / "Makefile").read_text()
     for target in ("up", "down", "logs", "scale"):
         assert re.search(rf"^{target}:", make, re.M), target
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Run on a GPU cluster"):]
-    section = section[:section.index("\n## ", 5)]
+    section = (ROOT / "docs" / "cluster.md").read_text()
     for text in ("NVIDIA Container Toolkit", "cp .env.example .env", "make up", "make logs", "make scale N=",
                  "make down", "127.0.0.1:6006", "127.0.0.1:8265", "--resume latest", "redis", "learner",
                  "carla-worker", "tensorboard", "LEARNER_GPU", "CARLA_GPUS", "carla.gpus", "-graphicsadapter"):

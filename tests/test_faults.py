@@ -134,7 +134,7 @@ def test_sigkill_of_the_learner_then_resume_latest(tmp_path):
         proc.wait(timeout=30)
     finally:
         time.sleep(2)
-        # Ray's dashboard and runtime-env agents outlive a SIGKILLed driver (see the README); the test
+        # Ray's dashboard and runtime-env agents outlive a SIGKILLed driver (see docs/reliability.md); the test
         # cleans up the learner's session so nothing leaks into later tests.
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ import redis
 from actors.adder import ChunkAdder
 from common.chunk import HEADER, MAGIC, Chunk, ChunkError, decode, encode
 from replay_server.client import ReplayClient, connect
-from replay_server.ingest import RateLimiter, RedisReplay
+from replay_server.ingest import RedisReplay
 from replay_server.ring import FrameRing
 from replay_server.server import RedisServer
 from tests.conftest import ROOT
@@ -182,16 +182,6 @@ def test_client_buffers_while_redis_is_down_and_flushes_when_it_returns(tmp_path
         assert connect(s2.url).xlen(KEY) == 5
     finally:
         s2.stop()
-
-
-def test_rate_limiter_semantics():
-    lim = RateLimiter(min_size=100, samples_per_insert=2.0, error_buffer=50)
-    assert not lim.can_sample(size=99, inserted=99, batch_size=10)
-    assert lim.can_sample(size=100, inserted=100, batch_size=10)
-    lim.sampled = 240
-    assert lim.can_sample(size=100, inserted=100, batch_size=10)  # 250 - 200 <= 50
-    assert not lim.can_sample(size=100, inserted=100, batch_size=11)
-    assert RateLimiter(1, 0.0, 0.0).can_sample(size=5, inserted=0, batch_size=10**6)
 
 
 def _refuses(port: int, within_s: float = 5.0) -> bool:

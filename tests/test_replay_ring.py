@@ -5,6 +5,7 @@ from actors.adder import ChunkAdder
 from actors.envs import make_env
 from common.config import load_config
 from replay_server.ring import FrameRing
+from replay_server.sampler import UniformSampler, sample
 
 
 def record(steps: int, max_episode_steps: int = 15, seed: int = 0):
@@ -85,7 +86,7 @@ def test_fifo_eviction_keeps_the_newest(recorded):
     for g in live:
         got = {k: v[0] for k, v in ring.gather(np.array([g % ring.capacity])).items()}
         assert_same(got, transitions[g])
-    idx = ring.sample_indices(500, np.random.default_rng(0))
+    idx, _ = UniformSampler().choose(ring, 500, np.random.default_rng(0))
     assert set(idx) <= {g % 50 for g in live}
 
 
@@ -116,7 +117,7 @@ def test_state_round_trip(recorded, tmp_path):
 
 def test_empty_ring_refuses_to_sample():
     with pytest.raises(ValueError, match="empty"):
-        FrameRing(10).sample(4, np.random.default_rng(0))
+        sample(FrameRing(10), 4, np.random.default_rng(0))
 
 
 def expected_n_step(transitions, i: int, n: int, gamma: float):
@@ -195,7 +196,7 @@ def test_a_device_copy_of_the_frames_gives_the_same_batches(recorded):
         if terminated or truncated:
             adder.reset(next(resets_left))
         if i % 13 == 12 and len(ring):  # batches between inserts, as the learner takes them
-            idx = ring.sample_indices(16, rng)
+            idx, _ = UniformSampler().choose(ring, 16, rng)
             want = Batch.from_numpy(ring.gather(idx, n_step=3), torch.device("cpu"))
             got = mirror.batch(ring.gather(idx, n_step=3, images=False))
             for field in ("image", "next_image", "vector", "next_vector", "action", "reward", "done", "discount"):

@@ -48,6 +48,6 @@ def test_ray_options_and_the_learners_threads_count_the_servers(tmp_path, monkey
     run = DistributedRun(cfg, tmp_path)
     run._remote(RolloutWorker, 2)
     run._make_evaluator()
-    quiet = {"enable_task_events": False}  # Ray's GCS would keep every call's events (README › Soak)
+    quiet = {"enable_task_events": False}  # Ray's GCS would keep every call's events (docs/benchmarks.md › Soak)
     assert options == {"RolloutWorker": {"num_cpus": 3.0, "num_gpus": 0.25, "resources": {"carla": 1.0}, **quiet},
                        "EvalWorker": {"num_cpus": 2.0, "num_gpus": 0.25, "resources": {"carla": 1.0}, **quiet}}

@@ -9,23 +9,42 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 
+from actors.envs import carla_env, highway  # noqa: F401  (each registers its backend)
+from common.backends import BackendSpec, registered
 from common.config import Config, ConfigError
-from common.driving import CARLA_FPS, ROUTE_TIME_MARGIN, route_time_margin
+from common.driving import ROUTE_TIME_MARGIN, route_time_margin
 from common.env import DrivingEnv
 
 log = logging.getLogger(__name__)
 
 
+def backend_spec(cfg: Config) -> BackendSpec:
+    """The registered backend named by env.backend, after importing env.backend_module when set."""
+    e = cfg.env
+    if e.backend_module:
+        try:
+            importlib.import_module(e.backend_module)
+        except ImportError as exc:
+            raise ConfigError(f"env.backend_module='{e.backend_module}' cannot be imported: {exc}") from exc
+    spec = registered().get(e.backend)
+    if spec is None:
+        raise ConfigError(f"env.backend='{e.backend}' is not a registered backend; choose one of "
+                          f"{sorted(registered())}, or set env.backend_module to the module that registers it")
+    return spec
+
+
 def step_seconds(cfg: Config) -> float:
     """Simulated seconds per env step of the configured backend."""
-    return 1.0 / (CARLA_FPS if cfg.env.backend == "carla" else cfg.env.embedded.policy_frequency)
+    return backend_spec(cfg).step_seconds(cfg)
 
 
 def check_backend(cfg: Config) -> None:
     """Fails at start, before anything is launched, for a backend that cannot be built; warns
     when the episode is too short for the route (smoke tests shorten episodes on purpose)."""
-    e, dt = cfg.env, step_seconds(cfg)
+    spec = backend_spec(cfg)
+    e, dt = cfg.env, spec.step_seconds(cfg)
     margin = route_time_margin(e, dt)
     if margin < ROUTE_TIME_MARGIN:
         log.warning("route completion is out of reach: env.max_episode_steps=%d x %.3f s = %.1f s, but "
@@ -34,21 +53,24 @@ def check_backend(cfg: Config) -> None:
                     e.max_episode_steps, dt, e.max_episode_steps * dt,
                     e.route_length_m, e.reward.target_speed, e.route_length_m / e.reward.target_speed,
                     margin, ROUTE_TIME_MARGIN)
-    if cfg.env.backend == "carla":
-        try:
-            importlib.import_module("carla")
-        except ImportError as exc:
-            raise ConfigError(f"env.backend=carla needs the 'carla' 0.9.16 client package "
-                              f"(wheels for Python 3.10-3.12): {exc}") from exc
-        if cfg.carla.route_file:
-            from actors.envs.carla_env import load_route_file
-
-            load_route_file(cfg.carla.route_file, cfg.env.route_length_m)
+    spec.check(cfg)
 
 
 def rollout_slot(cfg: Config, actor: int, env: int) -> int:
     """The slot of env `env` of rollout actor `actor`."""
     return actor * cfg.actors.envs_per_actor + env
+
+
+def noise_scale(cfg: Config, slot: int) -> float:
+    """The exploration-noise multiplier of rollout env `slot`, Ape-X style: the run's n =
+    num_actors x envs_per_actor envs spread geometrically from `actors.noise_scale_min` to
+    `noise_scale_max` (one env: their geometric mean). Slots past n, of elastic actors beyond
+    num_actors, repeat the spread from its start."""
+    a = cfg.actors
+    n, low, high = a.num_actors * a.envs_per_actor, a.noise_scale_min, a.noise_scale_max
+    if n == 1:
+        return math.sqrt(low * high)
+    return float(low * (high / low) ** ((slot % n) / (n - 1)))
 
 
 def eval_slot(cfg: Config) -> int:
@@ -60,10 +82,4 @@ def make_env(cfg: Config, slot: int = 0, training: bool = False) -> DrivingEnv:
     """The env of `cfg.env.backend`, wrapped in the shared contract; `training` envs (the
     rollout's, not the evaluator's) honour `env.embedded.training_start`."""
     check_backend(cfg)
-    if cfg.env.backend == "carla":
-        from actors.envs.carla_env import CarlaBackend
-
-        return DrivingEnv(CarlaBackend(cfg.env, cfg.carla, slot), cfg.env)
-    from actors.envs.highway import HighwayBackend
-
-    return DrivingEnv(HighwayBackend(cfg.env, cfg.env.embedded.training_start if training else "fixed"), cfg.env)
+    return DrivingEnv(backend_spec(cfg).make(cfg, slot, training), cfg.env)

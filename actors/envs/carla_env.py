@@ -34,7 +34,8 @@ from PIL import Image
 
 from actors.envs.carla_server import CarlaServer, Ports
 from actors.envs.route import Route
-from common.config import CarlaConfig, ConfigError, EnvConfig
+from common.backends import BackendSpec, register
+from common.config import CarlaConfig, Config, ConfigError, EnvConfig
 from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState
 from common.env import SimulatorFailure
 from replay_server.server import die_with_parent
@@ -571,3 +572,26 @@ class CarlaBackend:
         finally:
             self._stop_client()
             self.server.kill()
+
+
+def _check(cfg: Config) -> None:
+    try:
+        importlib.import_module("carla")
+    except ImportError as exc:
+        raise ConfigError(f"env.backend=carla needs the 'carla' 0.9.16 client package "
+                          f"(wheels for Python 3.10-3.12): {exc}") from exc
+    if cfg.carla.route_file:
+        load_route_file(cfg.carla.route_file, cfg.env.route_length_m)
+
+
+SPEC = register(BackendSpec(
+    name="carla",
+    make=lambda cfg, slot, training: CarlaBackend(cfg.env, cfg.carla, slot),
+    step_seconds=lambda cfg: 1.0 / CARLA_FPS,
+    max_steer_rad=math.radians(70.0),  # the Tesla Model 3's front wheels
+    config_section="carla",
+    metrics={"actors/carla_restarts": "sum", "actors/npc_spawn_failures": "sum", "actors/carla_tick_ms": "mean"},
+    check=_check,
+    # A launched server busy-waits for the next tick in synchronous mode: a core of its own.
+    server_cpus=lambda cfg: float(max(cfg.carla.server_cpus, 1)) if cfg.carla.launch else 0.0,
+))

@@ -15,7 +15,8 @@ from highway_env.envs.racetrack_env import RacetrackEnv
 from highway_env.vehicle.kinematics import Vehicle
 
 from actors.envs.render import TopDownCamera
-from common.config import EnvConfig, TrainingStart
+from common.backends import BackendSpec, register
+from common.config import Config, EnvConfig, TrainingStart
 from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, to_ego_frame, wrap_angle
 
 LaneIndex = tuple[str, str, int]
@@ -219,3 +220,17 @@ def _place(vehicle, network, index: LaneIndex, s: float) -> None:
     vehicle.lane_index, vehicle.lane = index, lane
     if hasattr(vehicle, "target_lane_index"):
         vehicle.target_lane_index = index
+
+
+def _make(cfg: Config, slot: int, training: bool) -> HighwayBackend:
+    """Training envs honour env.embedded.training_start; evaluation envs start at the fixed place."""
+    return HighwayBackend(cfg.env, cfg.env.embedded.training_start if training else "fixed")
+
+
+SPEC = register(BackendSpec(
+    name="embedded",
+    make=_make,
+    step_seconds=lambda cfg: 1.0 / cfg.env.embedded.policy_frequency,
+    max_steer_rad=math.pi / 4,  # highway-env's steering_range
+    config_section="env.embedded",
+))

@@ -1,5 +1,5 @@
 """How far one actor update moves the policy, and how uniformly over states: the mechanism of
-the action lock (README › Results).
+the action lock (results/README.md).
 
 Real observations from the embedded env (random driving), a fresh agent of each arrangement,
 then actor updates against its freshly initialised critic. Per update: mean |dz| (z the actor's

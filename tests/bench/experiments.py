@@ -1,4 +1,4 @@
-"""The two experiments of the README's Results, each a set of serial runs of `python -m learner`
+"""The two experiments of results/README.md, each a set of serial runs of `python -m learner`
 read back from their TensorBoard events:
 
 - `norm` (`make experiment-norm`): the seeds' diagnosis on our own runs. Same seed, same env-step
@@ -234,7 +234,7 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+baseline-warmup": ["actors.warmup_actions=baseline", "td3.learning_starts=3000"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
-    # until 2026-12-05), default+pink-steer on both cameras; see README.
+    # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.
     "default+pink": ["actors.expl_noise_exponent=[1,1]"],
     "default+pink-steer": ["actors.expl_noise_exponent=[1,0]"],
     "default+route-bootstrap": ["env.route_end_bootstraps=true"],

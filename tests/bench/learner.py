@@ -36,6 +36,7 @@ from common.env import observation_space
 from learner.device_frames import DeviceFrames
 from learner.td3 import TD3
 from replay_server.ring import FrameRing
+from replay_server.sampler import sample
 from tests.bench.report import chosen, section, write_report
 from tests.conftest import random_batch_arrays
 
@@ -87,8 +88,8 @@ def our_update(device: torch.device, ring: FrameRing | None, *overrides: str) ->
     rng = np.random.default_rng(0)
     if cfg.learner.replay_on_device:
         frames = DeviceFrames(ring, device)
-        return lambda: agent.update(frames.batch(ring.sample(BATCH, rng, images=False)))
-    return lambda: agent.update(Batch.from_numpy(ring.sample(BATCH, rng), device))
+        return lambda: agent.update(frames.batch(sample(ring, BATCH, rng, images=False)))
+    return lambda: agent.update(Batch.from_numpy(sample(ring, BATCH, rng), device))
 
 
 def timed_updates(device: torch.device) -> int:

@@ -25,6 +25,7 @@ from common.config import load_config
 from replay_server.client import ReplayClient, connect
 from replay_server.ingest import RedisReplay
 from replay_server.ring import FrameRing
+from replay_server.sampler import sample
 from replay_server.server import RedisServer
 from tests.bench.report import write_report
 
@@ -113,7 +114,7 @@ def sampling_ratio(chunks: list[Chunk], batch: int = 256, n: int = 200) -> tuple
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for _ in range(n):
-        ring.sample(batch, rng)
+        sample(ring, batch, rng)
     ours = n / (time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(n):

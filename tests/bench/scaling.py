@@ -51,10 +51,11 @@ def actors_rate(url: str, store: object, num_actors: int, policy: bool, envs: in
     meanwhile) and the ratio is the median of the per-round ratios."""
     gpus = 0.5 if device == "cuda" else 0.0
     overrides = [f"td3.learning_starts={0 if policy else 10**9}", "env.scenario=0", f"actors.envs_per_actor={envs}",
-                 f"actors.device={device}", f"actors.num_gpus={gpus}", f"actors.inference_dtype={dtype}"]
+                 f"actors.device={device}", f"actors.num_gpus={gpus}", f"actors.inference_dtype={dtype}",
+                 "actors.noise_scale_min=1.0", "actors.noise_scale_max=1.0"]
     cfg = dataclasses.asdict(load_config(overrides=overrides))
     worker = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpus)
-    actors = [worker.remote(cfg, i, 0, [1.0] * envs, url, store) for i in range(num_actors)]
+    actors = [worker.remote(cfg, i, 0, url, store) for i in range(num_actors)]
     warmup = ray.get([a.run.remote(50, 10**6) for a in actors])  # imports, first weights
     inference_before = sum(r["inference_seconds"] for r in warmup)
     rates, ratios, forward_ms, ceilings = [], [], [], []
