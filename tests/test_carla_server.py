@@ -222,23 +222,23 @@ def test_a_reset_that_fails_twice_tries_another_seed(tmp_path, carla_double, mon
         env.close()
 
 
+def _place_ahead(carla, session, blueprint: str, metres: float) -> None:
+    """Spawns a `blueprint` actor (not on autopilot) `metres` ahead of the session's ego."""
+    ego_tf = session._ego.get_transform()
+    fwd = ego_tf.get_forward_vector()
+    where = carla.Location(ego_tf.location.x + metres * fwd.x, ego_tf.location.y + metres * fwd.y, 0.5)
+    session.world.spawn_actor(session.blueprints.find(blueprint), carla.Transform(where, ego_tf.rotation))
+
+
 def test_the_obstacle_sensor_sees_vehicles_only(tmp_path, carla_double):
     """only_dynamics=true: a street barrier ahead is no obstacle, a parked car is."""
     env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
     try:
         env.reset(seed=0)
-        backend, c = env.backend, carla_double
-        ego_tf = backend._ego.get_transform()
-        fwd = ego_tf.get_forward_vector()
-
-        def ahead(metres: float):
-            return c.Transform(c.Location(ego_tf.location.x + metres * fwd.x, ego_tf.location.y + metres * fwd.y, 0.5),
-                               ego_tf.rotation)
-
-        backend.world.spawn_actor(backend.blueprints.find("static.prop.streetbarrier"), ahead(8))
+        _place_ahead(carla_double, env.backend, "static.prop.streetbarrier", 8)
         _, _, _, _, info = env.step(np.zeros(2, np.float32))
         assert math.isinf(info["obstacle_distance"])
-        backend.world.spawn_actor(backend.blueprints.find("vehicle.audi.tt"), ahead(15))
+        _place_ahead(carla_double, env.backend, "vehicle.audi.tt", 15)
         _, _, _, _, info = env.step(np.zeros(2, np.float32))
         assert 13 < info["obstacle_distance"] < 17
     finally:
@@ -252,12 +252,7 @@ def test_a_late_obstacle_event_counts_on_the_next_step(tmp_path, carla_double, m
     env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
     try:
         env.reset(seed=0)
-        backend, c = env.backend, carla_double
-        ego_tf = backend._ego.get_transform()
-        fwd = ego_tf.get_forward_vector()
-        parked = c.Transform(c.Location(ego_tf.location.x + 15 * fwd.x, ego_tf.location.y + 15 * fwd.y, 0.5),
-                             ego_tf.rotation)
-        backend.world.spawn_actor(backend.blueprints.find("vehicle.audi.tt"), parked)
+        _place_ahead(carla_double, env.backend, "vehicle.audi.tt", 15)
         seen = []
         for _ in range(3):
             _, _, _, _, info = env.step(np.zeros(2, np.float32))
