@@ -220,9 +220,13 @@ class CarlaConfig:
     gpus: list[int] = field(default_factory=list)
     """GPUs launched servers render on, as Vulkan adapter indices on their node: env slot s gets
     `-graphicsadapter=gpus[s % len(gpus)]` (and r.GraphicsAdapter, as CARLA's docs set it), so
-    consecutive slots (one host's servers under docker-compose.yml) spread over them; empty adds
-    no flag and every server takes the engine's default adapter. A Vulkan index need not match
-    nvidia-smi's; each log names the device."""
+    consecutive slots (one host's servers under docker-compose.yml) spread over them. Empty: on a
+    node with one GPU no flag; with several, every GPU but `learner_gpu`, mapped to Vulkan indices
+    by PCI bus id (actors/envs/carla_gpus.py). Each server's log names the device it took."""
+    learner_gpu: int = 0
+    """The learner's GPU as nvidia-smi numbers it (compose's LEARNER_GPU) on nodes where servers
+    pick their GPUs themselves (`gpus` empty): with 2+ GPUs they leave it to the learner; -1 lets
+    them use it too."""
     quality_level: Literal["Epic", "Low"] = "Epic"
     """Rendering quality of launched servers; Low (`-quality-level=Low`) renders faster, with
     simpler materials and no shadows."""
@@ -238,7 +242,17 @@ class CarlaConfig:
     restart_every_episodes: int = 0
     """Relaunch a launched server every N episodes, against CARLA's memory leaks; 0 never."""
     log_dir: str = "runs/carla_servers"
-    """Directory, on the actor's node, for each launched server's output (carla_<env>.log)."""
+    """Directory, on the actor's node, for each launched server's output (carla_<env>.log): its
+    own log, as `-stdout -FullStdOutLogOutput` (added to every launch) make UE4 print it."""
+    max_start_failures: int = 3
+    """Launches of one server that may exit the same way (exit code and diagnosed cause) before its
+    start gives up with the diagnosis: a missing Vulkan driver or a taken port do not go away."""
+    server_rpc_threads: int = 0
+    """`-RPCThreads=N` for launched servers (CaRL's spelling), else sized from the host's cores;
+    0 adds no flag. Stock CARLA 0.9.16 sizes its pool max(cores, 4) - 2 and ignores the flag:
+    it takes effect only on builds that read it (README › CARLA)."""
+    server_streaming_threads: int = 0
+    """`-StreamingThreads=N` for launched servers, as `server_rpc_threads`; 0 adds no flag."""
 
 
 @dataclass
@@ -739,6 +753,10 @@ def validate(cfg: Config) -> None:
     _require(c.server_cpus >= 0, f"carla.server_cpus={c.server_cpus} must be >= 0 (0: servers unpinned)")
     _require(min(c.gpus, default=0) >= 0 and len(set(c.gpus)) == len(c.gpus),
              f"carla.gpus={c.gpus} must list distinct GPU indices >= 0 (empty: the default adapter)")
+    _require(c.learner_gpu >= -1, f"carla.learner_gpu={c.learner_gpu} must be a GPU index, or -1 (servers may share it)")
+    _require(c.max_start_failures >= 1, f"carla.max_start_failures={c.max_start_failures} must be >= 1")
+    _require(c.server_rpc_threads >= 0 and c.server_streaming_threads >= 0,
+             "carla.server_rpc_threads and carla.server_streaming_threads must be >= 0 (0: no flag)")
     emb = e.embedded
     _require(len(emb.traffic) == 3 and min(emb.traffic) >= 0,
              f"env.embedded.traffic={emb.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")

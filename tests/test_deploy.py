@@ -173,19 +173,21 @@ def test_gpus_are_mapped_not_all_gpu_0():
 
 @pytest.mark.parametrize("gpus, expected", [("1,2,3", [1, 2, 3]), ("", [])])
 def test_learner_entrypoint_passes_carla_gpus(tmp_path, gpus, expected):
-    """The entrypoint, run with `ray` and `python` stand-ins, turns CARLA_GPUS into carla.gpus."""
+    """The entrypoint, run with `ray` and `python` stand-ins, turns CARLA_GPUS into carla.gpus and
+    LEARNER_GPU into carla.learner_gpu."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in (("ray", "exit 0"), ("python", 'printf "%s\\n" "$@"')):
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CARLA_GPUS": gpus, "REDIS_PASSWORD": "x"}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CARLA_GPUS": gpus, "LEARNER_GPU": "2", "REDIS_PASSWORD": "x"}
     out = subprocess.run(["sh", str(ROOT / "deploy/docker/learner-entrypoint.sh")], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=30)
     assert out.returncode == 0, out.stderr
     args = out.stdout.splitlines()
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    assert load_config(ROOT / "deploy/configs/carla.yaml", overrides).carla.gpus == expected
+    carla = load_config(ROOT / "deploy/configs/carla.yaml", overrides).carla
+    assert carla.gpus == expected and carla.learner_gpu == 2
 
 
 def test_carla_workers_run_an_init_that_reaps_orphans():

@@ -1,8 +1,9 @@
 """Driving environments behind the one contract of `common.env`.
 
 Env slots: env j of rollout actor i has slot i * K + j (K = `actors.envs_per_actor`), the
-evaluator the slot after the last rollout env's (serial mode: 0 for training, 1 for evaluation).
-A CARLA env derives its server's ports from its slot.
+evaluator the slot after the last rollout env's (serial mode: 0 for training, 1 for evaluation);
+elastic actors beyond `actors.num_actors` skip the evaluator's. A CARLA env derives its server's
+ports and GPU from its slot.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def check_backend(cfg: Config) -> None:
 
 
 def rollout_slot(cfg: Config, actor: int, env: int) -> int:
-    """The slot of env `env` of rollout actor `actor`."""
-    return actor * cfg.actors.envs_per_actor + env
+    """The slot of env `env` of rollout actor `actor`, never the evaluator's."""
+    slot = actor * cfg.actors.envs_per_actor + env
+    return slot + 1 if slot >= eval_slot(cfg) else slot
 
 
 def noise_scale(cfg: Config, slot: int) -> float:

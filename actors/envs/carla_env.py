@@ -44,11 +44,16 @@ log = logging.getLogger(__name__)
 
 SENSOR_ATTRIBUTES = {
     "sensor.camera.rgb": {"image_size_x": "256", "image_size_y": "144", "fov": "90"},
-    "sensor.other.obstacle": {"distance": "20"},  # CARLA's default sees only 5 m ahead
+    # CARLA's default sees only 5 m ahead, and static geometry too (walls, poles, parked props),
+    # which would read as an obstacle on every narrow street
+    "sensor.other.obstacle": {"distance": "20", "only_dynamics": "true"},
 }
 CAMERA_X, CAMERA_Z = 1.6, 1.5
 ROUTE_STEP_M = 2.0
 RESET_ATTEMPTS = 3
+SAME_SEED_ATTEMPTS = 2
+"""Resets with the episode's own seed before the last attempt tries another seed (another spawn
+point and route): a failure that follows the seed does not go away with a relaunch."""
 SPAWN_TRIES = 5
 """Ego spawns tried per reset before the session gives up and the backend recovers the server."""
 SPAWN_LIFT_M = 0.2
@@ -70,6 +75,11 @@ seconds when it is shallow."""
 COLLISION_MEMORY_FRAMES = 5 * CARLA_FPS
 """A collision with the same other actor within this many frames is the same one (the leaderboard's
 CollisionTest.MAX_ID_TIME, 5 s): the sensor reports a contact again on every tick it lasts."""
+
+
+def other_seed(seed: int) -> int:
+    """The seed a reset tries after `SAME_SEED_ATTEMPTS` failures with `seed`."""
+    return int(np.random.SeedSequence([seed, SAME_SEED_ATTEMPTS]).generate_state(1)[0])
 
 
 def load_route_file(path: str, min_length: float) -> np.ndarray:
@@ -134,11 +144,12 @@ class _Sensors:
 
     def events(self, frame: int) -> tuple[bool, bool, float]:
         """(a new collision, a new lane crossing, obstacle distance) in the events up to `frame`,
-        which are then forgotten; those of later frames wait for their own step."""
+        which are then forgotten; those of later frames wait for their own step. An obstacle
+        event of an earlier frame came after its step and is reported now, as collisions are."""
         with self.lock:
             collisions = sorted(c for c in self.collisions if c[0] <= frame)
             invasions = sorted(f for f in self.invasions if f <= frame)
-            seen = [d for f, d in self.obstacles if f == frame]
+            seen = [d for f, d in self.obstacles if f <= frame]
             self.collisions = [c for c in self.collisions if c[0] > frame]
             self.invasions = [f for f in self.invasions if f > frame]
             self.obstacles = [(f, d) for f, d in self.obstacles if f > frame]
@@ -519,6 +530,10 @@ class CarlaBackend:
     # -- the contract ----------------------------------------------------------------------
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         for attempt in range(RESET_ATTEMPTS):
+            if attempt == SAME_SEED_ATTEMPTS and seed is not None:
+                seed = other_seed(seed)
+                log.warning("CARLA env %d: %d resets failed with the episode's seed; trying seed %d",
+                            self.server.slot, attempt, seed)
             try:
                 if self.broken:
                     self._recover("the last episode hit a simulator failure")

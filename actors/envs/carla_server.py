@@ -3,10 +3,13 @@ we connect to and wait for.
 
 Env slot i (rollout actors 0..n-1, then the evaluator) uses RPC port `port + 4i` (streaming +1,
 secondary +2) and Traffic Manager port `tm_port + i`, so several actors on one node never collide.
-With `gpus` set, slot i renders on GPU `gpus[i % len(gpus)]`; with `server_cpus` set, it runs on
-that many CPUs (its affinity, inherited by every process and thread of the server).
+With `gpus` set, slot i renders on GPU `gpus[i % len(gpus)]`, else on the node's GPUs but the
+learner's (`carla_gpus`); with `server_cpus` set, it runs on that many CPUs (its affinity,
+inherited by every process and thread of the server).
 A launched server runs in its own process group, which is killed as a whole; its stdout and
-stderr go to `<log_dir>/carla_<slot>.log`.
+stderr go to `<log_dir>/carla_<slot>.log`, its own log included (`carla_diagnosis.LOG_FLAGS`). A
+launch that exits before answering is relaunched until it has failed the same way
+`max_start_failures` times; the error then quotes the log and names the likely causes.
 
 A killed actor (SIGKILL, Ray's `ray.kill`) cannot kill its server itself: the server gets SIGKILL
 from the kernel when the actor dies (the parent-death signal set before exec). That reaches the
@@ -30,10 +33,13 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.envs.carla_diagnosis import LOG_FLAGS, explain, likely_causes
+from actors.envs.carla_gpus import server_adapters
 from common.config import CarlaConfig
 from common.errors import ServiceUnavailable
 from replay_server.server import die_with_parent
@@ -50,6 +56,14 @@ OWNER_ENV = "AV_TD3_CARLA_OWNER"
 
 class CarlaUnavailable(ServiceUnavailable):
     """No CARLA server answered at an address before the deadline."""
+
+
+class CarlaExited(CarlaUnavailable):
+    """A launched server exited before it answered; `signature` tells one failure from another."""
+
+    def __init__(self, message: str, signature: tuple) -> None:
+        super().__init__(message)
+        self.signature = signature
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,7 @@ class CarlaServer:
         self.ports = allocate_ports(cfg, slot)
         self.log_path = Path(cfg.log_dir) / f"carla_{slot}.log"
         self.process: subprocess.Popen | None = None
+        self.launched_at = 0  # where this launch's output starts in the log
         self.restarts = 0
 
     @property
@@ -190,7 +205,7 @@ class CarlaServer:
     @property
     def gpu(self) -> int | None:
         """The Vulkan adapter this env's server renders on; None leaves the choice to the engine."""
-        gpus = self.cfg.gpus
+        gpus = self.cfg.gpus or (server_adapters(self.cfg.learner_gpu) if self.cfg.launch else [])
         return gpus[self.slot % len(gpus)] if gpus else None
 
     @property
@@ -208,27 +223,48 @@ class CarlaServer:
         flag: `CarlaUE4-Linux-Shipping CarlaUE4 /Game/Carla/Maps/Town01 -RenderOffScreen` for the
         binary, which takes the project name first), where UE4 reads the map to boot: otherwise
         CARLA boots its default town and the client loads ours on top, minutes on a cold server.
-        Then the port and option flags."""
+        Then the port and option flags, and the flags that send the server's log to its stdout."""
         # Without an adapter every server of a node renders on the same GPU. CARLA's docs (0.9.16,
         # adv_multigpu) set the r.GraphicsAdapter console variable from the command line; UE4's
         # Vulkan RHI also reads -graphicsadapter=N, which overrides it. Both name the same index.
         adapter = [] if self.gpu is None else [
             f"-graphicsadapter={self.gpu}", f"-ini:[/Script/Engine.RendererSettings]:r.GraphicsAdapter={self.gpu}"]
-        words = shlex.split(self.cfg.server_command)
+        c = self.cfg
+        threads = [f"-{flag}={n}" for flag, n in (("RPCThreads", c.server_rpc_threads),
+                                                  ("StreamingThreads", c.server_streaming_threads)) if n]
+        words = shlex.split(c.server_command)
         program = max((i for i, w in enumerate(words) if not w.startswith("-")), default=0) + 1
-        return words[:program] + [f"/Game/Carla/Maps/{self.cfg.town}"] + words[program:] + [
+        given = {w.lower() for w in words}
+        return words[:program] + [f"/Game/Carla/Maps/{c.town}"] + words[program:] + [
             f"-carla-rpc-port={self.ports.rpc}",
             f"-carla-streaming-port={self.ports.streaming}",
             f"-carla-secondary-port={self.ports.secondary}",
-            f"-quality-level={self.cfg.quality_level}",
-        ] + adapter
+            f"-quality-level={c.quality_level}",
+        ] + adapter + threads + [f for f in LOG_FLAGS if f.lower() not in given]
 
     def start(self) -> None:
+        """Launches the server (or, for an external one, waits for it) until it answers; a launch
+        that exits first is retried until one way of failing has come `max_start_failures` times."""
+        failures: Counter = Counter()
+        while True:
+            try:
+                self._launch()
+                self.wait_ready()
+                return
+            except CarlaExited as exc:
+                failures[exc.signature] += 1
+                if failures[exc.signature] >= self.cfg.max_start_failures:
+                    raise CarlaUnavailable(f"{exc}\ngave up after {failures[exc.signature]} launches that failed "
+                                           "this way (carla.max_start_failures)") from exc
+                log.warning("CARLA env %d: %s; launching again", self.slot, str(exc).splitlines()[0])
+
+    def _launch(self) -> None:
         if self.cfg.launch:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             cpus, command = self.cpus, self.command()
             pinned = "" if cpus is None else f" on CPUs {sorted(cpus)}"
             with open(self.log_path, "ab") as out:
+                self.launched_at = out.tell()
                 out.write(f"\n--- launch {time.strftime('%Y-%m-%d %H:%M:%S')}{pinned}: {shlex.join(command)}\n".encode())
                 out.flush()
                 try:
@@ -245,7 +281,6 @@ class CarlaServer:
                     ) from exc
             log.info("CARLA server for env %d launched (pid %d) on %s%s, log %s",
                      self.slot, self.process.pid, self.address, pinned, self.log_path)
-        self.wait_ready()
 
     def wait_ready(self) -> None:
         """Polls the server with back-off until it answers; a launched server that exits, or no
@@ -255,10 +290,12 @@ class CarlaServer:
         delay, last = 0.2, ""
         while True:
             if self.process is not None and self.process.poll() is not None:
-                raise CarlaUnavailable(
-                    f"CARLA server for env {self.slot} ({self.address}) exited with code {self.process.returncode} "
-                    f"before answering; its log ends:\n{self.log_tail()}"
-                )
+                code, output = self.process.returncode, self.log_tail(200_000, since=self.launched_at)
+                self.kill()  # what the server started (its process group) goes with it
+                raise CarlaExited(
+                    f"CARLA server for env {self.slot} ({self.address}) exited with code {code} before answering; "
+                    f"its log ({self.log_path}) ends:\n{output[-2000:]}\n{explain(output, code)}",
+                    (code, tuple(likely_causes(output, code))))
             try:
                 client = carla.Client(self.cfg.host, self.ports.rpc, worker_threads=self.cfg.client_worker_threads)
                 client.set_timeout(min(self.cfg.timeout_s, 5.0))
@@ -295,5 +332,10 @@ class CarlaServer:
         self.process.wait()
         self.process = None
 
-    def log_tail(self, chars: int = 2000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
+    def log_tail(self, chars: int = 2000, since: int = 0) -> str:
+        """The last `chars` of the log, from byte `since` on (a launch's own output)."""
+        if not self.log_path.is_file():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(max(since, f.seek(0, os.SEEK_END) - 4 * chars))
+            return f.read().decode(errors="replace")[-chars:]

@@ -10,9 +10,14 @@ resume=""
 if ls runs/*/checkpoints/latest >/dev/null 2>&1; then
     resume="--resume latest"
 fi
-# CARLA_GPUS (e.g. 1,2,3) becomes carla.gpus: the actors' servers render on those GPUs by slot.
+# CARLA_GPUS (Vulkan adapter indices, e.g. 1,2,3) becomes carla.gpus: the actors' servers render
+# on those GPUs by slot. Empty: on a node with 2+ GPUs the servers take every GPU but the
+# learner's, LEARNER_GPU (nvidia-smi's numbering) passed on as carla.learner_gpu.
 if [ -n "${CARLA_GPUS:-}" ]; then
     set -- --set "carla.gpus=[$CARLA_GPUS]" "$@"
+fi
+if [ -n "${LEARNER_GPU:-}" ]; then
+    set -- --set "carla.learner_gpu=$LEARNER_GPU" "$@"
 fi
 # The password reaches the replay client through REDIS_PASSWORD, never the command line; REDIS_URL
 # (default: compose's `redis` service) is for a Redis elsewhere, and for `make rehearse`.

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import socket
 import threading
 from typing import Any, Callable
@@ -463,6 +464,9 @@ class World:
         for other in self._actors.values():
             if attach_to is None and other._parent is None and other._transform.location.distance(transform.location) < 2.0:
                 raise RuntimeError(f"Spawn failed because of collision at spawn position ({blueprint.id})")
+        if attach_to is None and any(self._map.get_spawn_points()[k].location.distance(transform.location) < 2.0
+                                     for k in _blocked_spawns()):
+            raise RuntimeError(f"Spawn failed because of collision at spawn position ({blueprint.id})")
         kind = Sensor if blueprint.id.startswith("sensor.") else Vehicle if blueprint.id.startswith("vehicle.") else Actor
         actor = kind(self, self._next_id, blueprint, transform)
         actor._parent = attach_to
@@ -550,15 +554,20 @@ class World:
                        if (b - marking) * (a - marking) < 0]
             return [(callback, LaneInvasionEvent(frame, crossed))] if crossed else []
         if sensor._type == "sensor.other.obstacle":
+            # ObstacleDetectionSensor.cpp: one sweep ahead per tick, its first hit, any actor's
+            # geometry (props, walls, poles) unless only_dynamics (default false) limits it to
+            # vehicles and walkers
             fwd = parent._transform.get_forward_vector()
-            events = []
-            for other in others:
+            dynamic_only = sensor._attributes.get("only_dynamics", "false").lower() == "true"
+            props = [] if dynamic_only else [a for a in self._actors.values() if type(a) is Actor]
+            hits = []
+            for other in others + props:
                 o = other._transform.location
                 ahead = (o.x - loc.x) * fwd.x + (o.y - loc.y) * fwd.y
                 side = abs(-(o.x - loc.x) * fwd.y + (o.y - loc.y) * fwd.x)
                 if 0.0 < ahead < float(sensor._attributes.get("distance", 5)) and side < 2.0:
-                    events.append((callback, ObstacleDetectionEvent(frame, ahead)))
-            return events
+                    hits.append(ahead)
+            return [(callback, ObstacleDetectionEvent(frame, min(hits)))] if hits else []
         return []
 
     def _apply(self, cmd: Any) -> command.Response:
@@ -602,6 +611,12 @@ class _Connection:
             return reply.decode().strip()
         except OSError:
             raise _timeout_error(seconds or self.timeout, self.address) from None
+
+
+def _blocked_spawns() -> list[int]:
+    """Test knob, read in every process: the spawn points (by index) where something of the map
+    stands, so that every spawn there fails (FAKE_CARLA_BLOCKED_SPAWNS='0,3,...')."""
+    return [int(k) for k in os.environ.get("FAKE_CARLA_BLOCKED_SPAWNS", "").split(",") if k]
 
 
 _worlds: dict[tuple[str, int, str], World] = {}
