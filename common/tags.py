@@ -104,11 +104,14 @@ TAGS: dict[str, str] = {
     "replay/skipped": "Stream entries the learner could not use (foreign, undecodable or oversized).",
     "replay/poll_failures": "Failed reads of the Redis stream (retried).",
     "replay/redis_restarts": "Times the learner restarted the redis-server it launched.",
+    "replay/downtime_s": "Seconds the learner could not read the Redis stream, summed: from a failed poll to the next good one.",
     # -- actors ---------------------------------------------------------------------------------
     "actors/alive": "Rollout actors running now.",
     "actors/target": "Rollout actors the run wants (actors.num_actors, or what the cluster has room for with actors.elastic_resource).",
     "actors/retired": "Rollout actors retired because the cluster shrank (elastic actors); not deaths.",
     "actors/restarts": "Rollout actors restarted after a crash or a kill.",
+    "actors/downtime_s": ("Seconds rollout actors were out of service after deaths, summed: from a death "
+                          "noticed to the restarted actor's first report."),
     "actors/held_for_learner": ("Loop passes in which idle actors got no work: the learner owed over "
                                 "learner.max_update_debt updates."),
     "actors/policy_lag": "Weight versions the most outdated actor is behind the learner.",
@@ -199,7 +202,12 @@ def layout() -> dict[str, dict[str, list]]:
             "losses (dropped, failures, skipped)": ["Multiline", ["replay/dropped", "replay/send_failures",
                                                                   "replay/skipped", "replay/poll_failures"]],
         },
-        "8 alerts": {
+        "8 faults": {
+            "restarts": ["Multiline", ["actors/restarts", "replay/redis_restarts", "actors/carla_restarts",
+                                       "actors/simulator_failures"]],
+            "downtime s (summed)": ["Multiline", ["actors/downtime_s", "replay/downtime_s"]],
+        },
+        "9 alerts": {
             "alerts": ["Multiline", [r"alerts/.*"]],
         },
     }

@@ -261,6 +261,7 @@ class DistributedRun:
             "actors/held_for_learner": self.holds,
             "perf/updates_owed": self.owed,
             "actors/restarts": actors.restarts,
+            "actors/downtime_s": actors.downtime_s,
             "actors/policy_lag": max(lag) if lag else 0.0,
             "actors/weight_fetches": total("weight_fetches"),
             "replay/dropped": total("transitions_dropped"),
@@ -292,6 +293,10 @@ class DistributedRun:
         if self.core.env_step != self.core.window_start_step:  # not logged a moment ago
             self._log_perf()
         self.actors.shutdown()
+        # What Redis acknowledged before the actors stopped enters the ring, and the run's last point.
+        while self.core.replay.poll():
+            pass
+        self.core.logger.log(self.core.replay.metrics(), self.core.env_step)
         if not self.stop_requested:
             self._settle_debt()
             self._collect_eval(wait=True)

@@ -10,7 +10,8 @@ a simulator that cannot start, say, is not going to start on the eleventh try.
 `resize(target)` makes the count elastic: it adds actors (new indices, or retired ones again with
 a new incarnation) or retires the surplus, those waiting for a restart first, then those that
 never reported (an actor Ray cannot place yet), then the highest indices. A retired actor's death
-is no death: it stops nothing and is not restarted.
+is no death: it stops nothing and is not restarted. `downtime_s` sums, over deaths, the time from
+a death noticed to the restarted actor's first report.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class ActorSupervisor:
         self.reported: set[int] = set()  # live actors whose current incarnation has reported
         self.restarts = 0
         self.retired = 0
+        self.down_since: dict[int, float] = {}  # dead actors: when their death was noticed
+        self.downtime_s = 0.0
         self.resize(count)
 
     @property
@@ -75,6 +78,7 @@ class ActorSupervisor:
             pending = sorted(self.restart_at) or sorted(set(self.handles) - self.reported) or sorted(self.handles)
             index = pending[-1]
             self.restart_at.pop(index, None)
+            self.down_since.pop(index, None)
             self._drop(index)
             self.retired += 1
             retired.append(index)
@@ -104,6 +108,8 @@ class ActorSupervisor:
             try:
                 reports.append((index, ray.get(future)))
                 self.consecutive_deaths[index] = 0
+                if index in self.down_since:  # back in service: its first report since the death
+                    self.downtime_s += time.monotonic() - self.down_since.pop(index)
                 self.reported.add(index)
             except RayError as exc:
                 self._bury(index, exc)
@@ -120,6 +126,7 @@ class ActorSupervisor:
 
     def _bury(self, index: int, exc: Exception) -> None:
         self._drop(index)
+        self.down_since.setdefault(index, time.monotonic())
         self.consecutive_deaths[index] += 1
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if self.max_deaths and self.consecutive_deaths[index] >= self.max_deaths:

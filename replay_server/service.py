@@ -103,6 +103,8 @@ class RedisReplayService:
         self.ingest = RedisReplay(self.redis, r.stream_key, ring, r.max_chunk_bytes)
         self.poll_failures = 0
         self.redis_restarts = 0
+        self.downtime_s = 0.0
+        self._down_since: float | None = None
         self._next_restart = 0.0
         restored = self.ingest.warm_start()
         if restored:
@@ -118,12 +120,18 @@ class RedisReplayService:
         if self.server is not None and self.server.process.poll() is not None and time.monotonic() >= self._next_restart:
             self._relaunch()
         try:
-            return self.ingest.poll()
+            added = self.ingest.poll()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
             self.poll_failures += 1
             if self.poll_failures in (1, 10) or self.poll_failures % 100 == 0:
                 log.warning("replay poll failed (%s); %d failures so far, retrying", exc, self.poll_failures)
             return 0
+        if self._down_since is not None:
+            self.downtime_s += time.monotonic() - self._down_since
+            self._down_since = None
+        return added
 
     def _relaunch(self) -> None:
         assert self.server is not None
@@ -148,6 +156,7 @@ class RedisReplayService:
         return {
             "replay/redis_restarts": self.redis_restarts,
             "replay/poll_failures": self.poll_failures,
+            "replay/downtime_s": self.downtime_s,
             "replay/size": len(self.ring),
             "replay/inserted": i.transitions,
             "replay/duplicates": i.duplicates,
