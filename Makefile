@@ -91,6 +91,12 @@ device-kit: $(BENCH_STAMP)
 rehearse: $(STAMP)
 	$(PY) -m tests.rehearse $(ARGS)
 
+# Learning under faults (results/chaos.md): an embedded run with a rollout actor SIGKILLed every 2 min
+# and Redis SIGKILLed once, against the same run undisturbed; then the CARLA path (the rehearsal's
+# topology) with stand-in servers that crash. About 35 min on 2 cores. ARGS="--steps N --only carla".
+chaos: $(STAMP)
+	$(PY) -m tests.bench.chaos $(ARGS)
+
 # -- the GPU cluster (docker-compose.yml); COMPOSE=docker-compose for Compose v1 ------------------
 COMPOSE ?= docker compose
 NUM_ACTORS = $(or $(shell sed -n 's/^NUM_ACTORS=//p' .env 2>/dev/null),2)
