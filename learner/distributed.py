@@ -52,10 +52,11 @@ def start_ray(cfg: Config) -> None:
     if cfg.learner.ray_address:
         ray.init(address=cfg.learner.ray_address, log_to_driver=True)
         return
-    # On a local cluster the learner shares the cores with the actors and their servers: leave them theirs.
-    a = cfg.actors
-    reserved = a.num_actors * worker_cpus(cfg, a.envs_per_actor) + worker_cpus(cfg, 1)  # the evaluator steps one env
-    torch.set_num_threads(max(1, int((os.cpu_count() or 1) - reserved)))
+    if not cfg.learner.threads:
+        # On a local cluster the learner shares the cores with the actors and their servers: leave them theirs.
+        a = cfg.actors
+        reserved = a.num_actors * worker_cpus(cfg, a.envs_per_actor) + worker_cpus(cfg, 1)  # the evaluator steps one env
+        torch.set_num_threads(max(1, int((os.cpu_count() or 1) - reserved)))
     ray.init(
         include_dashboard=cfg.learner.ray_dashboard,
         dashboard_host="127.0.0.1",
@@ -132,7 +133,13 @@ class DistributedRun:
     def _make_evaluator(self) -> Any:
         return self._remote(EvalWorker, 1).remote(dataclasses.asdict(self.cfg))
 
+    def _publish_new(self) -> None:
+        """The agent's current policy as the next weights version."""
+        self.version += 1
+        self._publish()
+
     def _publish(self) -> None:
+        self.published_updates = self.core.agent.updates
         start = time.perf_counter()
         ref = ray.put(policy_to_bytes(self.core.agent.actor))
         self.weights_ref = ref
@@ -147,7 +154,7 @@ class DistributedRun:
         next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
         last_perf = last_rescale = time.monotonic()
         try:
-            while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
+            while core.env_step < cfg.learner.max_timesteps and not self.stop_requested and not core.reached_target:
                 new_steps = self._collect_reports()
                 if core.env_step > cfg.td3.learning_starts:
                     self.owed += new_steps * cfg.learner.updates_per_step
@@ -212,20 +219,24 @@ class DistributedRun:
             self.actors.launch(index, self.cfg.actors.steps_per_report, self.core.env_step)
 
     def _train(self, credit: float) -> float:
-        """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read."""
+        """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read; none while
+        an evaluation that may end the run (`learner.stop_at_success`) judges the current weights."""
         core = self.core
+        if self.cfg.learner.stop_at_success and self.eval_future is not None:
+            return credit
         start = time.perf_counter()
         while credit >= 1.0 and time.perf_counter() - start < TRAIN_SLICE_S and core.learner.ready(core.env_step):
             core.learner.step(core.env_step)
             credit -= 1.0
             if core.agent.updates % self.cfg.learner.weight_sync_interval == 0:
-                self.version += 1
-                self._publish()
+                self._publish_new()
         return credit
 
     def _launch_eval(self) -> bool:
         if self.eval_future is not None:
             return False
+        if self.cfg.learner.stop_at_success and self.core.agent.updates != self.published_updates:
+            self._publish_new()  # the weights the run ends with if they reach the target
         seed = self.cfg.seed + self.cfg.eval.seed_offset
         self.eval_future = self.evaluator.evaluate.remote(self.weights_ref, seed, self.cfg.eval.video)
         self.eval_step = self.core.env_step
@@ -245,9 +256,7 @@ class DistributedRun:
             ray.kill(self.evaluator, no_restart=True)
             self.evaluator = self._make_evaluator()
             return
-        self.core.log_eval(metrics, self.eval_step)
-        if gif:
-            self.core.logger.video("eval/video", gif, size, self.eval_step)
+        self.core.log_eval(metrics, self.eval_step, (gif, size))
 
     def _log_perf(self) -> None:
         core, actors = self.core, self.actors
@@ -283,7 +292,7 @@ class DistributedRun:
         status = (
             f"step {core.env_step}/{self.cfg.learner.max_timesteps} | {perf['perf/updates_per_s']:.1f} upd/s | "
             f"{perf['perf/env_steps_per_s']:.0f} steps/s | return {core.logger.latest.get('train/episode_reward', math.nan):.1f} | "
-            f"eval success {core.last_eval.get('eval/success_rate', math.nan):.2f} | actors {actors.alive}/{actors.target}"
+            f"actors {actors.alive}/{actors.target} | {core.progress()}"
         )
         if self.cfg.logging.quiet or not sys.stdout.isatty():
             log.info(status)
@@ -295,12 +304,13 @@ class DistributedRun:
         self.core.checkpoint({"weights_version": self.version})
 
     def _finish(self) -> None:
-        """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint."""
+        """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint.
+        At `learner.stop_at_success` the evaluation that reached it judged the current weights."""
         self.core.replay.poll()
         if self.core.env_step != self.core.window_start_step:  # not logged a moment ago
             self._log_perf()
         self.actors.shutdown()
-        if not self.stop_requested:
+        if not self.stop_requested and not self.core.reached_target:
             self._settle_debt()
             self._collect_eval(wait=True)
             if self.core.env_step != self.eval_step or not self.core.last_eval:
@@ -320,8 +330,7 @@ class DistributedRun:
         while self.owed >= 1 and core.learner.ready(core.env_step):
             self.owed = self._train(self.owed)
         if core.agent.updates != before:
-            self.version += 1
-            self._publish()
+            self._publish_new()
 
     def close(self) -> None:
         self.actors.shutdown()
