@@ -178,7 +178,7 @@ class DistributedRun:
                 if time.monotonic() - last_perf > PERF_EVERY_S:
                     self._log_perf()
                     last_perf = time.monotonic()
-                if new_steps == 0 and self.owed < 1:
+                if new_steps == 0 and (self.owed < 1 or self._judging):
                     time.sleep(0.005)
             self._finish()
         finally:
@@ -220,9 +220,9 @@ class DistributedRun:
 
     def _train(self, credit: float) -> float:
         """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read; none while
-        an evaluation that may end the run (`learner.stop_at_success`) judges the current weights."""
+        an evaluation that may end the run judges the current weights."""
         core = self.core
-        if self.cfg.learner.stop_at_success and self.eval_future is not None:
+        if self._judging:
             return credit
         start = time.perf_counter()
         while credit >= 1.0 and time.perf_counter() - start < TRAIN_SLICE_S and core.learner.ready(core.env_step):
@@ -231,6 +231,12 @@ class DistributedRun:
             if core.agent.updates % self.cfg.learner.weight_sync_interval == 0:
                 self._publish_new()
         return credit
+
+    @property
+    def _judging(self) -> bool:
+        """An evaluation that may end the run (`learner.stop_at_success`) is judging the current
+        weights, so the learner waits for it."""
+        return bool(self.cfg.learner.stop_at_success) and self.eval_future is not None
 
     def _launch_eval(self) -> bool:
         if self.eval_future is not None:

@@ -163,6 +163,8 @@ def test_explicit_values_win_over_the_profile(tmp_path):
     assert _device_fields(cfg) == {**DOCUMENTED["cuda"], "td3.batch_size": 32, "learner.updates_per_step": 2.0,
                                    "learner.threads": 0}
     assert "td3.batch_size=32 (set)" in describe(cfg) and "td3.learning_starts=5000," in describe(cfg)
+    hparams = config_module.flat_hparams(cfg)  # the run's config text and HPARAMS tab hold the resolved values
+    assert (hparams["td3.batch_size"], hparams["td3.learning_starts"], hparams["learner.threads"]) == (32, 5000, 0)
     # The CARLA config trains on CUDA: the GPU profile, but its own learning start and one server per actor.
     carla = load_config(ROOT / "deploy/configs/carla.yaml")
     assert _device_fields(carla) == {**DOCUMENTED["cuda"], "td3.learning_starts": 10000, "actors.envs_per_actor": 1}
