@@ -58,6 +58,9 @@ def start_ray(cfg: Config) -> None:
         reserved = a.num_actors * worker_cpus(cfg, a.envs_per_actor) + worker_cpus(cfg, 1)  # the evaluator steps one env
         torch.set_num_threads(max(1, int((os.cpu_count() or 1) - reserved)))
     ray.init(
+        # "local": without an address, ray.init joins the cluster a `ray start` on this machine left
+        # in /tmp/ray/ray_current_cluster, if any, and then refuses object_store_memory.
+        address="local",
         include_dashboard=cfg.learner.ray_dashboard,
         dashboard_host="127.0.0.1",
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
