@@ -100,6 +100,8 @@ class DistributedRun:
         self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0
+        self.judging = False  # an evaluation of the current weights, with training held, is in flight
+        self.reached = False  # such an evaluation reached learner.stop_at_success: the run ends
         self.actor_steps: dict[int, int] = {}  # env steps per actor since the last perf log
         self.holds = 0  # loop passes in which idle actors waited for the learner
         self.owed = 0.0  # updates owed for the env steps reported so far
@@ -157,7 +159,7 @@ class DistributedRun:
         next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
         last_perf = last_rescale = time.monotonic()
         try:
-            while core.env_step < cfg.learner.max_timesteps and not self.stop_requested and not core.reached_target:
+            while core.env_step < cfg.learner.max_timesteps and not self.stop_requested and not self.reached:
                 new_steps = self._collect_reports()
                 if core.env_step > cfg.td3.learning_starts:
                     self.owed += new_steps * cfg.learner.updates_per_step
@@ -171,7 +173,8 @@ class DistributedRun:
                 if cfg.eval.freq and core.env_step >= next_eval:
                     if self._launch_eval():
                         next_eval = self._next_multiple(cfg.eval.freq)
-                self._collect_eval(wait=False)
+                if self._collect_eval(wait=False):
+                    self._judge()
                 if core.env_step >= next_ckpt:
                     self._checkpoint()
                     next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
@@ -181,7 +184,7 @@ class DistributedRun:
                 if time.monotonic() - last_perf > PERF_EVERY_S:
                     self._log_perf()
                     last_perf = time.monotonic()
-                if new_steps == 0 and (self.owed < 1 or self._judging):
+                if new_steps == 0 and (self.owed < 1 or self.judging):
                     time.sleep(0.005)
             self._finish()
         finally:
@@ -225,7 +228,7 @@ class DistributedRun:
         """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read; none while
         an evaluation that may end the run judges the current weights."""
         core = self.core
-        if self._judging:
+        if self.judging:
             return credit
         start = time.perf_counter()
         while credit >= 1.0 and time.perf_counter() - start < TRAIN_SLICE_S and core.learner.ready(core.env_step):
@@ -235,28 +238,23 @@ class DistributedRun:
                 self._publish_new()
         return credit
 
-    @property
-    def _judging(self) -> bool:
-        """An evaluation that may end the run (`learner.stop_at_success`) is judging the current
-        weights, so the learner waits for it."""
-        return bool(self.cfg.learner.stop_at_success) and self.eval_future is not None
-
     def _launch_eval(self) -> bool:
         if self.eval_future is not None:
             return False
-        if self.cfg.learner.stop_at_success and self.core.agent.updates != self.published_updates:
+        if self.judging and self.core.agent.updates != self.published_updates:
             self._publish_new()  # the weights the run ends with if they reach the target
         seed = self.cfg.seed + self.cfg.eval.seed_offset
         self.eval_future = self.evaluator.evaluate.remote(self.weights_ref, seed, self.cfg.eval.video)
         self.eval_step = self.core.env_step
         return True
 
-    def _collect_eval(self, wait: bool) -> None:
+    def _collect_eval(self, wait: bool) -> bool:
+        """Logs the evaluation in flight once it is done; whether it was (and succeeded)."""
         if self.eval_future is None:
-            return
+            return False
         ready, _ = ray.wait([self.eval_future], timeout=None if wait else 0)
         if not ready:
-            return
+            return False
         future, self.eval_future = self.eval_future, None
         try:
             metrics, gif, size = ray.get(future)
@@ -264,8 +262,21 @@ class DistributedRun:
             log.warning("evaluation failed (%s); restarting the evaluator", str(exc).splitlines()[0][:300])
             ray.kill(self.evaluator, no_restart=True)
             self.evaluator = self._make_evaluator()
-            return
+            self.judging = False
+            return False
         self.core.log_eval(metrics, self.eval_step, (gif, size))
+        return True
+
+    def _judge(self) -> None:
+        """`learner.stop_at_success`: the learner trains on while the evaluator runs, so when an
+        evaluation reaches the rate, the current weights are evaluated once more with training
+        held, and the run ends if they reach it too (with these weights); else training goes on."""
+        if self.judging:
+            self.judging = False
+            self.reached = self.core.reached_target
+        elif self.core.reached_target:
+            self.judging = True
+            self._launch_eval()
 
     def _log_perf(self) -> None:
         core, actors = self.core, self.actors
@@ -319,7 +330,9 @@ class DistributedRun:
         if self.core.env_step != self.core.window_start_step:  # not logged a moment ago
             self._log_perf()
         self.actors.shutdown()
-        if not self.stop_requested and not self.core.reached_target:
+        if not self.stop_requested and self.judging and self._collect_eval(wait=True):
+            self._judge()  # the budget ended while the current weights were being judged
+        if not self.stop_requested and not self.reached:
             self._settle_debt()
             self._collect_eval(wait=True)
             if self.core.env_step != self.eval_step or not self.core.last_eval:

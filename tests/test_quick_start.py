@@ -1,5 +1,5 @@
 """The README's quick start: its `make run` command is one the CLI accepts, and a run with
-`--stop-at-success` ends at the evaluation that reaches the rate, with a checkpoint of the weights
+`--stop-at-success` ends at an evaluation that reaches the rate, with a checkpoint of the weights
 it judged, their evaluation video and `<logdir>/latest` naming the run."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import ray
 
 from actors.envs import check_backend
 from common.config import load_config
+from common.metrics import read_scalars
 from learner import checkpoint
 from learner.cli import build_parser, main, resolve_config
 from learner.distributed import DistributedRun
@@ -72,9 +73,12 @@ def test_a_distributed_run_ends_with_the_weights_the_evaluation_judged(tmp_path)
         if ray.is_initialized():
             ray.shutdown()
     core = run.core
-    assert final["eval/success_rate"] == 1.0 and core.reached_target
-    assert core.last_eval_step >= 300 and core.env_step < 5000
-    # Nothing trained after the evaluated weights were published: the checkpoint holds them.
+    assert final["eval/success_rate"] == 1.0 and run.reached and core.env_step < 5000
+    # The periodic evaluation at 300 reached the rate while the learner trained on; the current
+    # weights were evaluated again with training held, and nothing trained after they were
+    # published: the checkpoint holds the weights the last evaluation judged.
+    evaluated = [step for _, step, _ in read_scalars(tmp_path / "run")["eval/success_rate"]]
+    assert evaluated[0] == 300 and len(evaluated) == 2 and core.last_eval_step == evaluated[1] >= 300
     assert run.published_updates == core.agent.updates
     assert checkpoint.resolve(tmp_path / "run").name == f"step_{core.env_step:09d}"
     assert core.wrap_up().count("evaluation video:") == 1 and (tmp_path / "run" / "eval.gif").is_file()
