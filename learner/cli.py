@@ -123,5 +123,5 @@ def main(argv: list[str] | None = None) -> int:
     except (ServiceUnavailable, ActorsFailing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{run.core.wrap_up()}\nevaluate it:      python -m learner.evaluate {run_dir} --video eval.gif", flush=True)
+    print(f"{run.core.wrap_up()}\nevaluate it:      python -m learner.evaluate {run_dir} --video out.gif", flush=True)
     return 0
