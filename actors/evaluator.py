@@ -94,6 +94,22 @@ def evaluate(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int, frames
     return summarize([run_episode_retrying(env, policy, seed + i, frames if i == 0 else None) for i in range(episodes)])
 
 
+def evaluate_filmed(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int,
+                    video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:
+    """`evaluate`, and with `video` an animated GIF of the first episode and its (height, width)."""
+    from common.memory import release_free_heap
+    from common.metrics import encode_gif
+
+    frames: list | None = [] if video else None
+    metrics = evaluate(env, policy, episodes, seed, frames)
+    gif, shape = (encode_gif(frames, video_fps(env)), frames[0].shape[:2]) if frames else (None, (0, 0))
+    del frames
+    # A video of up to 300 frames is freed here, and glibc would keep its pages: the evaluator's
+    # RSS then rose with its longest episode so far (+58 MB in a soak), which reads as a leak.
+    release_free_heap()
+    return metrics, gif, shape
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
     """The eval/* metrics of a list of `run_episode` results."""
     episodes = len(results)
@@ -161,12 +177,5 @@ class EvalWorker:
     def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:
         """Metrics of `eval.num_episodes` deterministic episodes under `weights`, and a GIF of the first."""
         load_policy_bytes(self.actor.policy, weights)
-        frames: list | None = [] if video else None
-        metrics = evaluate(self.env, self.actor.eval_action, self.cfg.eval.num_episodes, seed, frames)
-        metrics |= self.references(self.env, seed)
-        gif, shape = (encode_gif(frames, video_fps(self.env)), frames[0].shape[:2]) if frames else (None, (0, 0))
-        del frames
-        # A video of up to 300 frames is freed here, and glibc would keep its pages: the evaluator's
-        # RSS then rose with its longest episode so far (+58 MB in a soak), which reads as a leak.
-        release_free_heap()
-        return metrics, gif, shape
+        metrics, gif, shape = evaluate_filmed(self.env, self.actor.eval_action, self.cfg.eval.num_episodes, seed, video)
+        return metrics | self.references(self.env, seed), gif, shape

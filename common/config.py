@@ -2,10 +2,12 @@
 
 Each section is a dataclass whose fields carry a docstring; sections compose into `Config`.
 Values come from the defaults, then a YAML file (`--config`), then `--set a.b=c` overrides,
-in that order. Every key and value is checked at start: an unknown key or an impossible value
-raises `ConfigError` naming the key and what would have been valid, so a typo can never be
-silently ignored (the old system's config drift). `tests/test_config.py` fails when a field is
-never read by the code.
+in that order; the device-dependent fields none of them set (None) then come from the profile of
+`learner.device` (common/profiles.py). These defaults and profiles are the default run (`make
+run`); deploy/configs/ holds only what other runs change. Every key and value is checked at
+start: an unknown key or an impossible value raises `ConfigError` naming the key and what would
+have been valid, so a typo can never be silently ignored (the old system's config drift).
+`tests/test_config.py` fails when a field is never read by the code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from common.backends import registered
+from common.profiles import apply_profile
 
 
 class ConfigError(ValueError):
@@ -290,10 +293,11 @@ class TD3Config:
     """Clip of the target-action noise."""
     policy_delay: int = 2
     """Critic updates per actor and target update."""
-    batch_size: int = 256
-    """Transitions per update."""
-    learning_starts: int = 5000
-    """Env steps of uniform random actions before the first update."""
+    batch_size: int | None = None
+    """Transitions per update; unset: the device profile's (common/profiles.py: 64 on a CPU, 256 on CUDA)."""
+    learning_starts: int | None = None
+    """Env steps of uniform random actions before the first update; unset: the device profile's
+    (1,000 on a CPU, 5,000 on CUDA)."""
     cnn_lr: float = 1e-4
     """Initial Adam learning rate of the CNN parameter groups."""
     mlp_lr: float = 3e-4
@@ -334,8 +338,20 @@ class LearnerConfig:
     """Where the learner trains; auto picks cuda when available."""
     max_timesteps: int = 1_000_000
     """Env-step budget of the run."""
-    updates_per_step: float = 1.0
-    """Learner updates per env step once learning has started (0.5 = one update every 2 steps)."""
+    updates_per_step: float | None = None
+    """Learner updates per env step once learning has started (0.5 = one update every 2 steps);
+    unset: the device profile's (0.5 on a CPU, 1 on CUDA)."""
+    threads: int | None = None
+    """torch CPU threads of the learner process: on a CPU they run the update, on CUDA they only
+    take cores from the actors beside it. 0: on a local Ray cluster the cores its actors and
+    evaluator leave, else torch's default (every core); unset: the device profile's (0 on a CPU, 1
+    on CUDA)."""
+    stop_at_success: float = 0.0
+    """End the run at the first evaluation whose success rate reaches this (1.0: every evaluation
+    route completed), with a checkpoint of the weights it evaluated; 0 runs the whole budget. In
+    distributed mode the learner trains on while the evaluator runs, so such an evaluation is
+    followed by one of the current weights, with training held, and the run ends if that one
+    reaches the rate too."""
     max_update_debt: int = 200
     """Distributed mode: updates the learner may owe before it hands the actors no new work, so
     actors that outrun a slow learner (a CPU) cannot turn updates_per_step into a fiction (the
@@ -446,10 +462,11 @@ class ActorsConfig:
     """Absolute action limit applied when action_scaling is on."""
     num_actors: int = 2
     """Rollout actors in distributed mode."""
-    envs_per_actor: int = 1
+    envs_per_actor: int | None = None
     """Envs each rollout actor steps together, with one batched policy forward per step over all
     of them (each env keeps its own episodes, seeds, noise scale and chunks; a CARLA env its own
-    server). Serial mode always runs one env."""
+    server). Serial mode always runs one env. Unset: the device profile's (1 with a CPU learner,
+    which sets the pace; 8 with a CUDA one)."""
     noise_scale_min: float = 0.5
     """Distributed mode: exploration-noise multiplier of the first env of the first actor (Ape-X
     style spread over every env of the run)."""
@@ -503,7 +520,8 @@ class EvalConfig:
     seed_offset: int = 10_000
     """Added to the run seed for the evaluation env, so eval episodes differ from training ones."""
     video: bool = True
-    """Distributed mode: record the first evaluation episode as an animated eval/video."""
+    """Record the first episode of each evaluation as an animated eval/video; a run ends by
+    writing its last one to eval.gif in its folder."""
     references: bool = True
     """On the first evaluation, also run the classical baseline and a uniformly random policy on
     the same seeds, logged with every evaluation as eval/baseline_* and eval/random_* lines."""
@@ -681,6 +699,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         nested: dict[str, Any] = {}
         _set_path(nested, key, value)
         _merge(cfg, nested)
+    apply_profile(cfg)
     validate(cfg)
     return cfg
 
@@ -725,6 +744,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")
     _require(cfg.learner.updates_per_step > 0, "learner.updates_per_step must be > 0")
     _require(cfg.learner.max_update_debt >= 0, "learner.max_update_debt must be >= 0")
+    _require(cfg.learner.threads >= 0, f"learner.threads={cfg.learner.threads} must be >= 0 (0: the cores the actors leave)")
+    _require(0.0 <= cfg.learner.stop_at_success <= 1.0,
+             f"learner.stop_at_success={cfg.learner.stop_at_success} must be a success rate in [0, 1] (0: never stop early)")
+    _require(not cfg.learner.stop_at_success or cfg.eval.freq > 0,
+             "learner.stop_at_success needs periodic evaluations: eval.freq > 0")
     _require(cfg.actors.num_gpus >= 0, f"actors.num_gpus={cfg.actors.num_gpus} must be >= 0")
     _require(cfg.actors.device != "cuda" or cfg.actors.num_gpus > 0,
              "actors.device=cuda needs actors.num_gpus > 0: Ray makes a GPU visible only to actors that reserve a share")
@@ -815,6 +839,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Rebuilds a Config from `to_dict` output (a checkpoint's), with the same checks."""
     cfg = Config()
     _merge(cfg, data)
+    apply_profile(cfg)  # a checkpoint from before a device-dependent field existed
     validate(cfg)
     return cfg
 

@@ -96,7 +96,10 @@ def save(
 
 
 def resolve(path: Path) -> Path:
-    """A run directory, its checkpoints directory or one checkpoint -> that checkpoint."""
+    """A run directory, its checkpoints directory or one checkpoint -> that checkpoint. A `latest`
+    pointer file (`runs/latest`, `checkpoints/latest`) stands for the sibling it names."""
+    if path.name == LATEST and path.is_file():
+        path = path.parent / path.read_text().strip()
     for root in (path / "checkpoints", path):
         pointer = root / LATEST
         if pointer.is_file():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from actors.envs import check_backend
 from common.config import Config, ConfigError, load_config
 from common.errors import ActorsFailing, ServiceUnavailable
+from common.profiles import describe
 from learner import checkpoint
+from learner.run_dirs import mark_latest, new_run_dir
 
 # The old system's flags, kept so its users' scripts keep working: flag -> config key.
 ALIASES = {
@@ -27,6 +28,7 @@ ALIASES = {
     "num_actors": "actors.num_actors",
     "ray_address": "learner.ray_address",
     "redis_url": "replay.redis_url",
+    "stop_at_success": "learner.stop_at_success",
 }
 
 
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=int, help="rollout actors in distributed mode (actors.num_actors)")
     p.add_argument("--ray-address", help="join a Ray cluster: auto or HOST:PORT (learner.ray_address)")
     p.add_argument("--redis-url", help="use this Redis for the replay instead of launching one (replay.redis_url)")
+    p.add_argument("--stop-at-success", type=float, metavar="RATE",
+                   help="end the run at the first evaluation whose success rate reaches RATE, e.g. 1.0 "
+                        "(learner.stop_at_success)")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of a live status line (logging.quiet)")
     p.add_argument("--resume", metavar="latest|PATH",
                    help="continue the newest run under --logdir, or the run/checkpoint at PATH")
@@ -107,15 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from learner.distributed import DistributedRun as Run
 
-    if ckpt is not None:
-        run_dir = ckpt.parent.parent
-    else:
-        run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.env.backend}_s{cfg.seed}"
+    run_dir = ckpt.parent.parent if ckpt is not None else new_run_dir(cfg)
     print(f"run directory: {run_dir}\nwatch it:      tensorboard --logdir {run_dir.parent} --host 127.0.0.1 "
-          "(or: make tensorboard), then open http://127.0.0.1:6006/#custom_scalars (the overview)", flush=True)
+          "(or: make tensorboard), then open http://127.0.0.1:6006/#custom_scalars (the overview)\n"
+          f"{describe(cfg)}", flush=True)
     try:
-        Run(cfg, run_dir, resume=ckpt).init().run()
+        run = Run(cfg, run_dir, resume=ckpt).init()
+        mark_latest(run_dir)
+        run.run()
     except (ServiceUnavailable, ActorsFailing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(f"{run.core.wrap_up()}\nevaluate it:      python -m learner.evaluate {run_dir} --video out.gif", flush=True)
     return 0

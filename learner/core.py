@@ -15,6 +15,7 @@ import yaml
 from common.config import Config, flat_hparams, for_display, to_dict
 from common.memory import release_free_heap
 from common.metrics import MetricLogger, TerminationWindow
+from common.profiles import device_kind
 from learner import checkpoint
 from learner.learner import Learner, rss_and_gpu_metrics
 from learner.td3 import TD3
@@ -30,9 +31,7 @@ HPARAM_METRICS = ("eval/mean_reward", "eval/success_rate", "eval/collision_rate"
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("learner.device=cuda but torch sees no CUDA device; use --device cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(device_kind(name))
 
 
 class TrainingCore:
@@ -43,6 +42,8 @@ class TrainingCore:
         self.cfg = cfg
         self.run_dir = run_dir
         torch.manual_seed(cfg.seed)
+        if cfg.learner.threads:
+            torch.set_num_threads(cfg.learner.threads)
         self.device = pick_device(cfg.learner.device)
         self.agent = TD3(cfg, self.device)
         self.ring = FrameRing(cfg.replay.capacity)
@@ -51,6 +52,10 @@ class TrainingCore:
         self.episodes = 0
         self.resumes = 0
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step = 0
+        self.last_video: bytes | None = None
+        self.last_checkpoint: Path | None = None
+        self.started = time.monotonic()
         self.saved: dict[str, Any] = {}
         self.via_redis = via_redis
         if resume is not None:
@@ -116,15 +121,46 @@ class TrainingCore:
         self.logger.log(self.terminations.apply(episode), self.env_step)
         self.episodes += 1
 
-    def log_eval(self, metrics: dict[str, float], env_step: int | None = None) -> None:
-        """Eval metrics at `env_step`, the step whose weights were evaluated (default: now)."""
+    def log_eval(self, metrics: dict[str, float], env_step: int | None = None,
+                 video: tuple[bytes | None, tuple[int, int]] = (None, (0, 0))) -> None:
+        """Eval metrics at `env_step`, the step whose weights were evaluated (default: now), and
+        the GIF of its first episode with its (height, width), if filmed."""
         step = self.env_step if env_step is None else env_step
         self.logger.log(metrics, step)
-        self.last_eval = metrics
+        gif, size = video
+        if gif:
+            self.logger.video("eval/video", gif, size, step)
+            self.last_video = gif
+        self.last_eval, self.last_eval_step = metrics, step
         log.info("eval at step %d: return %.1f, success %.2f, collisions %.2f, %.0f steps, %.1f m/s (baseline: success %s)",
                  step, metrics["eval/mean_reward"], metrics["eval/success_rate"], metrics["eval/collision_rate"],
                  metrics["eval/avg_episode_length"], metrics["eval/mean_speed"],
                  f"{metrics['eval/baseline_success_rate']:.2f}" if "eval/baseline_success_rate" in metrics else "off")
+
+    @property
+    def reached_target(self) -> bool:
+        """The latest evaluation reached `learner.stop_at_success`, which ends the run."""
+        target = self.cfg.learner.stop_at_success
+        return bool(target) and self.last_eval.get("eval/success_rate", -1.0) >= target
+
+    def progress(self) -> str:
+        """The status line's end: the latest evaluation's success and the time since start."""
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        success = f"{self.last_eval['eval/success_rate']:.2f} at {self.last_eval_step}" if self.last_eval else "-"
+        return f"eval success {success} | {minutes}:{seconds:02d} elapsed"
+
+    def wrap_up(self) -> str:
+        """Writes the last evaluation's video to eval.gif in the run folder; returns what the
+        finished run leaves, for the console: its last evaluation, checkpoint and video."""
+        lines = [f"finished at env step {self.env_step}: {self.progress()}"
+                 + (f" (reached learner.stop_at_success={self.cfg.learner.stop_at_success})" if self.reached_target else "")]
+        if self.last_checkpoint is not None:
+            lines.append(f"checkpoint:       {self.last_checkpoint}")
+        if self.last_video:
+            video = self.run_dir / "eval.gif"
+            video.write_bytes(self.last_video)
+            lines.append(f"evaluation video: {video} (the evaluation at env step {self.last_eval_step}, first episode)")
+        return "\n".join(lines)
 
     def checkpoint(self, role_state: dict[str, Any]) -> Path:
         """Writes a checkpoint; `role_state` (JSON) comes back as `saved` on resume."""
@@ -140,6 +176,7 @@ class TrainingCore:
         keep = self.cfg.replay.save_with_checkpoint and not self.via_redis
         path = checkpoint.save(self.run_dir, self.env_step, self.agent, state, self.ring.state() if keep else None)
         log.info("checkpoint: %s", path)
+        self.last_checkpoint = path
         return path
 
     def close(self) -> None:

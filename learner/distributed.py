@@ -52,11 +52,15 @@ def start_ray(cfg: Config) -> None:
     if cfg.learner.ray_address:
         ray.init(address=cfg.learner.ray_address, log_to_driver=True)
         return
-    # On a local cluster the learner shares the cores with the actors and their servers: leave them theirs.
-    a = cfg.actors
-    reserved = a.num_actors * worker_cpus(cfg, a.envs_per_actor) + worker_cpus(cfg, 1)  # the evaluator steps one env
-    torch.set_num_threads(max(1, int((os.cpu_count() or 1) - reserved)))
+    if not cfg.learner.threads:
+        # On a local cluster the learner shares the cores with the actors and their servers: leave them theirs.
+        a = cfg.actors
+        reserved = a.num_actors * worker_cpus(cfg, a.envs_per_actor) + worker_cpus(cfg, 1)  # the evaluator steps one env
+        torch.set_num_threads(max(1, int((os.cpu_count() or 1) - reserved)))
     ray.init(
+        # "local": without an address, ray.init joins the cluster a `ray start` on this machine left
+        # in /tmp/ray/ray_current_cluster, if any, and then refuses object_store_memory.
+        address="local",
         include_dashboard=cfg.learner.ray_dashboard,
         dashboard_host="127.0.0.1",
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
@@ -93,6 +97,8 @@ class DistributedRun:
         self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0
+        self.judging = False  # an evaluation of the current weights, with training held, is in flight
+        self.reached = False  # such an evaluation reached learner.stop_at_success: the run ends
         self.actor_steps: dict[int, int] = {}  # env steps per actor since the last perf log
         self.holds = 0  # loop passes in which idle actors waited for the learner
         self.owed = 0.0  # updates owed for the env steps reported so far
@@ -129,7 +135,13 @@ class DistributedRun:
     def _make_evaluator(self) -> Any:
         return self._remote(EvalWorker, 1).remote(dataclasses.asdict(self.cfg))
 
+    def _publish_new(self) -> None:
+        """The agent's current policy as the next weights version."""
+        self.version += 1
+        self._publish()
+
     def _publish(self) -> None:
+        self.published_updates = self.core.agent.updates
         start = time.perf_counter()
         ref = ray.put(policy_to_bytes(self.core.agent.actor))
         self.weights_ref = ref
@@ -144,7 +156,7 @@ class DistributedRun:
         next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
         last_perf = last_rescale = time.monotonic()
         try:
-            while core.env_step < cfg.learner.max_timesteps and not self.stop_requested:
+            while core.env_step < cfg.learner.max_timesteps and not self.stop_requested and not self.reached:
                 new_steps = self._collect_reports()
                 if core.env_step > cfg.td3.learning_starts:
                     self.owed += new_steps * cfg.learner.updates_per_step
@@ -158,7 +170,8 @@ class DistributedRun:
                 if cfg.eval.freq and core.env_step >= next_eval:
                     if self._launch_eval():
                         next_eval = self._next_multiple(cfg.eval.freq)
-                self._collect_eval(wait=False)
+                if self._collect_eval(wait=False):
+                    self._judge()
                 if core.env_step >= next_ckpt:
                     self._checkpoint()
                     next_ckpt = self._next_multiple(cfg.learner.checkpoint_freq)
@@ -168,7 +181,7 @@ class DistributedRun:
                 if time.monotonic() - last_perf > PERF_EVERY_S:
                     self._log_perf()
                     last_perf = time.monotonic()
-                if new_steps == 0 and self.owed < 1:
+                if new_steps == 0 and (self.owed < 1 or self.judging):
                     time.sleep(0.005)
             self._finish()
         finally:
@@ -209,31 +222,36 @@ class DistributedRun:
             self.actors.launch(index, self.cfg.actors.steps_per_report, self.core.env_step)
 
     def _train(self, credit: float) -> float:
-        """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read."""
+        """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read; none while
+        an evaluation that may end the run judges the current weights."""
         core = self.core
+        if self.judging:
+            return credit
         start = time.perf_counter()
         while credit >= 1.0 and time.perf_counter() - start < TRAIN_SLICE_S and core.learner.ready(core.env_step):
             core.learner.step(core.env_step)
             credit -= 1.0
             if core.agent.updates % self.cfg.learner.weight_sync_interval == 0:
-                self.version += 1
-                self._publish()
+                self._publish_new()
         return credit
 
     def _launch_eval(self) -> bool:
         if self.eval_future is not None:
             return False
+        if self.judging and self.core.agent.updates != self.published_updates:
+            self._publish_new()  # the weights the run ends with if they reach the target
         seed = self.cfg.seed + self.cfg.eval.seed_offset
         self.eval_future = self.evaluator.evaluate.remote(self.weights_ref, seed, self.cfg.eval.video)
         self.eval_step = self.core.env_step
         return True
 
-    def _collect_eval(self, wait: bool) -> None:
+    def _collect_eval(self, wait: bool) -> bool:
+        """Logs the evaluation in flight once it is done; whether it was (and succeeded)."""
         if self.eval_future is None:
-            return
+            return False
         ready, _ = ray.wait([self.eval_future], timeout=None if wait else 0)
         if not ready:
-            return
+            return False
         future, self.eval_future = self.eval_future, None
         try:
             metrics, gif, size = ray.get(future)
@@ -241,10 +259,21 @@ class DistributedRun:
             log.warning("evaluation failed (%s); restarting the evaluator", str(exc).splitlines()[0][:300])
             ray.kill(self.evaluator, no_restart=True)
             self.evaluator = self._make_evaluator()
-            return
-        self.core.log_eval(metrics, self.eval_step)
-        if gif:
-            self.core.logger.video("eval/video", gif, size, self.eval_step)
+            self.judging = False
+            return False
+        self.core.log_eval(metrics, self.eval_step, (gif, size))
+        return True
+
+    def _judge(self) -> None:
+        """`learner.stop_at_success`: the learner trains on while the evaluator runs, so when an
+        evaluation reaches the rate, the current weights are evaluated once more with training
+        held, and the run ends if they reach it too (with these weights); else training goes on."""
+        if self.judging:
+            self.judging = False
+            self.reached = self.core.reached_target
+        elif self.core.reached_target:
+            self.judging = True
+            self._launch_eval()
 
     def _log_perf(self) -> None:
         core, actors = self.core, self.actors
@@ -276,7 +305,7 @@ class DistributedRun:
         status = (
             f"step {core.env_step}/{self.cfg.learner.max_timesteps} | {perf['perf/updates_per_s']:.1f} upd/s | "
             f"{perf['perf/env_steps_per_s']:.0f} steps/s | return {core.logger.latest.get('train/episode_reward', math.nan):.1f} | "
-            f"eval success {core.last_eval.get('eval/success_rate', math.nan):.2f} | actors {actors.alive}/{actors.target}"
+            f"actors {actors.alive}/{actors.target} | {core.progress()}"
         )
         if self.cfg.logging.quiet or not sys.stdout.isatty():
             log.info(status)
@@ -288,7 +317,8 @@ class DistributedRun:
         self.core.checkpoint({"weights_version": self.version})
 
     def _finish(self) -> None:
-        """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint."""
+        """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint.
+        At `learner.stop_at_success` the evaluation that reached it judged the current weights."""
         self.core.replay.poll()
         if self.core.env_step != self.core.window_start_step:  # not logged a moment ago
             self._log_perf()
@@ -297,7 +327,9 @@ class DistributedRun:
         while self.core.replay.poll():
             pass
         self.core.logger.log(self.core.replay.metrics(), self.core.env_step)
-        if not self.stop_requested:
+        if not self.stop_requested and self.judging and self._collect_eval(wait=True):
+            self._judge()  # the budget ended while the current weights were being judged
+        if not self.stop_requested and not self.reached:
             self._settle_debt()
             self._collect_eval(wait=True)
             if self.core.env_step != self.eval_step or not self.core.last_eval:
@@ -317,8 +349,7 @@ class DistributedRun:
         while self.owed >= 1 and core.learner.ready(core.env_step):
             self.owed = self._train(self.owed)
         if core.agent.updates != before:
-            self.version += 1
-            self._publish()
+            self._publish_new()
 
     def close(self) -> None:
         self.actors.shutdown()

@@ -14,7 +14,7 @@ import numpy as np
 from actors.actor import Actor
 from actors.adder import ChunkAdder
 from actors.envs import backend_spec, make_env
-from actors.evaluator import References, evaluate
+from actors.evaluator import References, evaluate_filmed
 from actors.runner import EpisodeRunner
 from common.backends import aggregate
 from common.config import Config
@@ -56,7 +56,7 @@ class SerialRun:
         cfg, core = self.cfg, self.core
         self.runner = EpisodeRunner(self.env, self.actor, self.adder, cfg.seed, first_episode=core.episodes)
         update_credit = 0.0
-        while core.env_step < cfg.learner.max_timesteps:
+        while core.env_step < cfg.learner.max_timesteps and not core.reached_target:
             finished = self.runner.step(core.env_step)
             core.env_step += 1
             if core.env_step % cfg.replay.chunk_steps == 0:
@@ -93,19 +93,20 @@ class SerialRun:
             **aggregate(backend_spec(self.cfg), [self.env.backend.metrics()]),
         })
         log.info(
-            "step %d/%d | updates %d | episode reward %.1f | %.0f steps/s | %.1f updates/s",
+            "step %d/%d | updates %d | episode reward %.1f | %.0f steps/s | %.1f updates/s | %s",
             core.env_step, self.cfg.learner.max_timesteps, core.agent.updates,
             core.logger.latest.get("train/episode_reward", float("nan")),
-            perf["perf/env_steps_per_s"], perf["perf/updates_per_s"],
+            perf["perf/env_steps_per_s"], perf["perf/updates_per_s"], core.progress(),
         )
 
     def _evaluate(self) -> None:
         policy = self.core.agent.actor
         policy.eval()
         seed = self.cfg.seed + self.cfg.eval.seed_offset
-        metrics = evaluate(self.eval_env, self.actor.eval_action, self.cfg.eval.num_episodes, seed)
+        metrics, gif, size = evaluate_filmed(self.eval_env, self.actor.eval_action, self.cfg.eval.num_episodes, seed,
+                                             self.cfg.eval.video)
         policy.train()
-        self.core.log_eval(metrics | self.references(self.eval_env, seed))
+        self.core.log_eval(metrics | self.references(self.eval_env, seed), video=(gif, size))
 
     def _checkpoint(self) -> None:
         self.adder.flush()  # a chunk may end mid-episode; the next one continues it

@@ -4,9 +4,11 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from common import config as config_module
 from common.config import Config, ConfigError, iter_fields, load_config
+from common.profiles import DEVICE_FIELDS, describe
 from learner.cli import build_parser, overrides_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +80,9 @@ def test_overrides_are_typed():
         ("td3.gamma=high", "expected a number"),
         ("logging.debug=maybe", "expected true or false"),
         ("td3.gamma=1.5", "td3.gamma=1.5 must be in (0, 1]"),
-        ("replay.capacity=10", "replay.capacity=10 must be >= td3.batch_size=256"),
+        ("replay.capacity=10", "replay.capacity=10 must be >= td3.batch_size="),
+        ("learner.stop_at_success=1.5", "learner.stop_at_success=1.5 must be a success rate in [0, 1]"),
+        ("learner.threads=-1", "learner.threads=-1 must be >= 0"),
         ("env.embedded.simulation_frequency=15", "multiple of env.embedded.policy_frequency"),
         ("carla.gpus=[0,0]", "carla.gpus=[0, 0] must list distinct GPU indices >= 0"),
         ("carla.gpus=[-1]", "carla.gpus=[-1] must list distinct GPU indices >= 0"),
@@ -123,3 +127,58 @@ def test_config_round_trips_through_dict():
     cfg = load_config(overrides=["td3.algo=ddpg", "env.scenario=1"])
     again = config_module.from_dict(dataclasses.asdict(cfg))
     assert again == cfg
+
+
+# -- the device profiles (common/profiles.py): the values the docs state for each device ----------
+DOCUMENTED = {
+    "cpu": {"td3.batch_size": 64, "learner.updates_per_step": 0.5, "td3.learning_starts": 1000,
+            "actors.envs_per_actor": 1, "learner.threads": 0},
+    "cuda": {"td3.batch_size": 256, "learner.updates_per_step": 1.0, "td3.learning_starts": 5000,
+             "actors.envs_per_actor": 8, "learner.threads": 1},
+}
+
+
+def _device_fields(cfg: Config) -> dict[str, object]:
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in DEVICE_FIELDS.values()}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_device_profile_fills_what_is_not_set(device):
+    assert _device_fields(load_config(overrides=[f"learner.device={device}"])) == DOCUMENTED[device]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_auto_takes_the_profile_of_the_device_torch_finds(monkeypatch, cuda):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # the one stand-in: the device query
+    cfg = load_config()
+    assert cfg.learner.device == "auto" and _device_fields(cfg) == DOCUMENTED["cuda" if cuda else "cpu"]
+
+
+def test_explicit_values_win_over_the_profile(tmp_path):
+    own = tmp_path / "own.yaml"
+    own.write_text("learner:\n  device: cuda\ntd3:\n  batch_size: 32\n")
+    cfg = load_config(own, ["learner.updates_per_step=2", "learner.threads=0"])
+    assert _device_fields(cfg) == {**DOCUMENTED["cuda"], "td3.batch_size": 32, "learner.updates_per_step": 2.0,
+                                   "learner.threads": 0}
+    assert "td3.batch_size=32 (set)" in describe(cfg) and "td3.learning_starts=5000," in describe(cfg)
+    hparams = config_module.flat_hparams(cfg)  # the run's config text and HPARAMS tab hold the resolved values
+    assert (hparams["td3.batch_size"], hparams["td3.learning_starts"], hparams["learner.threads"]) == (32, 5000, 0)
+    # The CARLA config trains on CUDA: the GPU profile, but its own learning start and one server per actor.
+    carla = load_config(ROOT / "deploy/configs/carla.yaml")
+    assert _device_fields(carla) == {**DOCUMENTED["cuda"], "td3.learning_starts": 10000, "actors.envs_per_actor": 1}
+
+
+def test_a_saved_config_keeps_the_values_it_trained_with():
+    saved = config_module.to_dict(load_config(overrides=["learner.device=cpu"]))
+    saved["learner"]["device"] = "cuda"  # resumed or evaluated where a GPU is
+    assert _device_fields(config_module.from_dict(saved)) == DOCUMENTED["cpu"]
+    del saved["learner"]["threads"]  # a checkpoint from before the field existed
+    assert config_module.from_dict(saved).learner.threads == DOCUMENTED["cuda"]["learner.threads"]
+
+
+def test_the_default_run_is_defined_once():
+    """deploy/configs/default.yaml sets nothing: the built-in defaults and profiles are the default run."""
+    assert load_config(ROOT / "deploy/configs/default.yaml") == load_config()
+    assert not yaml.safe_load((ROOT / "deploy/configs/default.yaml").read_text())

@@ -11,6 +11,7 @@ from common.config import load_config
 from common.metrics import read_scalars
 from common.tags import describe
 from learner.distributed import DistributedRun
+from learner.run_dirs import latest_run
 
 FAST = [
     "td3.batch_size=16", "td3.learning_starts=100", "replay.capacity=5000", "replay.min_size_to_sample=16",
@@ -191,7 +192,7 @@ def test_ctrl_c_stops_everything_and_leaves_a_resumable_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, "".join(lines) + out
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = latest_run(tmp_path)
     (ckpt,) = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
     port = int(next(l for l in lines if "replay service: redis-server on" in l).split(":")[-1].split("/")[0])
     with pytest.raises(redis_lib.exceptions.ConnectionError):

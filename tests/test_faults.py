@@ -24,6 +24,7 @@ from common.chunk import decode
 from common.config import load_config
 from learner.cli import main
 from learner.distributed import DistributedRun
+from learner.run_dirs import latest_run
 from replay_server.server import RedisServer, free_port
 from tests.conftest import ROOT
 from tests.test_distributed import FAST, scalars
@@ -140,7 +141,7 @@ def test_sigkill_of_the_learner_then_resume_latest(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = latest_run(tmp_path)
     killed_at = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     # What Redis acknowledged before the kill is in its AOF: count it with a redis-server of our own.
     before, _ = persisted_transitions(run_dir)

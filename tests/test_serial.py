@@ -10,6 +10,7 @@ from common.metrics import read_scalars
 from common.tags import describe
 from learner.cli import main
 from learner.evaluate import main as evaluate_main
+from learner.run_dirs import latest_run
 
 SMOKE = [
     "--mode", "serial", "--device", "cpu", "--seed", "3", "--num-eval-episodes", "1",
@@ -58,7 +59,7 @@ def values(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def test_serial_smoke_run_logs_the_seed_tags_and_checkpoints(tmp_path):
     assert main([*SMOKE, "--max-timesteps", "300", "--logdir", str(tmp_path)]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = latest_run(tmp_path)
     logged = read_scalars(run_dir)
     missing = [t for t in SEED_TAGS if t not in logged]
     assert not missing, missing
@@ -95,9 +96,9 @@ def test_evaluate_names_what_is_wrong(tmp_path, capsys):
 
 def test_resume_latest_continues_the_run(tmp_path):
     assert main([*SMOKE, "--max-timesteps", "200", "--checkpoint-freq", "200", "--logdir", str(tmp_path)]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = latest_run(tmp_path)
     assert main(["--resume", "latest", "--max-timesteps", "300", "--logdir", str(tmp_path)]) == 0
-    assert list(tmp_path.iterdir()) == [run_dir]  # same run directory
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == [run_dir]  # same run directory
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_000000200", "step_000000300"]
     # 50 updates per 100 steps after learning starts, logged every 10: 5 logs before the resume and
@@ -122,7 +123,7 @@ def test_bad_flags_exit_with_a_message(tmp_path, capsys):
 def test_serial_run_through_the_redis_replay_service_resumes_from_redis(tmp_path):
     args = [*SMOKE, "--set", "replay.via_redis=true", "--logdir", str(tmp_path)]
     assert main([*args, "--max-timesteps", "200"]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    run_dir = latest_run(tmp_path)
     ckpt = run_dir / "checkpoints" / "step_000000200"
     assert not (ckpt / "replay.npz").exists()  # the replay lives in Redis, persisted by its AOF
     assert (run_dir / "redis" / "appendonly.aof").exists()
