@@ -8,6 +8,14 @@ import numpy as np
 import torch
 
 
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`; on CUDA an asynchronous copy from pinned memory, so the caller
+    never waits for the device (the caching host allocator reuses that pinned memory only once
+    the copy is done, so `a` may change at once)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 @dataclass
 class Batch:
     """B transitions. Images stay uint8 until they are inside the networks."""
@@ -33,10 +41,5 @@ class Batch:
     def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device, **on_device: torch.Tensor) -> "Batch":
         """Moves numpy arrays to `device`, through pinned memory on CUDA; `on_device` are fields
         already there (frame stacks gathered from a copy of the frames on the device)."""
-        pin = device.type == "cuda"
-
-        def move(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
-
-        return cls(**{f.name: on_device[f.name] if f.name in on_device else move(arrays[f.name]) for f in fields(cls)})
+        return cls(**{f.name: on_device[f.name] if f.name in on_device else to_device(arrays[f.name], device)
+                      for f in fields(cls)})
