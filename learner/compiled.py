@@ -42,11 +42,21 @@ class Compiled:
                 with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
                     return self.compiled(*args)
             except Exception as exc:  # any failure of the compiler stack: the eager function still works
-                lines = str(exc).strip().splitlines()
-                self.failure = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+                self.failure = reason(exc)
                 log.warning("learner.compile=%s: compiling %s failed, it runs eagerly from now on (%s)",
                             self.mode, self.name, self.failure)
         return self.fn(*args)
+
+
+def reason(exc: BaseException) -> str:
+    """The exception's type, and the first line of what caused it (a compiler's own exception
+    wraps the backend's, whose message says what went wrong)."""
+    root = exc
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        root = inner
+    lines = str(root).strip().splitlines()
+    cause = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    return cause if root is exc else f"{type(exc).__name__} ({cause})"
 
 
 def compile_update(agent: TD3, mode: str) -> list[Compiled]:
