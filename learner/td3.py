@@ -297,9 +297,14 @@ class TD3:
         """Polyak averaging; weight 0 unless `ok` (0-d bool), so a skipped update moves nothing."""
         # Under no_grad: otherwise autograd records the lerp on the target parameters (the online
         # ones require grad) and chains every update's node onto them, ~30 KB more per call forever.
+        # target += tau * (online - target), lerp's formula for tau < 0.5; not _foreach_lerp_,
+        # which would read a tensor weight back to the host.
         tau = self.cfg.tau if ok is None else ok.float() * self.cfg.tau
         for online, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
-            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+            targets = list(target.parameters())
+            step = torch._foreach_sub(list(online.parameters()), targets)
+            torch._foreach_mul_(step, tau)
+            torch._foreach_add_(targets, step)
 
     def update(self, batch: Batch) -> Metrics:
         """One critic update; an actor and target update every `policy_delay` (TD3) or every time
