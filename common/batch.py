@@ -12,6 +12,14 @@ OPTIONAL = ("indices", "weight")
 """The fields a batch may lack."""
 
 
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`; on CUDA an asynchronous copy from pinned memory, so the caller
+    never waits for the device (the caching host allocator reuses that pinned memory only once
+    the copy is done, so `a` may change at once)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 @dataclass
 class Batch:
     """B transitions. Images stay uint8 until they are inside the networks."""
@@ -42,13 +50,7 @@ class Batch:
     def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device, **on_device: torch.Tensor) -> "Batch":
         """Moves numpy arrays to `device`, through pinned memory on CUDA; `on_device` are fields
         already there (frame stacks gathered from a copy of the frames on the device)."""
-        pin = device.type == "cuda"
-
-        def move(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
-
-        tensors = {f.name: on_device[f.name] if f.name in on_device else move(arrays[f.name])
+        tensors = {f.name: on_device[f.name] if f.name in on_device else to_device(arrays[f.name], device)
                    for f in fields(cls) if f.name not in OPTIONAL}
         weight = arrays.get("weight")
-        return cls(**tensors, indices=arrays.get("indices"), weight=None if weight is None else move(weight))
+        return cls(**tensors, indices=arrays.get("indices"), weight=None if weight is None else to_device(weight, device))

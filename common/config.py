@@ -387,6 +387,11 @@ class LearnerConfig:
     channels_last: bool = True
     """channels_last memory format for the CNNs on CUDA (`make bench-learner` compares it there).
     Never used on CPU: on a 2-core AMD EPYC it made a batch-64 update ~20% slower (160 vs 130 ms)."""
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
+    """torch.compile the update's compute (the CNNs, losses and their backward passes; learner/
+    compiled.py): default compiles, reduce-overhead adds CUDA graphs on a GPU. A compilation that
+    fails falls back to eager with the reason logged. none until a GPU measures it (`make
+    bench-learner` compares plain and compiled); compiling takes a minute or more at start."""
 
 
 @dataclass

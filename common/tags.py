@@ -58,8 +58,9 @@ TAGS: dict[str, str] = {
     "alerts/gradient_explosion_warning": "1 when a pre-clip gradient norm exceeds learner.grad_warning_norm.",
     "alerts/gradient_explosion_critical": "1 when a pre-clip gradient norm exceeds learner.grad_critical_norm.",
     "alerts/feature_explosion": "1 when a CNN's mean feature L2 exceeds learner.feature_l2_threshold.",
-    "alerts/nonfinite_loss": "1 when an update was skipped for a NaN/inf loss or gradient.",
-    "alerts/weights_restored": "Restores of the last good weights after repeated non-finite updates.",
+    "alerts/nonfinite_loss": "Updates skipped for a NaN/inf loss or gradient since the previous point (0: none).",
+    "alerts/weights_restored": ("Restores of the last good weights after repeated non-finite updates, since the "
+                                "previous point."),
     "alerts/action_saturation": "1 when more than half of a batch sits at a bound in some action dimension.",
     "alerts/learner_resumes": "Times this run was resumed from a checkpoint.",
     # -- evaluation (every eval.freq env steps and at the end) ----------------------------------

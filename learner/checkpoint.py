@@ -40,7 +40,8 @@ def _optimizer_split(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str,
     for pid, slots in state["state"].items():
         for key, value in slots.items():
             tensors[f"{prefix}/state/{pid}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return {"param_groups": state["param_groups"]}
+    # The CNN groups' lr is the adaptive monitor's 0-d tensor; JSON holds its value.
+    return {"param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}
 
 
 def _optimizer_join(meta: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -128,6 +129,7 @@ def load(path: Path, agent: TD3) -> tuple[dict[str, Any], dict[str, np.ndarray] 
         torch.cuda.set_rng_state(tensors["rng/cuda"])
     agent.updates = int(meta["updates"])
     agent.cnn_lr.load_state_dict(meta["cnn_lr_monitor"])
+    agent.guard.forget()
     replay = None
     if (ckpt / "replay.npz").is_file():
         with np.load(ckpt / "replay.npz", allow_pickle=False) as data:

@@ -3,7 +3,9 @@
 Frames are written once, in order, so the copy follows the ring by copying only the frames added
 since the last batch. A batch then sends its frame slots (B x 8 integers) and the small arrays to
 the device and gathers its frame stacks there, instead of gathering ~14 MB of uint8 stacks on the
-host at batch 256 and copying them over every update.
+host at batch 256 and copying them over every update. On CUDA every copy goes through pinned
+memory without blocking (`to_device`), so the training thread never waits for the device: the
+batch is queued behind the update before it, as the update is.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.batch import Batch
+from common.batch import Batch, to_device
 from replay_server.ring import FrameRing
 
 
@@ -34,12 +36,12 @@ class DeviceFrames:
         pieces = [(a, min(n, cap - a)), (0, n - min(n, cap - a))]  # before and after the wrap
         for first, count in pieces:
             if count:
-                self.frames[first:first + count].copy_(torch.from_numpy(ring.frames[first:first + count]))
+                self.frames[first:first + count].copy_(to_device(ring.frames[first:first + count], self.device))
         self.synced = end
         return end - start
 
     def batch(self, arrays: dict[str, np.ndarray]) -> Batch:
         """The batch of `arrays` (with "image_slots" and "next_image_slots"), stacks gathered here."""
         self.sync()
-        slots = {k: torch.from_numpy(arrays[f"{k}_slots"]).to(self.device) for k in ("image", "next_image")}
+        slots = {k: to_device(arrays[f"{k}_slots"], self.device) for k in ("image", "next_image")}
         return Batch.from_numpy(arrays, self.device, **{k: self.frames[s] for k, s in slots.items()})

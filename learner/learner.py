@@ -14,7 +14,7 @@ from common.driving import ACTION_NAMES
 from common.metrics import MetricLogger
 from common.tags import reference_lines
 from learner.device_frames import DeviceFrames
-from learner.td3 import TD3
+from learner.td3 import TD3, Metrics, read_back
 from replay_server.ring import FrameRing
 from replay_server.sampler import RateLimiter
 
@@ -35,6 +35,8 @@ class Learner:
         self.interval = 10 if cfg.logging.debug else cfg.logging.log_interval
         self.device_frames = DeviceFrames(ring, agent.device) if cfg.learner.replay_on_device else None
         self._last_log = time.monotonic()
+        self._guard_seen = (0, 0)
+        """The guard's (skipped, restored) totals at the last log."""
         self.step_seconds = 0.0
         """Wall time spent in `step` (sampling, update, its logging) since the owner last reset it."""
 
@@ -44,25 +46,24 @@ class Learner:
             len(self.ring), self.ring.head, self.cfg.td3.batch_size
         )
 
-    def step(self, env_step: int) -> dict[str, float]:
+    def step(self, env_step: int) -> Metrics:
         start = time.perf_counter()
         try:
             return self._step(env_step)
         finally:
             self.step_seconds += time.perf_counter() - start
 
-    def _step(self, env_step: int) -> dict[str, float]:
+    def _step(self, env_step: int) -> Metrics:
         t = self.cfg.td3
         frames = self.device_frames
         arrays = self.limiter.sample(self.ring, t.batch_size, self.rng, t.n_step, t.gamma, images=frames is None)
         batch = Batch.from_numpy(arrays, self.agent.device) if frames is None else frames.batch(arrays)
         metrics = self.agent.update(batch)
-        # A skipped (non-finite) update does not advance the counter, so log its alert explicitly.
-        if self._due(metrics) or metrics["alerts/nonfinite_loss"]:
+        if self._due(metrics):
             self._log(metrics, env_step)
         return metrics
 
-    def _due(self, metrics: dict[str, float]) -> bool:
+    def _due(self, metrics: Metrics) -> bool:
         """Every `log_interval` updates, or `log_seconds` after the last log (a slow device still
         draws curves); a late log waits for an actor update, so the actor's panels get the point too."""
         if self.agent.updates % self.interval == 0:
@@ -79,18 +80,30 @@ class Learner:
         ups = self.cfg.learner.updates_per_step  # > 0 (validated)
         return min(env_step, self.cfg.td3.learning_starts + round(self.agent.updates / ups))
 
-    def _log(self, metrics: dict[str, float], env_step: int) -> None:
+    def _log(self, metrics: Metrics, env_step: int) -> None:
+        """The update's metrics, read back in one transfer (the only host sync of the learner's
+        step). The alerts count what the guard saw since the last log: updates skipped for a
+        non-finite loss or gradient, and restores, however many updates apart the logs are."""
         self._last_log = time.monotonic()
         env_step = self.budget_step(env_step)
-        self.logger.log({**metrics, "train/updates": self.agent.updates, **reference_lines()}, env_step)
-        if self.agent.last_actions is not None and "train/actor_loss" in metrics:
+        guard = self.agent.guard
+        host = read_back({**metrics, "skipped": guard.skipped, "restored": guard.restored})
+        totals = int(host.pop("skipped")), int(host.pop("restored"))
+        stepped = not host["alerts/nonfinite_loss"]
+        if not stepped:  # its losses and actions are no values to draw
+            host = {}
+        host["alerts/nonfinite_loss"] = totals[0] - self._guard_seen[0]
+        host["alerts/weights_restored"] = totals[1] - self._guard_seen[1]
+        self._guard_seen = totals
+        self.logger.log({**host, "train/updates": self.agent.updates, **reference_lines()}, env_step)
+        if stepped and self.agent.last_actions is not None and "train/actor_loss" in metrics:
             for i, name in enumerate(ACTION_NAMES):
                 self.logger.histogram(f"debug/action_{name}", self.agent.last_actions[:, i].cpu(), env_step)
-        if self.agent.last_q is not None:
+        if stepped and self.agent.last_q is not None:
             self.logger.histogram("debug/q", self.agent.last_q.float().cpu(), env_step)
         if self.cfg.logging.debug:
             log.debug("update %d: %s", self.agent.updates,
-                      {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/", "debug/cnn"))})
+                      {k: round(v, 4) for k, v in host.items() if k.startswith(("train/", "debug/cnn"))})
 
 
 def rss_and_gpu_metrics(device: torch.device) -> dict[str, float]:

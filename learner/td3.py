@@ -7,28 +7,32 @@ too, and the actor update reuses the features the critic update computed (DrQ-v2
 two CNN forward passes per update fewer. The old system computed the target action with the
 online critic's CNN and had no target CNNs; `tests/test_td3.py` pins down which CNN feeds which
 quantity.
+
+The update is tensors in, tensors out: its metrics are 0-d tensors on the learner's device, read
+back only by a caller that logs them (`read_back`), and its non-finite guard works on the device
+(`learner/guard.py`). With no host sync and no Python branch on a computed value, `learner.compile`
+can compile it (`learner/compiled.py`); speed wraps this file, it does not fork it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
-import math
 from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from common.batch import Batch
 from common.config import Config, TD3Config
 from common.driving import ACTION_NAMES
 from common.networks import Critic, Policy, frames_to_float, policy_for
+from learner.compiled import compile_update
+from learner.guard import NonFiniteGuard
 from learner.monitor import AdaptiveCnnLr
 
-log = logging.getLogger(__name__)
-SNAPSHOT_EVERY = 100  # good updates between in-memory snapshots for non-finite recovery
+Metrics = dict[str, Tensor | float]
 SATURATED = 0.99  # |action| beyond which an action component counts as saturated (tanh(2.65))
 
 
@@ -39,7 +43,7 @@ def _optimizer(model: Policy | Critic, t: TD3Config, device: torch.device) -> to
     the CNN's conv and linear weights only; LayerNorm gains and all biases are not decayed."""
     head = model.head if isinstance(model, Policy) else model.heads
     mlp = {"params": list(head.parameters()), "lr": t.mlp_lr, "weight_decay": 0.0, "name": "mlp"}
-    fused = device.type == "cuda"
+    fused = True  # on CPU too: fused Adam's found_inf masks a non-finite step on the device
     if t.weight_decay_style == "l2":
         cnn = {"params": list(model.cnn.parameters()), "lr": t.cnn_lr, "weight_decay": t.cnn_weight_decay, "name": "cnn"}
         return torch.optim.Adam([cnn, mlp], fused=fused)
@@ -66,46 +70,46 @@ def random_shift(frames: torch.Tensor, pad: int) -> torch.Tensor:
     return F.grid_sample(x, base + shift, padding_mode="zeros", align_corners=False)
 
 
-def _clip(prefix: str, model: Policy | Critic, max_norm: float) -> dict[str, float]:
-    """Clips the CNN and the MLP gradients separately; reports each norm before clipping (after
-    it is min(norm, max_norm)). A part with no gradient at all (the actor's CNN when it reads the
-    critic's features) reports nothing rather than a flat zero."""
-    head = model.head if isinstance(model, Policy) else model.heads
-    metrics = {}
-    for part, module in (("cnn", model.cnn), ("mlp", head)):
-        if all(p.grad is None for p in module.parameters()):
-            continue
-        metrics[f"gradients/{prefix}_{part}_norm"] = float(nn.utils.clip_grad_norm_(module.parameters(), max_norm))
-    return metrics
+def _clip(prefix: str, parts: dict[str, nn.Module], max_norm: float) -> dict[str, Tensor]:
+    """Clips each part's gradients separately; reports each norm before clipping (after it is
+    min(norm, max_norm)). Only the parts that train have one (not the actor's CNN when it reads
+    the critic's features: no flat-zero panel)."""
+    return {f"gradients/{prefix}_{name}_norm": nn.utils.clip_grad_norm_(m.parameters(), max_norm)
+            for name, m in parts.items()}
 
 
-def feature_stats(prefix: str, features: torch.Tensor) -> dict[str, float]:
+def feature_stats(prefix: str, features: Tensor) -> dict[str, Tensor]:
     f = features.detach().float()
     return {
-        f"debug/{prefix}features_l2_norm": float(f.norm(dim=1).mean()),
-        f"debug/{prefix}feature_mean": float(f.mean()),
-        f"debug/{prefix}feature_std": float(f.std()),
-        f"debug/{prefix}feature_min": float(f.min()),
-        f"debug/{prefix}feature_max": float(f.max()),
+        f"debug/{prefix}features_l2_norm": f.norm(dim=1).mean(),
+        f"debug/{prefix}feature_mean": f.mean(),
+        f"debug/{prefix}feature_std": f.std(),
+        f"debug/{prefix}feature_min": f.min(),
+        f"debug/{prefix}feature_max": f.max(),
     }
 
 
-def action_stats(z: torch.Tensor, action: torch.Tensor, loss_grad: torch.Tensor) -> dict[str, float]:
+def action_stats(z: Tensor, action: Tensor) -> dict[str, Tensor]:
     """What shows an action lock before it costs a run: the pre-tanh magnitude, the saturated
-    fraction, mean and std per action dimension, and |dQ/da| (from the actor loss's gradient
-    w.r.t. the action, -dQ1/da / B)."""
+    fraction, mean and std per action dimension (|dQ/da| comes after the backward pass)."""
     saturated = (action.abs() > SATURATED).float().mean(dim=0)
     metrics = {
-        "debug/actor_pretanh_abs_mean": float(z.abs().mean()),
-        "debug/actor_pretanh_abs_max": float(z.abs().max()),
-        "alerts/action_saturation": float(saturated.max() > 0.5),
-        "debug/dq_da_norm": float((loss_grad * action.shape[0]).norm(dim=1).mean()),
+        "debug/actor_pretanh_abs_mean": z.abs().mean(),
+        "debug/actor_pretanh_abs_max": z.abs().max(),
+        "alerts/action_saturation": (saturated.max() > 0.5).float(),
     }
     for i, name in enumerate(ACTION_NAMES):
-        metrics[f"debug/action_saturated_{name}"] = float(saturated[i])
-        metrics[f"debug/action_mean_{name}"] = float(action[:, i].mean())
-        metrics[f"debug/action_std_{name}"] = float(action[:, i].std()) if action.shape[0] > 1 else 0.0
+        metrics[f"debug/action_saturated_{name}"] = saturated[i]
+        metrics[f"debug/action_mean_{name}"] = action[:, i].mean()
+        metrics[f"debug/action_std_{name}"] = action[:, i].std() if action.shape[0] > 1 else action.new_zeros(())
     return metrics
+
+
+def read_back(metrics: Metrics) -> dict[str, float]:
+    """`metrics` on the host, in one transfer (the one sync of a logged update)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    values = torch.stack([metrics[k].detach().double() for k in keys]).tolist() if keys else []
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, Tensor)} | dict(zip(keys, values))
 
 
 class TD3:
@@ -126,18 +130,36 @@ class TD3:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_opt = _optimizer(self.actor, t, device)
         self.critic_opt = _optimizer(self.critic, t, device)
+        self.critic_parts = {"cnn": self.critic.cnn, "mlp": self.critic.heads}
+        """The parts that train, each clipped on its own."""
+        self.actor_parts = {"mlp": self.actor.head} if t.actor_encoder == "critic" else {"cnn": self.actor.cnn, "mlp": self.actor.head}
+        for opt, parts in ((self.actor_opt, self.actor_parts), (self.critic_opt, self.critic_parts)):
+            _init_state(opt, parts, device)
         lc = cfg.learner
         self.cnn_lr = AdaptiveCnnLr(
             [self.actor_opt, self.critic_opt], lc.feature_l2_threshold, lc.lr_cooldown_updates, lc.min_cnn_lr
         )
+        self.guard = NonFiniteGuard(self.state_tensors, lc.nonfinite_restore_after, device)
         self.amp = device.type == "cuda" and lc.amp
-        self.updates = 0
-        self.bad_streak = 0
-        self._good: dict[str, dict] | None = None
-        self.last_actions: torch.Tensor | None = None
+        self.update_count = torch.zeros((), dtype=torch.int64, device=device)
+        """`updates` on the device (the adaptive CNN lr's cooldown counts in it)."""
+        self._updates = 0
+        self.last_actions: Tensor | None = None
         """The policy's actions on the last actor-update batch, for the action histograms."""
-        self.last_q: torch.Tensor | None = None
+        self.last_q: Tensor | None = None
         """Critic 1's Q on the last critic-update batch, for the Q histogram."""
+        self.compiled = compile_update(self, lc.compile)
+        """`learner.compile`'s wrappers (none: empty); `learner.compiled.failures` says which fell back."""
+
+    @property
+    def updates(self) -> int:
+        """Updates run, a skipped (non-finite) one included."""
+        return self._updates
+
+    @updates.setter
+    def updates(self, n: int) -> None:
+        self._updates = n
+        self.update_count.fill_(n)
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -147,14 +169,21 @@ class TD3:
         between 256 and 512, the size of a step reward, where Q values of this task live."""
         return torch.autocast(device_type=self.device.type, enabled=False)
 
-    def _alerts(self, grads: dict[str, float]) -> dict[str, float]:
-        worst = max(v for k, v in grads.items() if k.startswith("gradients/"))
+    def _alerts(self, metrics: Metrics) -> dict[str, Tensor]:
+        worst = torch.stack([v for k, v in metrics.items() if k.startswith("gradients/")]).max()
         return {
-            "alerts/gradient_explosion_warning": float(worst > self.learner_cfg.grad_warning_norm),
-            "alerts/gradient_explosion_critical": float(worst > self.learner_cfg.grad_critical_norm),
+            "alerts/gradient_explosion_warning": (worst > self.learner_cfg.grad_warning_norm).float(),
+            "alerts/gradient_explosion_critical": (worst > self.learner_cfg.grad_critical_norm).float(),
         }
 
-    def target_q(self, batch: Batch) -> torch.Tensor:
+    def augment(self, batch: Batch) -> Batch:
+        """DrQ-v2's random shift of both frame stacks (`td3.augment_shift`), or the batch as it is."""
+        pad = self.cfg.augment_shift
+        if not pad:
+            return batch
+        return dataclasses.replace(batch, image=random_shift(batch.image, pad), next_image=random_shift(batch.next_image, pad))
+
+    def target_q(self, batch: Batch) -> Tensor:
         """r + gamma^k * (1 - done) * min_i Q'_i(s', pi'(s') + clipped noise), all from target nets.
 
         r sums k rewards (n-step returns) and gamma^k comes with the batch, so one-step and n-step
@@ -177,149 +206,136 @@ class TD3:
                 return batch.reward + batch.discount * (1.0 - batch.done) * next_q
 
     @staticmethod
-    def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, prefix: str, model: nn.Module, clip: float) -> dict[str, float] | None:
-        """Backward, clip, step; None (and no change at all) when the loss or a gradient is not finite."""
+    def _step(loss: Tensor, opt: torch.optim.Optimizer, prefix: str, parts: dict[str, nn.Module], clip: float,
+              allowed: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Backward, clip, step; (ok, pre-clip norms). The step is masked on the device (fused
+        Adam's found_inf: no change at all, its step count included) when the loss or a gradient
+        is not finite or `allowed` is false."""
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return None
         loss.backward()
-        grads = _clip(prefix, model, clip)
-        if not all(math.isfinite(v) for v in grads.values()):
-            opt.zero_grad(set_to_none=True)
-            return None
+        grads = _clip(prefix, parts, clip)
+        ok = allowed & torch.isfinite(torch.stack([loss.detach(), *grads.values()])).all()
+        opt.found_inf = (~ok).float()
         opt.step()
-        return grads
+        return ok, grads
 
-    def encode(self, batch: Batch) -> torch.Tensor:
+    def encode(self, batch: Batch) -> Tensor:
         """The critic CNN's features of `batch.image` (with gradients)."""
         with self._autocast():
             return self.critic.cnn(batch.image)
 
-    def update_critic(self, batch: Batch, features: torch.Tensor | None = None) -> dict[str, float]:
-        """`features`: `encode(batch)`, computed here when not given."""
+    def critic_loss(self, batch: Batch, features: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(loss, critic 1's Q, metrics) on the critic CNN's `features` of `batch.image`."""
         y = self.target_q(batch)
-        if features is None:
-            features = self.encode(batch)
         with self._fp32():
             qs = self.critic.heads(features.float(), batch.vector, batch.action)
             loss = sum(F.mse_loss(q, y) for q in qs)
-        grads = self._step(loss, self.critic_opt, "critic", self.critic, self.cfg.critic_grad_clip)
-        if grads is None:
-            return {"alerts/nonfinite_loss": 1.0}
-        metrics = {"train/critic_loss": float(loss.detach()), "debug/q_target_mean": float(y.mean()),
-                   **grads, **feature_stats("critic_cnn_", features)}
-        self.last_q = qs[0].detach()
+        metrics = {"debug/q_target_mean": y.mean(), **feature_stats("critic_cnn_", features)}
         for i, q in enumerate(qs, start=1):
-            metrics[f"debug/q{i}_mean"] = float(q.detach().mean())
-            metrics[f"debug/td_error_q{i}"] = float((q.detach() - y).abs().mean())
-        return metrics
+            metrics[f"debug/q{i}_mean"] = q.detach().mean()
+            metrics[f"debug/td_error_q{i}"] = (q.detach() - y).abs().mean()
+        return loss, qs[0].detach(), metrics
 
-    def update_actor(self, batch: Batch, critic_features: torch.Tensor | None = None) -> dict[str, float]:
+    def update_critic(self, batch: Batch, features: Tensor | None = None, allowed: Tensor | None = None) -> dict[str, Tensor]:
+        """`features`: `encode(batch)`, computed here when not given; `allowed` (0-d bool): may it
+        step (the guard's say when not given)."""
+        if features is None:
+            features = self.encode(batch)
+        loss, self.last_q, metrics = self.critic_loss(batch, features)
+        allowed = self.guard.allowed if allowed is None else allowed
+        ok, grads = self._step(loss, self.critic_opt, "critic", self.critic_parts, self.cfg.critic_grad_clip, allowed)
+        return {"train/critic_loss": loss.detach(), **metrics, **grads, "alerts/nonfinite_loss": (~ok).float()}
+
+    def actor_loss(self, batch: Batch, critic_features: Tensor, probe: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(loss, action, metrics). `probe`: zeros added to the action the critic sees; its
+        gradient is dL/da (a leaf the compiled graph hands gradients to, where retain_grad would
+        break the graph)."""
+        t = self.cfg
+        if t.actor_encoder == "critic":
+            features = critic_features
+        else:
+            with self._autocast():
+                features = self.actor.cnn(batch.image)
+        with self._fp32():
+            z = self.actor.head.pre_tanh(features.float(), batch.vector)
+            action = torch.tanh(z)
+            q1 = self.critic.heads(critic_features.float(), batch.vector, action + probe)[0]
+            penalty = F.relu(z.abs() - t.pretanh_threshold).square().mean()
+            loss = -q1.mean() + t.pretanh_penalty * penalty
+        metrics = {"train/pretanh_penalty": penalty.detach(), **feature_stats("cnn_", features),
+                   **action_stats(z.detach(), action.detach())}
+        return loss, action.detach(), metrics
+
+    def update_actor(self, batch: Batch, critic_features: Tensor | None = None, allowed: Tensor | None = None) -> dict[str, Tensor]:
         """`critic_features`: the critic CNN's (detached) features of `batch.image`, as the critic
         update saw them before its step (DrQ-v2 reuses them too); computed here when not given."""
         t = self.cfg
         if critic_features is None:
             with torch.no_grad():
                 critic_features = self.encode(batch)
-        with self._autocast():
-            if t.actor_encoder == "critic":
-                # The actor reads the critic's features; its CNN only mirrors the critic's, so the
-                # published policy stays self-contained.
-                with torch.no_grad():
-                    torch._foreach_copy_(list(self.actor.cnn.parameters()), list(self.critic.cnn.parameters()))
-                features = critic_features
-            else:
-                features = self.actor.cnn(batch.image)
+        if t.actor_encoder == "critic":
+            # The actor reads the critic's features; its CNN only mirrors the critic's, so the
+            # published policy stays self-contained.
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.actor.cnn.parameters()), list(self.critic.cnn.parameters()))
+        probe = torch.zeros_like(batch.action, requires_grad=True)
+        allowed = self.guard.allowed if allowed is None else allowed
         # No gradients for the critic's head parameters: the actor loss only needs dQ/da.
         self.critic.heads.requires_grad_(False)
         try:
-            with self._fp32():
-                z = self.actor.head.pre_tanh(features.float(), batch.vector)
-                action = torch.tanh(z)
-                action.retain_grad()
-                q1 = self.critic.heads(critic_features.float(), batch.vector, action)[0]
-                penalty = F.relu(z.abs() - t.pretanh_threshold).square().mean()
-                loss = -q1.mean() + t.pretanh_penalty * penalty
-            grads = self._step(loss, self.actor_opt, "actor", self.actor, t.actor_grad_clip)
+            loss, self.last_actions, metrics = self.actor_loss(batch, critic_features, probe)
+            ok, grads = self._step(loss, self.actor_opt, "actor", self.actor_parts, t.actor_grad_clip, allowed)
         finally:
             self.critic.heads.requires_grad_(True)
-        if grads is None:
-            return {"alerts/nonfinite_loss": 1.0}
-        self.last_actions = action.detach()
-        return {
-            "train/actor_loss": float(loss.detach()),
-            "train/pretanh_penalty": float(penalty.detach()),
-            **grads,
-            **feature_stats("cnn_", features),
-            **action_stats(z.detach(), action.detach(), action.grad),
-        }
+        # dL/da = -dQ1/da / B
+        dq_da = (probe.grad * probe.shape[0]).norm(dim=1).mean()
+        return {"train/actor_loss": loss.detach(), **metrics, **grads, "debug/dq_da_norm": dq_da,
+                "alerts/nonfinite_loss": (~ok).float()}
 
     @torch.no_grad()
-    def soft_update_targets(self) -> None:
+    def soft_update_targets(self, ok: Tensor | None = None) -> None:
+        """Polyak averaging; weight 0 unless `ok` (0-d bool), so a skipped update moves nothing."""
         # Under no_grad: otherwise autograd records the lerp on the target parameters (the online
         # ones require grad) and chains every update's node onto them, ~30 KB more per call forever.
-        tau = self.cfg.tau
+        # target += tau * (online - target), lerp's formula for tau < 0.5; not _foreach_lerp_,
+        # which would read a tensor weight back to the host.
+        tau = self.cfg.tau if ok is None else ok.float() * self.cfg.tau
         for online, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
-            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+            targets = list(target.parameters())
+            step = torch._foreach_sub(list(online.parameters()), targets)
+            torch._foreach_mul_(step, tau)
+            torch._foreach_add_(targets, step)
 
-    def update(self, batch: Batch) -> dict[str, float]:
-        """One critic update; an actor and target update every `policy_delay` (TD3) or every time (DDPG).
+    def update(self, batch: Batch) -> Metrics:
+        """One critic update; an actor and target update every `policy_delay` (TD3) or every time
+        (DDPG). Nothing is read back to the host (`read_back` does that for a caller that logs).
 
-        A non-finite loss or gradient changes nothing and raises alerts/nonfinite_loss; after
-        `learner.nonfinite_restore_after` such updates in a row, the networks and optimizers go
-        back to the last snapshot taken after a good update.
+        A non-finite loss or gradient changes nothing (alerts/nonfinite_loss = 1); after
+        `learner.nonfinite_restore_after` such updates in a row the networks and optimizers go
+        back to the last snapshot taken after a good update (`NonFiniteGuard`). The adaptive CNN
+        lr keeps its halvings: the snapshot may predate one, and its count (and the instability
+        that caused it) still stand.
         """
-        if self.cfg.augment_shift:
-            pad = self.cfg.augment_shift
-            batch = dataclasses.replace(batch, image=random_shift(batch.image, pad),
-                                        next_image=random_shift(batch.next_image, pad))
+        batch = self.augment(batch)
         features = self.encode(batch)
-        metrics = self.update_critic(batch, features)
-        if "alerts/nonfinite_loss" in metrics:
-            return self._nonfinite(metrics)
+        metrics: Metrics = self.update_critic(batch, features, self.guard.allowed)
+        ok = metrics["alerts/nonfinite_loss"] == 0
         self.updates += 1
         delay = self.cfg.policy_delay if self.twin else 1
         if self.updates % delay == 0:
             if self.updates > self.cfg.critic_warmup_updates:
-                actor_metrics = self.update_actor(batch, features.detach())
-                if "alerts/nonfinite_loss" in actor_metrics:
-                    return self._nonfinite(metrics | actor_metrics)
-                metrics |= actor_metrics
-            self.soft_update_targets()
-        self.bad_streak = 0
-        if self.updates % SNAPSHOT_EVERY == 0 or self._good is None:
-            self._good = self._snapshot()
-        metrics["alerts/nonfinite_loss"] = 0.0
+                metrics |= self.update_actor(batch, features.detach(), ok)  # its alert covers both
+                ok = metrics["alerts/nonfinite_loss"] == 0
+            self.soft_update_targets(ok)
+        self.guard.record(ok)
+        metrics["alerts/weights_restored"] = self.guard.maintain(self.updates)
         # The critic CNN is trained every update, the actor CNN every `delay`: watch both.
-        worst_l2 = max(metrics["debug/critic_cnn_features_l2_norm"], metrics.get("debug/cnn_features_l2_norm", 0.0))
+        worst_l2 = metrics["debug/critic_cnn_features_l2_norm"]
+        if "debug/cnn_features_l2_norm" in metrics:
+            worst_l2 = torch.maximum(worst_l2, metrics["debug/cnn_features_l2_norm"])
         metrics |= self._alerts(metrics)
-        metrics |= self.cnn_lr.observe(worst_l2, self.updates)
+        metrics |= self.cnn_lr.observe(worst_l2, self.update_count, ok)
         metrics["agent/mlp_lr"] = next(float(g["lr"]) for g in self.actor_opt.param_groups if g["name"] == "mlp")
-        return metrics
-
-    def _snapshot(self) -> dict[str, dict]:
-        parts = {**self.modules(), **self.optimizers()}
-        return {k: copy.deepcopy(v.state_dict()) for k, v in parts.items()}
-
-    def _nonfinite(self, metrics: dict[str, float]) -> dict[str, float]:
-        self.bad_streak += 1
-        metrics["alerts/nonfinite_loss"] = 1.0
-        restore = self.bad_streak >= self.learner_cfg.nonfinite_restore_after and self._good is not None
-        if restore:
-            # The adaptive CNN lr keeps its halvings: the snapshot may predate one, and its count
-            # (and the instability that caused it) still stand.
-            cnn_lrs = [g["lr"] for g in self.cnn_lr.groups]
-            for name, part in {**self.modules(), **self.optimizers()}.items():
-                # A copy: Optimizer.load_state_dict keeps the given state tensors, and later steps
-                # would otherwise drift the snapshot along with the live optimizer.
-                part.load_state_dict(copy.deepcopy(self._good[name]))
-            for group, lr in zip(self.cnn_lr.groups, cnn_lrs):
-                group["lr"] = lr
-            log.warning("%d non-finite updates in a row: restored the weights of the last good snapshot", self.bad_streak)
-            self.bad_streak = 0
-        else:
-            log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.bad_streak)
-        metrics["alerts/weights_restored"] = float(restore)
         return metrics
 
     # -- checkpoint state ---------------------------------------------------------------
@@ -328,3 +344,21 @@ class TD3:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"actor_opt": self.actor_opt, "critic_opt": self.critic_opt}
+
+    def state_tensors(self) -> list[Tensor]:
+        """What a restore puts back: the networks' parameters and buffers, the optimizers' state."""
+        nets = [t for m in self.modules().values() for t in (*m.parameters(), *m.buffers())]
+        slots = [v for opt in self.optimizers().values() for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)]
+        return nets + slots
+
+
+def _init_state(opt: torch.optim.Optimizer, parts: dict[str, nn.Module], device: torch.device) -> None:
+    """Creates the optimizer state of the parts that train, with a masked step on zero gradients
+    (it changes nothing, the step count included): the guard's snapshot then covers it from the
+    first update on, and it never changes size."""
+    params = [p for m in parts.values() for p in m.parameters()]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.found_inf = torch.ones((), device=device)
+    opt.step()
+    opt.zero_grad(set_to_none=True)

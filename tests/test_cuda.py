@@ -66,6 +66,35 @@ def test_updates_on_cuda_match_the_cpu():
             torch.testing.assert_close(p_gpu.cpu(), p_cpu, rtol=1e-3, atol=1e-3, msg=f"{name}.{key}")
 
 
+def test_the_update_and_its_batch_never_wait_for_the_gpu():
+    """No host sync on the training thread: a batch's copies (pinned, non-blocking), with its
+    frame stacks from the host or gathered from the frames' copy on the GPU, the update, a skipped
+    update and the guard's restore check. torch raises on any synchronizing call."""
+    from learner.device_frames import DeviceFrames
+    from replay_server.ring import FrameRing
+    from tests.bench.learner import fill_ring
+
+    agent = agent_on(CUDA, "learner.nonfinite_restore_after=1")
+    arrays = batches(3)
+    arrays[1]["reward"][0] = np.nan
+    ring, rng = FrameRing(500), np.random.default_rng(0)
+    fill_ring(ring, 600)
+    mirror = DeviceFrames(ring, CUDA)
+    for a in arrays:  # the first updates allocate
+        agent.update(Batch.from_numpy(a, CUDA))
+    agent.update(mirror.batch(ring.sample(16, rng, images=False)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for a in [arrays[0], arrays[1], *arrays * agent.guard.check_every]:
+            agent.update(Batch.from_numpy(a, CUDA))
+        mirror.synced = 0  # every frame to copy over again
+        agent.update(mirror.batch(ring.sample(16, rng, images=False)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(agent.guard.skipped) >= 2
+
+
 def test_channels_last_changes_the_layout_not_the_results():
     plain = agent_on(CUDA, "learner.amp=false", "learner.channels_last=false")
     nhwc = agent_on(CUDA, "learner.amp=false", "learner.channels_last=true", like=plain)

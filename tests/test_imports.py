@@ -1,7 +1,8 @@
 """No import circle among the packages (common, actors, replay_server, learner), read statically
 from the source: every import of a project module counts, at module level or inside a function
 (an import moved into a function to dodge a circle is still a circle), and importing a.b.c runs
-a and a.b first."""
+a and a.b first. Imports under `if TYPE_CHECKING:` never run (they serve annotations) and do not
+count."""
 
 import ast
 import graphlib
@@ -16,13 +17,24 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_type_checking_block(node: ast.AST) -> bool:
+    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
     """Module -> the project modules its source imports (and their parent packages)."""
     files = {module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block)
+                     for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):

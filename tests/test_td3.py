@@ -202,17 +202,29 @@ def test_decoupled_weight_decay_spares_layernorm_gains_and_biases():
         assert {id(p) for p in mlp_group["params"]} == {id(p) for p in head.parameters()}
 
 
-def test_a_restore_gives_the_optimizer_a_copy_of_the_snapshot():
+def until_checked(agent: TD3, batch: Batch) -> dict:
+    """Updates on `batch` up to the guard's next restore check; that update's metrics."""
+    while True:
+        metrics = agent.update(batch)
+        if agent.updates % agent.guard.check_every == 0:
+            return metrics
+
+
+def test_a_restore_copies_the_snapshot_back_and_keeps_it_apart():
     agent = make_agent("learner.nonfinite_restore_after=1")
     good, bad = tiny_batch(), tiny_batch()
     bad.reward[0] = float("nan")
+    agent.update(good)  # the first snapshot
+    snapshot = [t.clone() for t in agent.guard.snapshot]
+    assert agent.update(bad)["alerts/weights_restored"] == 0.0  # frozen, restored at the next check
+    with torch.no_grad():
+        agent.critic.cnn.fc.weight.fill_(float("inf"))  # frozen updates change nothing, this stays
+    assert until_checked(agent, bad)["alerts/weights_restored"] == 1.0
+    for live, kept in zip(agent.state_tensors(), snapshot):
+        torch.testing.assert_close(live, kept)
     agent.update(good)
-    assert agent.update(bad)["alerts/weights_restored"] == 1.0
-    snapshot = agent._good["critic_opt"]["state"]
-    before = {pid: slots["exp_avg"].clone() for pid, slots in snapshot.items()}
-    agent.update(good)  # the snapshot is taken every SNAPSHOT_EVERY updates, not now
-    for pid, exp_avg in before.items():
-        torch.testing.assert_close(snapshot[pid]["exp_avg"], exp_avg)  # did not drift with the live Adam
+    for held, kept in zip(agent.guard.snapshot, snapshot):
+        torch.testing.assert_close(held, kept)  # did not drift with the live weights and Adam
 
 
 def test_a_restore_keeps_the_adaptive_cnn_lr_halvings():
@@ -223,9 +235,10 @@ def test_a_restore_keeps_the_adaptive_cnn_lr_halvings():
     agent.update(good)  # a second halving, after the snapshot
     halved = agent.cnn_lr.lr
     assert agent.cnn_lr.halvings == 2 and halved == pytest.approx(1e-4 / 4)
-    assert agent.update(bad)["alerts/weights_restored"] == 1.0
+    assert until_checked(agent, bad)["alerts/weights_restored"] == 1.0
+    assert agent.cnn_lr.halvings == 2  # skipped updates do not halve
     assert agent.cnn_lr.lr == pytest.approx(halved)  # the count and the lr still agree
-    assert all(g["lr"] == pytest.approx(halved) for g in agent.cnn_lr.groups)
+    assert all(float(g["lr"]) == pytest.approx(halved) for g in agent.cnn_lr.groups)
 
 
 def test_heads_q_and_losses_stay_fp32_under_autocast():
@@ -317,17 +330,25 @@ def test_adaptive_lr_halves_with_cooldown_and_floor():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([{"params": [p], "lr": 1e-4, "name": "cnn"}, {"params": [], "lr": 3e-4, "name": "mlp"}])
     mon = AdaptiveCnnLr([opt], threshold=50.0, cooldown=1000, floor=1e-6)
-    assert mon.observe(10.0, 1) == {"alerts/feature_explosion": 0.0, "agent/cnn_lr": 1e-4}
-    assert mon.observe(60.0, 2)["agent/cnn_lr"] == pytest.approx(5e-5)
-    assert mon.observe(60.0, 3)["agent/cnn_lr"] == pytest.approx(5e-5)  # cooling down
-    assert mon.observe(60.0, 1001)["agent/cnn_lr"] == pytest.approx(5e-5)
-    assert mon.observe(60.0, 1002)["agent/cnn_lr"] == pytest.approx(2.5e-5)
+    yes = torch.tensor(True)
+
+    def observe(l2: float, update: int, ok: torch.Tensor = yes) -> dict[str, float]:
+        return {k: float(v) for k, v in mon.observe(torch.tensor(l2), torch.tensor(update), ok).items()}
+
+    assert observe(10.0, 1) == {"alerts/feature_explosion": 0.0, "agent/cnn_lr": pytest.approx(1e-4)}
+    assert observe(60.0, 2, torch.tensor(False))["agent/cnn_lr"] == pytest.approx(1e-4)  # a skipped update
+    assert observe(60.0, 2)["agent/cnn_lr"] == pytest.approx(5e-5)
+    assert opt.param_groups[0]["lr"] is mon.lr_t  # what the optimizer steps with
+    assert observe(60.0, 3)["agent/cnn_lr"] == pytest.approx(5e-5)  # cooling down
+    assert observe(60.0, 1001)["agent/cnn_lr"] == pytest.approx(5e-5)
+    assert observe(60.0, 1002)["agent/cnn_lr"] == pytest.approx(2.5e-5)
     assert opt.param_groups[1]["lr"] == 3e-4  # the MLP rate is never touched
     update = 1002
     for _ in range(20):
         update += 1000
-        mon.observe(1e9, update)
+        observe(1e9, update)
     assert mon.lr == pytest.approx(1e-6)
+    assert mon.state_dict() == {"last_halving": 1002 + 5 * 1000, "halvings": 7}  # the fifth one hit the floor
 
 
 def test_ddpg_has_one_critic_no_smoothing_no_delay(monkeypatch):
@@ -344,27 +365,43 @@ def test_nonfinite_loss_skips_the_update_and_restores_after_k():
     good = tiny_batch()
     agent.update(good)
     agent.update(good)
-    snapshot = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    before = [t.clone() for t in agent.state_tensors()]  # networks, targets, Adam state and step counts
     bad = tiny_batch()
     bad.reward[0] = float("nan")
     first = agent.update(bad)
     assert first["alerts/nonfinite_loss"] == 1.0 and first["alerts/weights_restored"] == 0.0
-    assert agent.updates == 2
-    for k, v in agent.critic.state_dict().items():
-        torch.testing.assert_close(v, snapshot[k])  # nothing changed
-    # weights corrupted by something else, then a second bad update in a row: restore
+    assert agent.updates == 3  # counted, though it changed nothing
+    for live, kept in zip(agent.state_tensors(), before):
+        torch.testing.assert_close(live, kept)
+    # weights corrupted by something else, then a second bad update in a row: restored at the next check
     with torch.no_grad():
         agent.critic.cnn.fc.weight.fill_(float("inf"))
-    second = agent.update(bad)
-    assert second["alerts/weights_restored"] == 1.0
+    assert until_checked(agent, bad)["alerts/weights_restored"] == 1.0
     assert torch.isfinite(agent.critic.cnn.fc.weight).all()
     assert agent.update(good)["alerts/nonfinite_loss"] == 0.0
+    assert int(agent.guard.skipped) == agent.guard.check_every - 2 and int(agent.guard.restored) == 1
 
 
-def test_a_skipped_update_is_always_logged():
+def test_the_update_reads_nothing_back_to_the_host(monkeypatch):
+    agent = make_agent("td3.critic_warmup_updates=0", "learner.nonfinite_restore_after=1")
+    bad = tiny_batch()
+    bad.reward[0] = float("nan")
+    agent.update(tiny_batch())  # the first snapshot
+
+    def readback(*_):
+        raise AssertionError("a host readback inside the update")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, readback)
+    for batch in (tiny_batch(), bad, *[bad] * agent.guard.check_every, tiny_batch()):
+        agent.update(batch)  # critic and actor updates, a skipped one, a restore
+    monkeypatch.undo()
+    assert int(agent.guard.restored) == 1
+
+
+def test_skipped_updates_are_counted_in_the_next_logged_point():
     from learner.learner import Learner
     from replay_server.ring import FrameRing
-    from tests.conftest import random_batch_arrays
 
     class Recorder:
         def __init__(self):
@@ -373,13 +410,20 @@ def test_a_skipped_update_is_always_logged():
         def log(self, metrics, step):
             self.logged.append(metrics)
 
-    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "logging.log_interval=1000"])
+        def histogram(self, *_):
+            pass
+
+    cfg = load_config(overrides=["learner.device=cpu", "td3.batch_size=4", "logging.log_interval=2"])
     torch.manual_seed(0)
     agent = TD3(cfg, CPU)
     logger = Recorder()
     learner = Learner(agent, FrameRing(16), cfg, logger, np.random.default_rng(0))
-    bad = random_batch_arrays(4)
+    good, bad = random_batch_arrays(4), random_batch_arrays(4)
     bad["reward"][0] = np.nan
-    learner.limiter.sample = lambda ring, b, rng, n_step, gamma, images=True: bad
-    learner.step(env_step=7)
-    assert logger.logged and logger.logged[0]["alerts/nonfinite_loss"] == 1.0
+    for arrays in (bad, good, good, bad):
+        learner.limiter.sample = lambda ring, b, rng, n_step, gamma, images=True, a=arrays: a
+        learner.step(env_step=7)
+    first, second = logger.logged
+    assert first["alerts/nonfinite_loss"] == 1 and np.isfinite(first["train/critic_loss"])
+    # A logged update that was skipped logs its alerts only, no NaN loss.
+    assert second["alerts/nonfinite_loss"] == 1 and "train/critic_loss" not in second

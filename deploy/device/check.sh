@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #12 and #13, for a session lent a device machine. Here, once:
+# The GPU checks of issues #12, #13 and #35, for a session lent a device machine. Here, once:
 #   make device-kit                      (builds .whl/, ~50 MiB, git-ignored)
-# then one device call from the repository root, carry [".whl"]:
+# then device calls from the repository root, carry [".whl"]:
 #   bash deploy/device/check.sh [STEP ...]
-# STEPs, in this order by default (9 minutes at most: the limits below add up to 510 s, plus the
-# install; name fewer to rerun some):
-#   tests    the CUDA tests (tests/test_cuda.py) and the TD3 update tests, un-skipped
-#   learner  make bench-learner's CUDA rows: ours vs SB3, TFLOP/s vs a matmul, variants, GPU memory
+# STEPs (the default: tests learner, 7 minutes at most, the limits below adding up to 420 s, plus
+# the install; `scaling loop`, 270 s, is a second call):
+#   tests    the CUDA tests (tests/test_cuda.py, the compiled update's tests/test_compiled.py) and
+#            the TD3 update tests, un-skipped
+#   learner  make bench-learner's CUDA rows: ours plain / compiled (reduce-overhead: CUDA graphs) /
+#            SB3 at batch 256 and 1024, TFLOP/s vs a matmul, variants, GPU memory
 #   scaling  make bench-scaling's K-env actor with its policy on the GPU, beside the CPU float32 one
 #   loop     make bench-loop: a distributed run's updates/s against the bench's, on the GPU
 # Each step has its own time limit; one that fails or runs out is reported and the next still
@@ -17,7 +19,7 @@ OUT=${OUT:-/tmp/device-check}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/av-td3-site}
 KIT=${KIT:-.whl}  # KIT=none: use $PY's own packages (a dry run of this script on a CPU machine)
-STEPS=${*:-tests learner scaling loop}
+STEPS=${*:-tests learner}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -42,8 +44,8 @@ step() {  # step NAME SECONDS COMMAND...
 
 for s in $STEPS; do
   case $s in
-    tests) step tests 90 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py tests/test_td3.py ;;
-    learner) step learner 150 "$PY" -m tests.bench.learner --devices cuda ;;
+    tests) step tests 120 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py tests/test_compiled.py tests/test_td3.py ;;
+    learner) step learner 300 "$PY" -m tests.bench.learner --devices cuda ;;
     scaling) step scaling 130 "$PY" -m tests.bench.scaling --runs policy,cuda_policy --envs 1,8,16 ;;
     loop) step loop 140 "$PY" -m tests.bench.loop --seconds 75 ;;
     *) echo "unknown step '$s' (steps: tests learner scaling loop)" | tee -a "$OUT/summary.txt" ;;
