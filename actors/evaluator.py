@@ -117,7 +117,7 @@ def reference_results(env: DrivingEnv, cfg: Config, episodes: int, seed: int) ->
     rng = np.random.default_rng(0)
     return {
         "random": evaluate(env, lambda _: rng.uniform(-1, 1, 2).astype(np.float32), episodes, seed),
-        "baseline": evaluate(env, baseline_for(cfg, env.backend.dt), episodes, seed),
+        "baseline": evaluate(env, baseline_for(cfg, env.backend.dt, env.backend.surroundings), episodes, seed),
     }
 
 
