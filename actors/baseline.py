@@ -82,8 +82,8 @@ IDM_ACCEL, IDM_DECEL, IDM_GAP_M, IDM_HEADWAY_S = 2.0, 3.0, 5.0, 1.2
 """Maximum acceleration and comfortable deceleration (m/s^2), standstill gap (m), time headway (s)."""
 CAR_LENGTH_M = 5.0
 """Centre-to-centre distance at which two cars in one lane touch (highway-env's and a Model 3's ~4.7 m)."""
-OVERLAP_M = 2.6
-"""Lateral distance between centres below which another car is in the ego's path (two ~2 m wide cars plus margin)."""
+OVERLAP_M = 3.2
+"""Lateral distance between centres below which another car is in the ego's path (two ~2 m wide cars, plus a margin for the steering lagging the planned path)."""
 CUT_IN_S = 1.5
 """A car ahead whose lateral speed brings it within OVERLAP_M of the ego's path within this long is followed."""
 SPEED_HORIZON_S = 1.0
@@ -190,8 +190,9 @@ class PrivilegedDriver:
 
 def shift_lookahead(points: np.ndarray, offset: float) -> np.ndarray:
     """Route points (ego frame) moved `offset` metres to the left of the route (a parallel lane)."""
-    d = np.diff(points, axis=0)
-    d = np.vstack([d, d[-1:]])
+    # Central differences: where two racetrack segments overlap, a point can lie a little behind
+    # the one before it, and that one step's direction would flip the normal.
+    d = np.gradient(points, axis=0)
     d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-9)
     return points + offset * np.stack([-d[:, 1], d[:, 0]], axis=1)
 

@@ -35,7 +35,7 @@ from PIL import Image
 from actors.envs.carla_server import CarlaServer, Ports
 from actors.envs.route import Route
 from common.config import CarlaConfig, ConfigError, EnvConfig
-from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState
+from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, Surroundings
 from common.env import SimulatorFailure
 from replay_server.server import die_with_parent
 
@@ -57,6 +57,8 @@ ANSWER_TIMEOUTS = 4
 hung: its own time-outs fire sooner, but libcarla waits for a Traffic Manager cycle without one."""
 START_SLACK_S = 60.0
 """Seconds a new client process may take to start, on top of `carla.setup_timeout_s` to connect."""
+SURROUNDINGS_WINDOW_M = 150.0
+"""Route distance from the ego within which `surroundings` reports other vehicles."""
 EVENT_GRACE_S = 0.01
 """How long after a tick returned its collision and lane-invasion events are waited for: libcarla
 may return the tick before its on-tick callbacks (the lane-invasion sensor) ran, and collision data
@@ -184,6 +186,7 @@ class CarlaSession:
         self._rgb = np.zeros((144, 256, 3), np.uint8)
         self._speed = 0.0
         self._s_start = 0.0
+        self._last_s = 0.0
         self._tick_s, self._ticks = 0.0, 0
         self.npc_spawn_failures = 0
 
@@ -386,6 +389,7 @@ class CarlaSession:
         position = np.array([tf.location.x, -tf.location.y])
         s, lateral, heading_error, lookahead = self._route.measure(
             position, -math.radians(tf.rotation.yaw), self.env_cfg.lookahead_spacing_m)
+        self._last_s = s
         collision, invasion, obstacle = self._sensors.events(frame)
         on_road = self.map.get_waypoint(tf.location, project_to_road=False, lane_type=self.carla.LaneType.Driving)
         acceleration = (speed - self._speed) / self.dt
@@ -397,6 +401,27 @@ class CarlaSession:
         )
 
     # -- the rest of the contract ----------------------------------------------------------
+    def surroundings(self) -> Surroundings:
+        """The other vehicles on the route within SURROUNDINGS_WINDOW_M of the ego, in route
+        coordinates. The lanes are the route's alone: the privileged driver follows traffic here but
+        does not change lanes (reading the same-direction neighbour lanes from the map is not done)."""
+        tf = self._ego.get_transform()
+        ego_s, _, _ = self._route.locate(np.array([tf.location.x, -tf.location.y]), self._last_s, SURROUNDINGS_WINDOW_M)
+        others = [a for a in self.world.get_actors().filter("vehicle.*") if a.id != self._ego.id]
+        rows = np.zeros((0, 4))
+        if others:
+            where = np.array([[a.get_transform().location.x, -a.get_transform().location.y] for a in others])
+            velocity = np.array([[a.get_velocity().x, -a.get_velocity().y] for a in others])
+            s, lateral, heading = self._route.locate(where, float(ego_s[0]), SURROUNDINGS_WINDOW_M)
+            along = velocity[:, 0] * np.cos(heading) + velocity[:, 1] * np.sin(heading)
+            drift = -velocity[:, 0] * np.sin(heading) + velocity[:, 1] * np.cos(heading)
+            rows = np.stack([s - ego_s[0], lateral, along, drift], axis=1)
+            # A car beyond either end of the route projects onto that end: it is not on the route.
+            on_route = (s > 0.0) & (s < self._route.length)
+            rows = rows[on_route & (np.abs(rows[:, 0]) < SURROUNDINGS_WINDOW_M)]
+        width = self.map.get_waypoint(tf.location).lane_width
+        return Surroundings(np.zeros(1), float(width), rows)
+
     def render_rgb(self) -> np.ndarray:
         return self._rgb
 
@@ -545,6 +570,9 @@ class CarlaBackend:
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
         return self._in_episode("step", action)
+
+    def surroundings(self) -> Surroundings:
+        return self._in_episode("surroundings")
 
     def render_rgb(self) -> np.ndarray:
         return self._in_episode("render_rgb")

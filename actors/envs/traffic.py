@@ -8,8 +8,9 @@ reach. Here every vehicle is placed at a distance along its lane from the ego:
 - scenario 1, traffic in the way: a blocker in the ego's lane 35-60 m ahead, stopped (a plain
   kinematic vehicle that never moves) or crawling at 1-2.5 m/s (IDM, no lane changes), and the
   rest ahead at 3-9 m/s, alternating between the other lane (from 10 m ahead) and the ego's lane
-  beyond the blocker. Following the blocker leaves the route unfinished at the timeout: the ego
-  must pass it in the other lane, between that lane's cars.
+  beyond the blocker, each keeping to its lane (with lane changes, the faster cars cut into the
+  queue behind the blocker and wrecks closed both lanes). Following the blocker leaves the route
+  unfinished at the timeout: the ego must pass it in the other lane, between that lane's cars.
 - scenario 2, dense: a slow car (2-4 m/s) in the ego's lane 25-50 m ahead and the rest in both
   lanes from 50 m behind to 150 m ahead, gaps of 12-35 m, speeds 3-9 m/s. Every IDM vehicle here
   changes lanes by MOBIL with politeness 0 and a low gain threshold, so cars from the other lane
@@ -69,7 +70,7 @@ def _scenario_1(road: Road, lane: LaneIndex, other: LaneIndex | None, s0: float,
     for k in range(count - 1):
         target = other if (k % 2 == 0 and other is not None) else lane
         ahead[target] += float(rng.uniform(MIN_GAP_M, 40.0))
-        _add(road, TrafficCar, target, s0, ahead[target], float(rng.uniform(3.0, 9.0)))
+        _add(road, TrafficCar, target, s0, ahead[target], float(rng.uniform(3.0, 9.0)), lane_change=False)
 
 
 def _scenario_2(road: Road, lane: LaneIndex, other: LaneIndex | None, s0: float, count: int,

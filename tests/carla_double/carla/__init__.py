@@ -130,10 +130,12 @@ def _on_circle(theta: float, z: float = 0.0) -> Transform:
 
 class Waypoint:
     transform: Transform
+    lane_width: float
 
     def __init__(self, theta: float) -> None:
         self._theta = theta
         self.transform = _on_circle(theta)
+        self.lane_width = _LANE_WIDTH
 
     def next(self, distance: float) -> list["Waypoint"]:
         return [Waypoint(self._theta + distance / _ROAD_RADIUS)]
