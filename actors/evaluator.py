@@ -53,9 +53,12 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
             frames.append(annotate(env.render(), [
                 f"step {steps}  {info['speed']:4.1f} m/s  return {total:6.1f}",
                 f"steer {action[0]:+.2f}  throttle {action[1]:+.2f}  reward {reward:+.2f}",
+                f"route {info['progress_pct']:5.1f}%  lane invasions {invasions}",
             ]))
     if frames is not None:
-        last = annotate(env.render(), [f"end: {info['termination']} at step {steps}", f"return {total:.1f}"])
+        last = annotate(env.render(), [f"end: {info['termination']} at step {steps}",
+                                       f"route {info['progress']:.0f} m ({info['progress_pct']:.0f}%)",
+                                       f"lane invasions {invasions}  return {total:.1f}"])
         frames.extend([last] * video_fps(env))
     return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"],
             "mean_speed": speed / steps, "progress_m": info["progress"], "progress_pct": info["progress_pct"]}
