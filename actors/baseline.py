@@ -93,7 +93,7 @@ FULL_BRAKE_MS2 = 5.0
 CHANGE_GAIN_MS2 = 0.3
 """IDM acceleration the other lane must offer over the current one before the driver changes to it."""
 CHANGE_SLOPE = 0.5
-"""Lateral metres per metre driven while changing lanes."""
+"""Lateral metres per metre driven that the driver plans while changing lanes."""
 BACK_GAP_S, FRONT_GAP_S, MIN_SIDE_GAP_M = 2.0, 1.0, 4.0
 """Gap acceptance: the follower in the target lane needs MIN_SIDE_GAP_M plus BACK_GAP_S times its
 closing speed behind the ego; the leader MIN_SIDE_GAP_M plus FRONT_GAP_S times the ego's closing speed."""
@@ -124,7 +124,6 @@ class PrivilegedDriver:
     def reset(self) -> None:
         self.pid.reset()
         self.lane = 0.0  # lateral offset of the lane the driver wants to be in
-        self.offset: float | None = None  # lateral offset the steering aims at, moving toward self.lane
 
     def _leader(self, vehicles: np.ndarray, path: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
         """(bumper gap, speed) of the nearest vehicle ahead whose centre is within OVERLAP_M of
@@ -172,29 +171,31 @@ class PrivilegedDriver:
         vector = observation["vector"]
         speed, lateral = float(vector[0]) * SPEED_NORM, float(vector[1]) * LATERAL_NORM
         su = self.surroundings()
-        if self.offset is None:
-            self.offset = lateral
         self._choose_lane(su, lateral, speed)
-        start, end, reach = lateral, self.lane, max(abs(self.lane - lateral) / CHANGE_SLOPE, 1e-6)
-        gap, lead_speed = self._leader(su.vehicles, lambda x: start + (end - start) * np.minimum(x / reach, 1.0))
+
+        def path(x: np.ndarray) -> np.ndarray:
+            """The lateral offset the driver plans at x metres ahead: from where it is to its lane,
+            CHANGE_SLOPE metres sideways per metre; the car it follows and the steering both use it."""
+            return lateral + np.clip(CHANGE_SLOPE * x, 0.0, abs(self.lane - lateral)) * np.sign(self.lane - lateral)
+
+        gap, lead_speed = self._leader(su.vehicles, path)
         accel = idm_acceleration(speed, self.target_speed, gap, lead_speed)
         self.pid.target_speed = float(np.clip(speed + accel * SPEED_HORIZON_S, 0.0, self.target_speed))
         throttle = self.pid.throttle_brake(speed)
         if accel < 0.0:
             throttle = max(min(throttle, accel / FULL_BRAKE_MS2), -1.0)
-        step = CHANGE_SLOPE * max(speed, 1.0) * self.pid.dt
-        self.offset += float(np.clip(self.lane - self.offset, -step, step))
-        lookahead = shift_lookahead(decode_lookahead(vector, self.pid.env_cfg), self.offset)
-        return np.array([self.pid.steer(speed, lookahead), throttle], dtype=np.float32)
+        route = decode_lookahead(vector, self.pid.env_cfg)
+        ahead = np.cumsum(np.linalg.norm(np.diff(route, axis=0, prepend=np.zeros((1, 2))), axis=1))
+        return np.array([self.pid.steer(speed, shift_lookahead(route, path(ahead))), throttle], dtype=np.float32)
 
 
-def shift_lookahead(points: np.ndarray, offset: float) -> np.ndarray:
-    """Route points (ego frame) moved `offset` metres to the left of the route (a parallel lane)."""
+def shift_lookahead(points: np.ndarray, offset: float | np.ndarray) -> np.ndarray:
+    """Route points (ego frame) moved `offset` metres (one for all, or one per point) to the left of the route."""
     # Central differences: where two racetrack segments overlap, a point can lie a little behind
     # the one before it, and that one step's direction would flip the normal.
     d = np.gradient(points, axis=0)
     d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-9)
-    return points + offset * np.stack([-d[:, 1], d[:, 0]], axis=1)
+    return points + np.reshape(offset, (-1, 1)) * np.stack([-d[:, 1], d[:, 0]], axis=1)
 
 
 def baseline_for(cfg: Config, dt: float, surroundings: Callable[[], Surroundings] | None = None) -> PurePursuitPID | PrivilegedDriver:
