@@ -92,6 +92,8 @@ FULL_BRAKE_MS2 = 5.0
 """Deceleration at throttle_brake = -1 (highway-env's ACCELERATION_RANGE), for IDM's harder brakings."""
 CHANGE_GAIN_MS2 = 0.3
 """IDM acceleration the other lane must offer over the current one before the driver changes to it."""
+RETURN_TOLERANCE_MS2 = 0.05
+"""The route's lane is taken back when its IDM acceleration is within this of the current lane's."""
 CHANGE_SLOPE = 0.5
 """Lateral metres per metre driven that the driver plans while changing lanes."""
 BACK_GAP_S, FRONT_GAP_S, MIN_SIDE_GAP_M = 2.0, 1.0, 4.0
@@ -158,7 +160,7 @@ class PrivilegedDriver:
         route = float(su.lanes[np.argmin(np.abs(su.lanes))])
         here = self._lane_accel(su.vehicles, self.lane, speed)
         if self.lane != route:
-            if self._lane_accel(su.vehicles, route, speed) >= here - 0.05 and self._gaps_accepted(su.vehicles, route, speed):
+            if self._lane_accel(su.vehicles, route, speed) >= here - RETURN_TOLERANCE_MS2 and self._gaps_accepted(su.vehicles, route, speed):
                 self.lane = route
             return
         for lane in su.lanes:
