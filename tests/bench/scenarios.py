@@ -50,7 +50,9 @@ def table(results: dict[int, dict[str, dict[int, dict[str, float]]]]) -> list[st
             "| route progress m (%) | mean speed m/s | return |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, by_policy in results.items():
         for who, by_block in by_policy.items():
-            for k, m in by_block.items():
+            blocks = list(by_block.items())
+            mean = {tag: float(np.mean([m[tag] for _, m in blocks])) for tag in blocks[0][1]}
+            for k, m in [*blocks, ("mean", mean)]:
                 g = lambda tag: m[f"eval/{tag}"]  # noqa: E731
                 rows.append(f"| {scenario} | {POLICIES[who]} | {k} | {g('success_rate'):.2f} | {g('collision_rate'):.2f} | "
                             f"{g('termination_off_road'):.2f} | {g('termination_timeout'):.2f} | "
