@@ -61,9 +61,12 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
             frames.append(annotate(env.render(), [
                 f"step {steps}  {info['speed']:4.1f} m/s  return {total:6.1f}",
                 f"steer {action[0]:+.2f}  throttle {action[1]:+.2f}  reward {reward:+.2f}",
+                f"route {info['progress_pct']:5.1f}%  lane invasions {invasions}",
             ]))
     if frames is not None:
-        last = annotate(env.render(), [f"end: {info['termination']} at step {steps}", f"return {total:.1f}"])
+        last = annotate(env.render(), [f"end: {info['termination']} at step {steps}",
+                                       f"route {info['progress']:.0f} m ({info['progress_pct']:.0f}%)",
+                                       f"lane invasions {invasions}  return {total:.1f}"])
         frames.extend([last] * video_fps(env))
     return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"],
             "mean_speed": speed / steps, "progress_m": info["progress"], "progress_pct": info["progress_pct"]}
@@ -138,7 +141,7 @@ def reference_results(env: DrivingEnv, cfg: Config, episodes: int, seed: int) ->
     rng = np.random.default_rng(0)
     return {
         "random": evaluate(env, lambda _: rng.uniform(-1, 1, 2).astype(np.float32), episodes, seed),
-        "baseline": evaluate(env, baseline_for(cfg, env.backend.dt), episodes, seed),
+        "baseline": evaluate(env, baseline_for(cfg, env.backend.dt, env.backend.surroundings), episodes, seed),
     }
 
 

@@ -85,7 +85,9 @@ class EmbeddedConfig:
     simulation_frequency: int = 10
     """Physics steps per simulated second; a multiple of policy_frequency."""
     traffic: list[int] = field(default_factory=lambda: [3, 8, 16])
-    """Upper bound on other vehicles for scenario 0/1/2 (light/medium/heavy traffic)."""
+    """Other vehicles for scenario 0/1/2: 0 passes it to highway-env as its upper bound (a lead car
+    plus up to n-1 placed anywhere, out of reach); 1 and 2 place exactly n around the ego
+    (actors/envs/traffic.py)."""
     render_scaling: float = 1.75
     """Pixels per metre of the top-down 84x84 camera (1.75 shows about 48 m)."""
     camera_vehicles: Literal["contrast", "highway"] = "contrast"
@@ -130,7 +132,9 @@ class EnvConfig:
     """Module that registers env.backend when it is not built in; every process that makes envs
     (Ray workers too) imports it first."""
     scenario: Literal[0, 1, 2] = 0
-    """Traffic density: 0 light, 1 medium, 2 heavy."""
+    """The traffic ladder: 0 a slow lead car in the ego's lane (lane following); 1 traffic in the
+    way (a stopped or crawling car in the ego's lane, mixed-speed traffic in both lanes ahead: an
+    overtake or a well-timed wait); 2 dense (traffic in both lanes around the ego, cut-ins)."""
     max_episode_steps: int = 1000
     """Steps after which an episode is truncated (termination reason 'timeout')."""
     route_length_m: float = 300.0
@@ -145,7 +149,13 @@ class EnvConfig:
     Measured alone (3 seeds, 30,000 steps): success 0.00 / 0.70 / 0.95 against the default's
     0.00 / 1.00 / 1.00, so it stays off."""
     max_lateral_deviation_m: float = 2.5
-    """Lateral distance from the route centre that ends the episode as 'lane_departure'."""
+    """Lateral distance from the route centre at which lane keeping pays nothing and, with
+    lane_change off, the episode ends as 'lane_departure'."""
+    lane_change: bool = True
+    """The route is the road: the car may change lanes (each marking crossed is a lane invasion,
+    penalised once) and the episode ends only when it leaves the road ('off_road'). Off: the route
+    is one lane and max_lateral_deviation_m from its centre ends the episode (the rule every result
+    before 2026-12-06 was measured under)."""
     lookahead_spacing_m: float = 2.0
     """Spacing of the 25 look-ahead route points in the vector features."""
     lookahead_features: LookaheadFeatures = "per_point"

@@ -64,6 +64,21 @@ class DrivingState:
     """(25, 2) route centre points ahead, in the ego frame (x forward, y left), m."""
 
 
+@dataclass
+class Surroundings:
+    """The simulator's truth about the traffic around the ego, for rule-based drivers (the
+    privileged baseline), never part of an observation. Route coordinates: metres along the route
+    (positive ahead of the ego) and lateral offset from the route centre (positive left)."""
+
+    lanes: np.ndarray
+    """(L,) lateral offsets, m, of the centres of the road's lanes that go the route's way, at the ego."""
+    lane_width: float
+    """Width of the ego's lane, m."""
+    vehicles: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    """(N, 4) per other vehicle: metres ahead of the ego along the route (negative behind), lateral
+    offset from the route centre, m, speed, m/s, and lateral speed, m/s (positive left)."""
+
+
 def wrap_angle(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
@@ -116,7 +131,7 @@ def termination(state: DrivingState, step: int, cfg: EnvConfig, stopped_s: float
         return True, False, "collision"
     if state.off_road:
         return True, False, "off_road"
-    if abs(state.lateral_offset) > cfg.max_lateral_deviation_m:
+    if not cfg.lane_change and abs(state.lateral_offset) > cfg.max_lateral_deviation_m:
         return True, False, "lane_departure"
     if state.progress >= cfg.route_length_m:
         return not cfg.route_end_bootstraps, cfg.route_end_bootstraps, "route_completed"

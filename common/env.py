@@ -26,6 +26,7 @@ from common.driving import (
     FRAME_STACK,
     VECTOR_DIM,
     DrivingState,
+    Surroundings,
     reward_components,
     stopped_time,
     termination,
@@ -50,6 +51,9 @@ class DrivingBackend(Protocol):
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
         """Applies [steer, throttle_brake] for one step; returns the new frame and state."""
+
+    def surroundings(self) -> Surroundings:
+        """The other vehicles and the road's lanes, true positions (for the privileged baseline)."""
 
     def render_rgb(self) -> np.ndarray:
         """A larger (H, W, 3) uint8 picture of the scene, for videos a person watches."""

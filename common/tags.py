@@ -158,6 +158,7 @@ def layout() -> dict[str, dict[str, list]]:
             "training episodes": ["Multiline", _expand("train/termination_*", terms)],
             "evaluation episodes": ["Multiline", ["eval/success_rate", "eval/collision_rate",
                                                    *_expand("eval/termination_*", EVAL_ONLY_TERMINATIONS)]],
+            "lane invasions per episode": ["Multiline", ["train/lane_invasions_per_episode", "eval/avg_lane_invasions"]],
             "speed m/s": ["Multiline", ["train/mean_speed", "eval/mean_speed"]],
             "route progress %": ["Multiline", ["train/route_progress_pct", "eval/route_progress_pct"]],
             "reward components": ["Multiline", _expand("rewards/*", REWARD_COMPONENTS)],

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (see deploy/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set td3.batch_size=128 (repeatable)")
-    p.add_argument("--scenario", type=int, choices=[0, 1, 2], help="traffic: 0 light, 1 medium, 2 heavy (env.scenario)")
+    p.add_argument("--scenario", type=int, choices=[0, 1, 2], help="traffic: 0 a slow lead car, 1 traffic in the way, 2 dense (env.scenario)")
     p.add_argument("--max-timesteps", type=int, help="env-step budget (learner.max_timesteps)")
     p.add_argument("--eval-freq", type=int, help="env steps between evaluations (eval.freq)")
     p.add_argument("--checkpoint-freq", type=int, help="env steps between checkpoints (learner.checkpoint_freq)")

@@ -4,7 +4,7 @@ of the classical baseline (`--policy baseline`).
 Loads the policy of a run (its latest checkpoint) or of one checkpoint, runs N episodes with
 seeds --seed, --seed+1, ... on the backend and scenario of the checkpoint's config (or those
 given), prints the eval metrics (`--json` also writes them, with every episode), and optionally
-writes an animated GIF of chosen episodes. `--policy baseline` drives the PID + pure-pursuit
+writes an animated GIF of chosen episodes. `--policy baseline` drives the privileged driver (IDM, lane changes) on the PID + pure-pursuit
 baseline instead, on the config of RUN_OR_CHECKPOINT when given, else of `--config` and `--set`,
 and also logs its metrics to TensorBoard under logging.logdir. The held-out evaluations of
 `make experiment-learn` go through `evaluate_checkpoint`.
@@ -61,8 +61,10 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[st
 
 
 def evaluate_baseline(cfg: Config, episodes: int, seed: int, video_episodes: set[int] | None = None) -> Evaluation:
-    """The classical baseline (PID + pure pursuit) on `cfg`."""
-    return evaluate_policy(cfg, lambda env: baseline_for(cfg, env.backend.dt), episodes, seed, video_episodes)
+    """The classical baseline on `cfg`: the privileged driver (IDM and gap-accepting lane changes on
+    the simulator's truth) on PID + pure pursuit, as the evaluator's reference lines use it."""
+    return evaluate_policy(cfg, lambda env: baseline_for(cfg, env.backend.dt, env.backend.surroundings), episodes,
+                           seed, video_episodes)
 
 
 def log_baseline(cfg: Config, metrics: dict[str, float]) -> Path:
@@ -79,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("path", nargs="?", help="a run directory (its latest checkpoint) or one checkpoint directory; "
                    "optional with --policy baseline")
     p.add_argument("--policy", choices=["checkpoint", "baseline"], default="checkpoint",
-                   help="what drives: the checkpoint's policy (default) or the PID + pure-pursuit baseline")
+                   help="what drives: the checkpoint's policy (default) or the classical baseline (privileged IDM + lane changes on PID + pure pursuit)")
     p.add_argument("--config", help="YAML config file for --policy baseline without a path (see deploy/configs/)")
     p.add_argument("--episodes", type=int, default=10, help="deterministic episodes (default 10)")
     p.add_argument("--seed", type=int, default=100_000,

@@ -361,21 +361,43 @@ def test_a_camera_silent_on_its_first_ticks_is_no_server_failure(tmp_path, carla
         env.close()
 
 
-def test_lateral_offset_is_signed_and_lane_invasion_counted_once(tmp_path, carla_double):
-    env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
+@pytest.mark.parametrize("lane_change, steer, ends, beyond", [
+    ("true", 0.3, "off_road", -4.5),  # the inner lane goes our way: legal, until the road's edge
+    ("true", -0.3, "off_road", 1.5),  # the outer lane is oncoming: off the route's carriageway
+    ("false", 0.3, "lane_departure", -2.5),  # the route is one lane: leaving it ends the episode
+])
+def test_lateral_offset_is_signed_and_lane_invasion_counted_once(tmp_path, carla_double, lane_change, steer, ends, beyond):
+    """The route is the road (env.lane_change): the next lane our way is legal, the oncoming lane and
+    leaving the road end the episode; with lane_change off, leaving the route's lane does."""
+    env = make_env(carla_config(tmp_path, "carla.traffic=[0,0,0]", f"env.lane_change={lane_change}"))
     try:
         env.reset(seed=0)
         invasions, info, offset = 0, {}, 0.0
-        for _ in range(200):  # steer left (negative) until the episode ends
-            obs, _, terminated, _, info = env.step(np.array([-0.3, 0.3], np.float32))
+        for _ in range(200):  # steer until the episode ends (negative: left)
+            obs, _, terminated, _, info = env.step(np.array([steer, 0.3], np.float32))
             invasions += info["lane_invasion"]
             offset = obs["vector"][1] * 3.5
             if terminated:
                 break
-        assert info["termination"] == "lane_departure"
-        assert offset > 2.5, "left of the route is a positive offset"
+        assert info["termination"] == ends
+        assert (offset > beyond) if beyond > 0 else (offset < beyond), "left of the route is a positive offset"
         assert invasions == 1
         assert info["rewards"]["safety"] <= 0
+    finally:
+        env.close()
+
+
+def test_surroundings_report_the_traffic_in_route_coordinates(tmp_path, carla_double):
+    env = session_env(carla_config(tmp_path, "env.scenario=1"))
+    try:
+        env.reset(seed=0)
+        for _ in range(3):
+            env.step(np.array([0.0, 0.0], np.float32))
+        su = env.backend.surroundings()
+        assert su.lanes == pytest.approx([-3.5, 0.0], abs=0.05) and su.lane_width == 3.5  # the oncoming lane is not ours
+        assert len(su.vehicles) >= 1 and su.vehicles.shape[1] == 4
+        assert np.all(np.abs(su.vehicles[:, 1]) < 0.5), "the NPCs circle on the route's lane"
+        assert np.allclose(su.vehicles[:, 2], 6.0, atol=0.1) and np.allclose(su.vehicles[:, 3], 0.0, atol=0.1)
     finally:
         env.close()
 

@@ -282,7 +282,7 @@ def test_reward_weights_default_to_2_2_1_1_3():
     [
         (dict(collision=True, off_road=True), 1, (True, False, "collision")),
         (dict(off_road=True), 1, (True, False, "off_road")),
-        (dict(lateral_offset=-2.6), 1, (True, False, "lane_departure")),
+        (dict(lateral_offset=-5.0), 1, (False, False, None)),  # the next lane: the route is the road
         (dict(progress=300.0), 1, (True, False, "route_completed")),
         (dict(), 1000, (False, True, "timeout")),
         (dict(lateral_offset=2.4), 999, (False, False, None)),
@@ -290,6 +290,11 @@ def test_reward_weights_default_to_2_2_1_1_3():
 )
 def test_termination_reasons(kw, step, expected):
     assert termination(_state(**kw), step, load_config().env) == expected
+
+
+def test_leaving_the_routes_lane_ends_the_episode_only_without_lane_changes():
+    cfg = load_config(overrides=["env.lane_change=false"]).env
+    assert termination(_state(lateral_offset=-2.6), 1, cfg) == (True, False, "lane_departure")
 
 
 def test_route_completion_truncates_when_the_route_end_bootstraps():
@@ -342,7 +347,7 @@ def test_an_episode_too_short_for_its_route_is_named_at_start(caplog):
 
 @pytest.mark.parametrize("start", ["anywhere", "anywhere_with_lead"])
 def test_random_starts_spread_training_over_the_track_and_leave_evaluation_alone(start):
-    cfg = load_config(overrides=[f"env.embedded.training_start={start}", "env.scenario=1"])
+    cfg = load_config(overrides=[f"env.embedded.training_start={start}", "env.embedded.traffic=[8,8,16]"])
     train, evaluation = make_env(cfg, training=True), make_env(cfg)
     try:
         segments = set()

@@ -30,5 +30,5 @@ def test_a_tiny_learn_experiment_writes_its_table(tmp_path, monkeypatch):
     experiments.experiment_learn(200, 100, 1, ["default", "sb3-vector"], [1], 0, 2,
                                  ["td3.learning_starts=50", "env.max_episode_steps=40", "td3.critic_warmup_updates=5"])
     table = (tmp_path / "experiment_learn.md").read_text()
-    assert "| default |" in table and "| sb3-vector |" in table and "| PID + pure pursuit |" in table
+    assert "| default |" in table and "| sb3-vector |" in table and "| privileged baseline (IDM + lane change) |" in table
     assert (tmp_path / "experiment_learn.png").is_file()

@@ -36,7 +36,7 @@ from actors.envs.carla_server import CarlaServer, Ports
 from actors.envs.route import Route
 from common.backends import BackendSpec, register
 from common.config import CarlaConfig, Config, ConfigError, EnvConfig
-from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState
+from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, Surroundings
 from common.env import SimulatorFailure
 from replay_server.server import die_with_parent
 
@@ -63,6 +63,10 @@ ANSWER_TIMEOUTS = 4
 hung: its own time-outs fire sooner, but libcarla waits for a Traffic Manager cycle without one."""
 START_SLACK_S = 60.0
 """Seconds a new client process may take to start, on top of `carla.setup_timeout_s` to connect."""
+MAX_LANES_A_SIDE = 4
+"""Neighbour lanes `surroundings` walks to on either side of the ego's."""
+SURROUNDINGS_WINDOW_M = 150.0
+"""Route distance from the ego within which `surroundings` reports other vehicles."""
 EVENT_GRACE_S = 0.01
 """How long after a tick returned its collision and lane-invasion events are waited for: libcarla
 may return the tick before its on-tick callbacks (the lane-invasion sensor) ran, and collision data
@@ -98,6 +102,13 @@ def load_route_file(path: str, min_length: float) -> np.ndarray:
     if length < min_length:
         raise ConfigError(f"carla.route_file '{p}' is {length:.0f} m long, shorter than env.route_length_m={min_length:.0f}")
     return points
+
+
+def _goes_along(lane: Any, heading: float) -> bool:
+    """Whether map waypoint `lane` points within 90 degrees of `heading` (radians, our right-handed
+    frame): the road is the carriageway the route drives on, so the oncoming lane is off it. In a
+    junction every lane counts (lanes cross there)."""
+    return bool(lane.is_junction) or math.cos(-math.radians(lane.transform.rotation.yaw) - heading) > 0.0
 
 
 def to_gray(image: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +207,7 @@ class CarlaSession:
         self._rgb = np.zeros((144, 256, 3), np.uint8)
         self._speed = 0.0
         self._s_start = 0.0
+        self._last_s = 0.0
         self._tick_s, self._ticks = 0.0, 0
         self.npc_spawn_failures = 0
 
@@ -398,17 +410,50 @@ class CarlaSession:
         position = np.array([tf.location.x, -tf.location.y])
         s, lateral, heading_error, lookahead = self._route.measure(
             position, -math.radians(tf.rotation.yaw), self.env_cfg.lookahead_spacing_m)
+        self._last_s = s
         collision, invasion, obstacle = self._sensors.events(frame)
-        on_road = self.map.get_waypoint(tf.location, project_to_road=False, lane_type=self.carla.LaneType.Driving)
+        lane = self.map.get_waypoint(tf.location, project_to_road=False, lane_type=self.carla.LaneType.Driving)
+        off_road = lane is None or not _goes_along(lane, -math.radians(tf.rotation.yaw) - heading_error)
         acceleration = (speed - self._speed) / self.dt
         self._speed = speed
         return DrivingState(
             speed=float(speed), lateral_offset=lateral, heading_error=heading_error,
-            acceleration=float(acceleration), collision=collision, off_road=on_road is None,
+            acceleration=float(acceleration), collision=collision, off_road=off_road,
             lane_invasion=invasion, progress=s - self._s_start, obstacle_distance=obstacle, lookahead=lookahead,
         )
 
     # -- the rest of the contract ----------------------------------------------------------
+    def surroundings(self) -> Surroundings:
+        """The other vehicles on the route within SURROUNDINGS_WINDOW_M of the ego, in route
+        coordinates, and the driving lanes beside the ego's that go its lane's way (same sign of
+        lane_id, as OpenDRIVE numbers them)."""
+        tf = self._ego.get_transform()
+        ego_s, _, _ = self._route.locate(np.array([tf.location.x, -tf.location.y]), self._last_s, SURROUNDINGS_WINDOW_M)
+        others = [a for a in self.world.get_actors().filter("vehicle.*") if a.id != self._ego.id]
+        rows = np.zeros((0, 4))
+        if others:
+            where = np.array([[a.get_transform().location.x, -a.get_transform().location.y] for a in others])
+            velocity = np.array([[a.get_velocity().x, -a.get_velocity().y] for a in others])
+            s, lateral, heading = self._route.locate(where, float(ego_s[0]), SURROUNDINGS_WINDOW_M)
+            along = velocity[:, 0] * np.cos(heading) + velocity[:, 1] * np.sin(heading)
+            drift = -velocity[:, 0] * np.sin(heading) + velocity[:, 1] * np.cos(heading)
+            rows = np.stack([s - ego_s[0], lateral, along, drift], axis=1)
+            # A car beyond either end of the route projects onto that end: it is not on the route.
+            on_route = (s > 0.0) & (s < self._route.length)
+            rows = rows[on_route & (np.abs(rows[:, 0]) < SURROUNDINGS_WINDOW_M)]
+        here = self.map.get_waypoint(tf.location)
+        lanes = [here]
+        for side in ("get_left_lane", "get_right_lane"):
+            lane = getattr(here, side)()
+            for _ in range(MAX_LANES_A_SIDE):
+                if lane is None or lane.lane_type != self.carla.LaneType.Driving or lane.lane_id * here.lane_id <= 0:
+                    break
+                lanes.append(lane)
+                lane = getattr(lane, side)()
+        centres = np.array([[w.transform.location.x, -w.transform.location.y] for w in lanes])
+        _, offsets, _ = self._route.locate(centres, float(ego_s[0]), SURROUNDINGS_WINDOW_M)
+        return Surroundings(np.sort(offsets), float(here.lane_width), rows)
+
     def render_rgb(self) -> np.ndarray:
         return self._rgb
 
@@ -561,6 +606,9 @@ class CarlaBackend:
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
         return self._in_episode("step", action)
+
+    def surroundings(self) -> Surroundings:
+        return self._in_episode("surroundings")
 
     def render_rgb(self) -> np.ndarray:
         return self._in_episode("render_rgb")

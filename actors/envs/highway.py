@@ -3,7 +3,9 @@ continuous steering and throttle/brake, seen by an 84x84 grayscale top-down came
 
 The route is the lane the ego vehicle starts in, followed around the track; lateral offset,
 heading error, progress and look-ahead points are measured against it, as the CARLA backend
-measures them against its waypoint route.
+measures them against its waypoint route. The road is both lanes: with `env.lane_change` the ego
+may drive in the other one (each marking crossed is a lane invasion) and only leaving the road
+ends the episode. Scenarios 1 and 2 place their traffic around the ego (actors/envs/traffic.py).
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import numpy as np
 from highway_env.envs.racetrack_env import RacetrackEnv
 from highway_env.vehicle.kinematics import Vehicle
 
+from actors.envs import traffic
 from actors.envs.render import TopDownCamera
 from common.backends import BackendSpec, register
 from common.config import Config, EnvConfig, TrainingStart
-from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, to_ego_frame, wrap_angle
+from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, Surroundings, to_ego_frame, wrap_angle
 
 LaneIndex = tuple[str, str, int]
 VIDEO_SIZE = 256
 VIDEO_SCALING = 4.0
+ROAD_SEAM_M = 0.1
+"""Tolerance that closes the seams between highway-env's racetrack lanes (see `_on_road`)."""
 START_CLEARANCE_M = 20.0  # highway-env's own spacing between vehicles it places at reset
 
 
@@ -54,7 +59,12 @@ class HighwayBackend:
                 # Observations come from our camera; this one costs nothing.
                 "observation": {"type": "AttributesObservation", "attributes": ["time"]},
                 "action": {"type": "ContinuousAction", "longitudinal": True, "lateral": True},
-                "other_vehicles": emb.traffic[cfg.scenario],
+                # Scenarios 1 and 2 place their own traffic after highway-env's reset.
+                "other_vehicles": emb.traffic[0] if cfg.scenario == 0 else 0,
+                # IDM and MOBIL see the cars on the next and previous segments too (highway-env
+                # 1.12's fix, PR 667); without it, cars rear-ended or cut in right in front of
+                # the ones across a segment boundary, blocking scenario 1's road with wrecks.
+                "neighbour_vehicles_connected_lanes": cfg.scenario > 0,
                 "simulation_frequency": emb.simulation_frequency,
                 "policy_frequency": emb.policy_frequency,
                 # Termination and truncation are ours (common.driving), not highway-env's.
@@ -69,6 +79,8 @@ class HighwayBackend:
         self._progress = 0.0
         self._speed = 0.0
         self._lane_id = 0
+        self._route_start: dict[tuple[str, str], float] = {}
+        self._lap = 0.0
 
     # -- route geometry ------------------------------------------------------------------
     def _next_on_route(self, index: LaneIndex) -> LaneIndex:
@@ -126,12 +138,20 @@ class HighwayBackend:
             heading_error=float(-wrap_angle(ego.heading - lane.heading_at(s))),
             acceleration=float(acceleration),
             collision=bool(ego.crashed),
-            off_road=not bool(ego.on_road),
+            off_road=not self._on_road(),
             lane_invasion=lane_invasion,
             progress=float(self._progress),
             obstacle_distance=self._obstacle_distance(),
             lookahead=ego_points.astype(np.float32),
         )
+
+    def _on_road(self) -> bool:
+        """On a lane of the road. highway-env's `on_road` asks the nearest lane alone, and on the
+        slant segment (f, g) the two 5 m lanes lie 5.09 m apart: the 9 cm seam between them is
+        off every lane, so a lane change there read as leaving the road."""
+        ego = self._env.vehicle
+        lanes = self._env.road.network.graph[ego.lane_index[0]][ego.lane_index[1]]
+        return bool(ego.on_road) or any(lane.on_lane(ego.position, margin=ROAD_SEAM_M) for lane in lanes)
 
     def _obstacle_distance(self) -> float:
         ego = self._env.vehicle
@@ -151,10 +171,14 @@ class HighwayBackend:
         if not self.cfg.embedded.brake_reverses:
             # RacetrackEnv builds the ego from its action type's class; give that object ours.
             self._env.vehicle.__class__ = ForwardOnlyVehicle
+        scenario = self.cfg.scenario
         if self.start != "fixed" and self._starts_elsewhere():
-            self._start_anywhere(with_lead=self.start == "anywhere_with_lead")
+            self._start_anywhere(with_lead=self.start == "anywhere_with_lead" and scenario == 0)
         ego = self._env.vehicle
+        if scenario > 0:
+            traffic.place(self._env.road, ego, scenario, self.cfg.embedded.traffic[scenario], self._env.np_random)
         self._route = ego.lane_index
+        self._measure_route()
         self._lane_id = ego.lane_index[2]
         self._progress = 0.0
         self._speed = float(ego.speed)
@@ -184,6 +208,42 @@ class HighwayBackend:
         env.road.vehicles = placed + [
             v for v in env.road.vehicles
             if v not in placed and all(np.linalg.norm(v.position - p.position) >= START_CLEARANCE_M for p in placed)]
+
+    def _measure_route(self) -> None:
+        """Where each segment starts along the route's lane, from the route's first segment on."""
+        self._route_start, index, s = {}, self._route, 0.0
+        while index[:2] not in self._route_start:
+            self._route_start[index[:2]] = s
+            s += self._env.road.network.get_lane(index).length
+            index = self._next_on_route(index)
+        self._lap = s
+
+    def _route_coordinates(self, position: np.ndarray, segment: tuple[str, str]) -> tuple[float, float]:
+        """(s along the route's lane from its first segment's start, lateral offset, positive left)
+        of a point on `segment`."""
+        lane = self._env.road.network.get_lane((*segment, self._route[2]))
+        s, lat = lane.local_coordinates(position)
+        return self._route_start[segment] + s, -lat
+
+    def surroundings(self) -> Surroundings:
+        road, ego = self._env.road, self._env.vehicle
+        segment = self._route[:2]
+        ego_s = self._route_start[segment] + self._s
+        rows = []
+        for v in road.vehicles:
+            if v is not ego:
+                s, lat = self._route_coordinates(v.position, v.lane_index[:2])
+                ahead = (s - ego_s + self._lap / 2) % self._lap - self._lap / 2
+                lane = road.network.get_lane((*v.lane_index[:2], self._route[2]))
+                drift = -float(v.speed) * math.sin(v.heading - lane.heading_at(lane.local_coordinates(v.position)[0]))
+                rows.append((ahead, lat, float(v.speed), drift))
+        network = road.network
+        lanes = []
+        for lane in network.graph[segment[0]][segment[1]]:
+            centre = lane.position(lane.local_coordinates(ego.position)[0], 0.0)
+            lanes.append(self._route_coordinates(centre, segment)[1])
+        width = network.get_lane(self._route).width_at(self._s)
+        return Surroundings(np.sort(np.asarray(lanes)), float(width), np.asarray(rows, dtype=np.float64).reshape(-1, 4))
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, DrivingState]:
         steer, throttle_brake = float(action[0]), float(action[1])

@@ -62,6 +62,21 @@ class Route:
         lateral = float(d[0] * r[1] - d[1] * r[0])  # z of d x r: positive when p is left of d
         return float(self._s0[self._segment] + along[k]), lateral, math.atan2(d[1], d[0])
 
+    def locate(self, points: np.ndarray, near_s: float, window: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(s, lateral, heading) of each of `points` (M, 2), as `project` measures them, against the
+        route's segments within `window` metres of arc length `near_s` only (so another pass of the
+        route nearby is not matched); leaves `project`'s memory alone."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 1, 2)
+        seg = np.flatnonzero((self._s0[1:] >= near_s - window) & (self._s0[:-1] <= near_s + window))
+        rel = p - self.points[seg][None]
+        along = np.clip(np.einsum("mij,ij->mi", rel, self._dirs[seg]), 0.0, self._lengths[seg])
+        gap = rel - along[..., None] * self._dirs[seg][None]
+        k = np.argmin(np.hypot(gap[..., 0], gap[..., 1]), axis=1)
+        rows = np.arange(len(p))
+        d, r = self._dirs[seg[k]], rel[rows, k]
+        lateral = d[:, 0] * r[:, 1] - d[:, 1] * r[:, 0]
+        return self._s0[seg[k]] + along[rows, k], lateral, np.arctan2(d[:, 1], d[:, 0])
+
     def point_at(self, s: np.ndarray) -> np.ndarray:
         """Points (M, 2) at arc lengths `s`, extrapolated along the last segment past the end."""
         s = np.asarray(s, dtype=np.float64)

@@ -356,18 +356,22 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
 
 
 def reference_policies(overrides: list[str], episodes: int) -> dict[str, dict[str, float]]:
-    """eval/* of a uniformly random policy and of the baseline, on the held-out evaluation seeds."""
+    """eval/* of a uniformly random policy, the privileged baseline (IDM and lane changes on the
+    simulator's truth) and the traffic-blind PID + pure pursuit, on the held-out evaluation seeds."""
+    from actors.baseline import baseline_for
     from actors.envs import make_env
-    from actors.evaluator import reference_results
+    from actors.evaluator import evaluate, reference_results
     from common.config import load_config
 
     cfg = load_config(overrides=overrides)
     env = make_env(cfg)
     try:
         refs = reference_results(env, cfg, episodes, HELD_OUT_SEED)
+        blind = evaluate(env, baseline_for(cfg, env.backend.dt), episodes, HELD_OUT_SEED)
     finally:
         env.close()
-    return {"random policy": refs["random"], "PID + pure pursuit": refs["baseline"]}
+    return {"random policy": refs["random"], "privileged baseline (IDM + lane change)": refs["baseline"],
+            "PID + pure pursuit (traffic-blind)": blind}
 
 
 def main() -> None:

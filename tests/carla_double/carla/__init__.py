@@ -7,7 +7,8 @@ on something CARLA lacks.
 The server side is a stand-in process (`tests/carla_double/fake_server.py`) that only answers
 version queries and ticks over TCP, so hangs and crashes are real: a tick on a hung stand-in
 times out, one on a dead stand-in is refused. The world itself is simulated here, in the client
-process: a circular road of radius 80 m (lane width 3.5 m, one driving lane either side), a
+process: a circular road of radius 80 m (lane width 3.5 m, one driving lane either side: the inner one
+goes our way, the outer one is oncoming), a
 kinematic ego vehicle, NPCs circling at 6 m/s, and sensors that report on every tick. The camera
 paints each image with the value (frame * 7) % 256 so tests can tell which frame an observation
 came from, and `World._stale_images` makes it deliver the previous frame's image first.
@@ -130,14 +131,36 @@ def _on_circle(theta: float, z: float = 0.0) -> Transform:
 
 
 class Waypoint:
-    transform: Transform
+    """A point on the centre of lane `lane` of the circular road: -1 the inner lane (our direction,
+    right of the route's lane), 0 the route's lane, 1 the outer lane, oncoming (right-hand traffic,
+    as in Town01: OpenDRIVE gives it a lane_id of the other sign and points it the other way)."""
 
-    def __init__(self, theta: float) -> None:
-        self._theta = theta
-        self.transform = _on_circle(theta)
+    transform: Transform
+    lane_width: float
+    lane_id: int
+    lane_type: int
+    is_junction: bool
+
+    def __init__(self, theta: float, lane: int = 0) -> None:
+        self._theta, self._lane = theta, lane
+        radius = _ROAD_RADIUS + lane * _LANE_WIDTH
+        self.transform = Transform(Location(radius * math.cos(theta), radius * math.sin(theta), 0.0),
+                                   Rotation(yaw=math.degrees(theta) + (270.0 if lane == 1 else 90.0)))
+        self.lane_width = _LANE_WIDTH
+        self.lane_id = {-1: -2, 0: -1, 1: 1}[lane]
+        self.lane_type = LaneType.Driving
+        self.is_junction = False
 
     def next(self, distance: float) -> list["Waypoint"]:
-        return [Waypoint(self._theta + distance / _ROAD_RADIUS)]
+        turn = distance / (_ROAD_RADIUS + self._lane * _LANE_WIDTH)
+        return [Waypoint(self._theta + (-turn if self._lane == 1 else turn), self._lane)]
+
+    def get_left_lane(self) -> "Waypoint | None":
+        """The lane on this lane's left, seen in its own direction (the outer lane's is the route's lane)."""
+        return Waypoint(self._theta, {-1: 0, 0: 1, 1: 0}[self._lane])
+
+    def get_right_lane(self) -> "Waypoint | None":
+        return Waypoint(self._theta, -1) if self._lane == 0 else None
 
 
 class Map:
@@ -153,7 +176,7 @@ class Map:
         offset = math.hypot(location.x, location.y) - _ROAD_RADIUS
         if not project_to_road and abs(offset) > _ROAD_HALF_WIDTH:
             return None
-        return Waypoint(math.atan2(location.y, location.x))
+        return Waypoint(math.atan2(location.y, location.x), max(-1, min(1, round(offset / _LANE_WIDTH))))
 
 
 # -- actors ------------------------------------------------------------------------------------
