@@ -33,6 +33,9 @@ class ToyBackend:
     def step(self, action):
         return self.inner.step(action)
 
+    def surroundings(self):
+        return self.inner.surroundings()
+
     def render_rgb(self):
         return self.inner.render_rgb()
 
