@@ -252,3 +252,14 @@ def test_uniform_reads_nothing_back_and_hands_nothing_back():
         learner.step(env_step=step + 1)
     assert calls == [] and learner._pending is None
     assert not any(k.startswith(("replay/priority", "replay/importance")) for k in learner.logger.logged[-1])
+
+
+def test_the_bench_section_runs_on_a_small_ring():
+    """`make bench-replay ARGS=--sections=prioritized`'s code path, on 1,000 slots (no figures)."""
+    from tests.bench.replay import prioritized_rates, synthetic_ring
+
+    ring = synthetic_ring(1000, episode_steps=10)
+    batch = ring.gather(np.arange(1000), n_step=3, images=False)
+    assert (len(ring), ring.tail) == (1000, 1000) and set(np.unique(batch["discount"]).astype(float).round(4).tolist()) <= {0.99, 0.9801, 0.9703}
+    figures = prioritized_rates(capacities=(1000,), batch=16, n=3)
+    assert figures["replay_per_batches_per_s_b16_1k_slots"] > 0 and 16 <= figures["replay_per_bytes_per_slot_1k_slots"] <= 48
