@@ -263,3 +263,38 @@ def test_the_bench_section_runs_on_a_small_ring():
     assert (len(ring), ring.tail) == (1000, 1000) and set(np.unique(batch["discount"]).astype(float).round(4).tolist()) <= {0.99, 0.9801, 0.9703}
     figures = prioritized_rates(capacities=(1000,), batch=16, n=3)
     assert figures["replay_per_batches_per_s_b16_1k_slots"] > 0 and 16 <= figures["replay_per_bytes_per_slot_1k_slots"] <= 48
+
+
+@pytest.mark.parametrize("via_redis", [False, True])
+def test_serial_and_distributed_learners_wire_the_same_sampler_and_restart_at_priority_one(tmp_path, via_redis):
+    """Both modes build their learner in `TrainingCore`: a per sampler over the ring that the
+    chunks reach (straight, or through a real redis-server's stream). A learner restarted on the
+    same stream (the distributed resume: the ring comes back from Redis) draws the transitions
+    Redis kept, all at priority 1."""
+    from learner.core import TrainingCore
+
+    cfg = load_config(overrides=["learner.device=cpu", "replay.sampler=per", "replay.capacity=64",
+                                 "replay.min_size_to_sample=8", "td3.batch_size=8", "replay.aof=false", "replay.chunk_steps=10"])
+    core = TrainingCore(cfg, tmp_path, None, via_redis)
+    try:
+        sampler = core.learner.limiter.sampler
+        assert isinstance(sampler, PrioritizedSampler)
+        for episode in range(5):
+            for actor in range(2):
+                core.replay.insert(chunk(actor, episode, 0, 10, terminated=True))
+        core.replay.poll()
+        kept = 70 if via_redis else 100  # the stream keeps ceil(capacity / chunk_steps) chunks
+        assert len(core.ring) == 64 and core.ring.head == kept
+        slots, _ = sampler.choose(core.ring, 256, np.random.default_rng(0))
+        assert np.all(sampler._holder(slots) >= core.ring.tail)
+        sampler.update_priorities(slots, np.full(256, 7.0))
+        if via_redis:
+            from replay_server.ingest import RedisReplay
+
+            ring = FrameRing(cfg.replay.capacity)
+            assert RedisReplay(core.replay.redis, cfg.replay.stream_key, ring, cfg.replay.max_chunk_bytes).warm_start() == kept
+            fresh = make_sampler(cfg.replay)
+            fresh.choose(ring, 1, np.random.default_rng(0))
+            np.testing.assert_array_equal(fresh.tree[np.arange(64)], 1.0)
+    finally:
+        core.close()
