@@ -36,14 +36,20 @@ def reference_target(agent: TD3, batch: Batch, noise: torch.Tensor | None = None
         return batch.reward + batch.discount * (1 - batch.done) * bootstrap
 
 
-def test_target_and_critic_loss_match_a_hand_computed_reference():
-    agent = make_agent("td3.policy_noise=0.0")
-    batch = tiny_batch()
+def _critic_reference(agent: TD3, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, q1, q2) written out by hand, before any step."""
     y = reference_target(agent, batch)
-    torch.testing.assert_close(agent.target_q(batch), y)
     with torch.no_grad():
         z = torch.cat([agent.critic.heads.trunk(agent.critic.cnn(batch.image.float() / 127.5 - 1)), batch.vector, batch.action], 1)
         q1, q2 = (q(z).squeeze(1) for q in agent.critic.heads.qs)
+    return y, q1, q2
+
+
+def test_target_and_critic_loss_match_a_hand_computed_reference():
+    agent = make_agent("td3.policy_noise=0.0")
+    batch = tiny_batch()
+    y, q1, q2 = _critic_reference(agent, batch)
+    torch.testing.assert_close(agent.target_q(batch), y)
     expected_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
     metrics = agent.update_critic(batch)
     assert metrics["train/critic_loss"] == pytest.approx(float(expected_loss), rel=1e-5)
@@ -427,15 +433,6 @@ def test_skipped_updates_are_counted_in_the_next_logged_point():
     assert first["alerts/nonfinite_loss"] == 1 and np.isfinite(first["train/critic_loss"])
     # A logged update that was skipped logs its alerts only, no NaN loss.
     assert second["alerts/nonfinite_loss"] == 1 and "train/critic_loss" not in second
-
-
-def _critic_reference(agent: TD3, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, q1, q2) written out by hand, before any step."""
-    y = reference_target(agent, batch)
-    with torch.no_grad():
-        z = torch.cat([agent.critic.heads.trunk(agent.critic.cnn(batch.image.float() / 127.5 - 1)), batch.vector, batch.action], 1)
-        q1, q2 = (q(z).squeeze(1) for q in agent.critic.heads.qs)
-    return y, q1, q2
 
 
 def test_uniform_critic_loss_is_the_plain_mse_bit_for_bit_and_per_weights_it():
