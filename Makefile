@@ -72,7 +72,7 @@ bench-foundation: $(STAMP)
 	$(PY) -m tests.bench.foundation
 
 bench-replay: $(STAMP)
-	$(PY) -m tests.bench.replay
+	$(PY) -m tests.bench.replay $(ARGS)
 
 bench-scaling: $(STAMP)
 	$(PY) -m tests.bench.scaling $(ARGS)

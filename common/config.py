@@ -440,6 +440,23 @@ class ReplayConfig:
     """Sampled transitions per inserted transition the learner may not exceed; 0 turns the limit off."""
     error_buffer: float = 10_000.0
     """Slack, in sampled transitions, around samples_per_insert before the learner waits."""
+    sampler: Literal["uniform", "per", "lap"] = "uniform"
+    """Which transitions a batch draws (replay_server/sampler.py). uniform: every live one equally.
+    per: proportional prioritized replay (Schaul et al. 2016, Ape-X's), priority (|TD error| +
+    per_eps)^per_alpha, importance weights on the critic loss. lap: LAP (Fujimoto et al. 2020),
+    priority max(|TD error|, lap_min_priority)^per_alpha, a Huber critic loss, no weights."""
+    per_alpha: float = 0.6
+    """Exponent on the priorities of per and lap: 0 samples uniformly, 1 in proportion to |TD
+    error| (Schaul et al.'s 0.6 for per; the LAP paper used 0.4)."""
+    per_beta0: float = 0.4
+    """per: importance-weight exponent beta at the first update (Schaul et al.'s 0.4), annealed
+    linearly to 1, where the weights undo the sampling's bias entirely."""
+    per_beta_steps: int = 1_000_000
+    """per: learner updates over which beta anneals from per_beta0 to 1."""
+    per_eps: float = 1e-6
+    """per: added to |TD error| so that no live transition's priority is 0 (never drawn again)."""
+    lap_min_priority: float = 1.0
+    """lap: the floor of |TD error| in a priority and the Huber loss's threshold (LAP's 1)."""
 
 
 @dataclass
@@ -756,6 +773,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.actors.envs_per_actor >= 1, f"actors.envs_per_actor={cfg.actors.envs_per_actor} must be >= 1")
     _require(r.min_size_to_sample >= 1, "replay.min_size_to_sample must be >= 1")
     _require(r.samples_per_insert >= 0 and r.error_buffer >= 0, "replay.samples_per_insert and replay.error_buffer must be >= 0")
+    _require(0.0 <= r.per_alpha <= 1.0 and 0.0 <= r.per_beta0 <= 1.0,
+             f"replay.per_alpha={r.per_alpha} and replay.per_beta0={r.per_beta0} must be in [0, 1]")
+    _require(r.per_beta_steps >= 1, f"replay.per_beta_steps={r.per_beta_steps} must be >= 1")
+    _require(r.per_eps > 0 and r.lap_min_priority > 0, "replay.per_eps and replay.lap_min_priority must be > 0")
     _require(cfg.learner.max_timesteps > 0, "learner.max_timesteps must be > 0")
     _require(cfg.learner.updates_per_step > 0, "learner.updates_per_step must be > 0")
     _require(cfg.learner.max_update_debt >= 0, "learner.max_update_debt must be >= 0")

@@ -32,7 +32,8 @@ TAGS: dict[str, str] = {
     "rewards/*": "Sum of one weighted reward component over a finished training episode.",
     # -- the TD3 update (every logging.log_interval updates or logging.log_seconds) ---------------
     "train/updates": "Learner updates so far (critic steps).",
-    "train/critic_loss": "Sum of both critics' MSE to the TD target.",
+    "train/critic_loss": ("Sum of both critics' MSE to the TD target (weighted by the importance weights with "
+                          "replay.sampler=per; LAP's Huber with lap)."),
     "train/actor_loss": "-Q1(s, pi(s)) plus the pre-tanh penalty, on actor-update steps only.",
     "train/pretanh_penalty": "The actor's pre-tanh penalty term (mean relu(|z| - threshold)^2).",
     "debug/q*_mean": "Mean Q of critic 1 or 2 on the sampled batch.",
@@ -106,6 +107,14 @@ TAGS: dict[str, str] = {
     "replay/poll_failures": "Failed reads of the Redis stream (retried).",
     "replay/redis_restarts": "Times the learner restarted the redis-server it launched.",
     "replay/downtime_s": "Seconds the learner could not read the Redis stream, summed: from a failed poll to the next good one.",
+    "replay/priority": ("Prioritized replay (replay.sampler=per or lap): histogram of priority^alpha over up to 4096 "
+                        "live transitions spread evenly over the ring."),
+    "replay/priority_max": "Prioritized replay: the running maximum priority^alpha, which every new transition gets.",
+    "replay/priority_mean": "Prioritized replay: mean priority^alpha over the live transitions.",
+    "replay/importance_weight": "replay.sampler=per: histogram of the last batch's importance weights (the largest is 1).",
+    "replay/importance_weight_mean": "replay.sampler=per: mean importance weight of the last batch (1: no correction).",
+    "replay/importance_weight_min": "replay.sampler=per: smallest importance weight of the last batch.",
+    "replay/per_beta": "replay.sampler=per: the importance-weight exponent beta, from replay.per_beta0 to 1.",
     # -- actors ---------------------------------------------------------------------------------
     "actors/alive": "Rollout actors running now.",
     "actors/target": "Rollout actors the run wants (actors.num_actors, or what the cluster has room for with actors.elastic_resource).",
@@ -203,6 +212,9 @@ def layout() -> dict[str, dict[str, list]]:
             "inserted / sent": ["Multiline", ["replay/inserted", "replay/sent"]],
             "losses (dropped, failures, skipped)": ["Multiline", ["replay/dropped", "replay/send_failures",
                                                                   "replay/skipped", "replay/poll_failures"]],
+            "priorities (prioritized replay)": ["Multiline", ["replay/priority_max", "replay/priority_mean"]],
+            "importance weights (per)": ["Multiline", ["replay/importance_weight_mean", "replay/importance_weight_min",
+                                                       "replay/per_beta"]],
         },
         "8 faults": {
             "restarts": ["Multiline", ["actors/restarts", "replay/redis_restarts", "actors/carla_restarts",

@@ -16,7 +16,7 @@ from common.tags import reference_lines
 from learner.device_frames import DeviceFrames
 from learner.td3 import TD3, Metrics, read_back
 from replay_server.ring import FrameRing
-from replay_server.sampler import RateLimiter
+from replay_server.sampler import RateLimiter, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,10 @@ class Learner:
         self.cfg = cfg
         self.logger = logger
         self.rng = rng
-        self.limiter = RateLimiter(max(r.min_size_to_sample, cfg.td3.batch_size), r.samples_per_insert, r.error_buffer)
+        self.limiter = RateLimiter(max(r.min_size_to_sample, cfg.td3.batch_size), r.samples_per_insert, r.error_buffer,
+                                   make_sampler(r, agent.updates))
+        self._pending: tuple[np.ndarray, torch.Tensor] | None = None
+        """The last batch's slots and |TD errors| (on the device), for a prioritized sampler."""
         self.interval = 10 if cfg.logging.debug else cfg.logging.log_interval
         self.device_frames = DeviceFrames(ring, agent.device) if cfg.learner.replay_on_device else None
         self._last_log = time.monotonic()
@@ -59,9 +62,21 @@ class Learner:
         arrays = self.limiter.sample(self.ring, t.batch_size, self.rng, t.n_step, t.gamma, images=frames is None)
         batch = Batch.from_numpy(arrays, self.agent.device) if frames is None else frames.batch(arrays)
         metrics = self.agent.update(batch)
+        if self.limiter.sampler.uses_priorities:
+            self._hand_back_priorities(batch.indices)
         if self._due(metrics):
             self._log(metrics, env_step)
         return metrics
+
+    def _hand_back_priorities(self, indices: np.ndarray) -> None:
+        """The previous update's TD errors to the sampler, read back now that this update is
+        queued behind it: the device keeps working while the host updates the priorities (one
+        update late; the sampler drops those of slots refilled since). A copy: the next update
+        may reuse a compiled graph's output memory (CUDA graphs)."""
+        pending, self._pending = self._pending, (indices, self.agent.last_td_error.clone())
+        if pending is not None:
+            slots, td_error = pending
+            self.limiter.sampler.update_priorities(slots, td_error.float().cpu().numpy())
 
     def _due(self, metrics: Metrics) -> bool:
         """Every `log_interval` updates, or `log_seconds` after the last log (a slow device still
@@ -95,7 +110,10 @@ class Learner:
         host["alerts/nonfinite_loss"] = totals[0] - self._guard_seen[0]
         host["alerts/weights_restored"] = totals[1] - self._guard_seen[1]
         self._guard_seen = totals
-        self.logger.log({**host, "train/updates": self.agent.updates, **reference_lines()}, env_step)
+        sampler = self.limiter.sampler
+        self.logger.log({**host, "train/updates": self.agent.updates, **reference_lines(), **sampler.metrics()}, env_step)
+        for tag, values in sampler.histograms().items():
+            self.logger.histogram(tag, values, env_step)
         if stepped and self.agent.last_actions is not None and "train/actor_loss" in metrics:
             for i, name in enumerate(ACTION_NAMES):
                 self.logger.histogram(f"debug/action_{name}", self.agent.last_actions[:, i].cpu(), env_step)

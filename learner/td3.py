@@ -148,6 +148,11 @@ class TD3:
         """The policy's actions on the last actor-update batch, for the action histograms."""
         self.last_q: Tensor | None = None
         """Critic 1's Q on the last critic-update batch, for the Q histogram."""
+        self.last_td_error: Tensor | None = None
+        """(B,) |TD error| on the last critic-update batch, on the device: a prioritized sampler's
+        new priorities, read back by the learner loop (`Learner`), never here."""
+        self.huber_delta = cfg.replay.lap_min_priority if cfg.replay.sampler == "lap" else 0.0
+        """LAP pairs its sampling with a Huber critic loss of this threshold; 0: the MSE."""
         self.compiled = compile_update(self, lc.compile)
         """`learner.compile`'s wrappers (none: empty); `learner.compiled.failures` says which fell back."""
 
@@ -224,24 +229,36 @@ class TD3:
         with self._autocast():
             return self.critic.cnn(batch.image)
 
-    def critic_loss(self, batch: Batch, features: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(loss, critic 1's Q, metrics) on the critic CNN's `features` of `batch.image`."""
+    def td_loss(self, q: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+        """One critic's loss: the MSE; weighted by a prioritized sampler's importance `weight`;
+        LAP's Huber with threshold `replay.lap_min_priority` (replay.sampler=lap)."""
+        if self.huber_delta:
+            return F.huber_loss(q, y, delta=self.huber_delta)
+        if weight is None:
+            return F.mse_loss(q, y)
+        return (weight * (q - y).square()).mean()
+
+    def critic_loss(self, batch: Batch, features: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(loss, critic 1's Q, |TD error|, metrics) on the critic CNN's `features` of `batch.image`.
+        The per-sample |TD error| is the larger of the critics' (LAP's choice): what a prioritized
+        sampler's priorities come from."""
         y = self.target_q(batch)
         with self._fp32():
             qs = self.critic.heads(features.float(), batch.vector, batch.action)
-            loss = sum(F.mse_loss(q, y) for q in qs)
+            loss = sum(self.td_loss(q, y, batch.weight) for q in qs)
+            td_error = torch.stack([(q.detach() - y).abs() for q in qs]).max(dim=0).values
         metrics = {"debug/q_target_mean": y.mean(), **feature_stats("critic_cnn_", features)}
         for i, q in enumerate(qs, start=1):
             metrics[f"debug/q{i}_mean"] = q.detach().mean()
             metrics[f"debug/td_error_q{i}"] = (q.detach() - y).abs().mean()
-        return loss, qs[0].detach(), metrics
+        return loss, qs[0].detach(), td_error, metrics
 
     def update_critic(self, batch: Batch, features: Tensor | None = None, allowed: Tensor | None = None) -> dict[str, Tensor]:
         """`features`: `encode(batch)`, computed here when not given; `allowed` (0-d bool): may it
         step (the guard's say when not given)."""
         if features is None:
             features = self.encode(batch)
-        loss, self.last_q, metrics = self.critic_loss(batch, features)
+        loss, self.last_q, self.last_td_error, metrics = self.critic_loss(batch, features)
         allowed = self.guard.allowed if allowed is None else allowed
         ok, grads = self._step(loss, self.critic_opt, "critic", self.critic_parts, self.cfg.critic_grad_clip, allowed)
         return {"train/critic_loss": loss.detach(), **metrics, **grads, "alerts/nonfinite_loss": (~ok).float()}

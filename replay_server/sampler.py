@@ -5,7 +5,9 @@ chooses ring slots and may weight them. `UniformSampler`, the default, draws eve
 with equal probability. A prioritized sampler implements the same two methods: `choose` returns
 slots with their importance weights, and `update_priorities` receives new priorities (say |TD
 error|) for slots it chose. Every batch carries its slots (`indices`) for that hand-back, and its
-importance weights (`weight`) when the sampler gives some.
+importance weights (`weight`) when the sampler gives some. `make_sampler` builds the one
+`replay.sampler` names (replay_server/prioritized.py has per and lap), for the serial and the
+distributed learner alike.
 """
 
 from __future__ import annotations
@@ -14,23 +16,38 @@ from typing import Protocol
 
 import numpy as np
 
+from common.config import ReplayConfig
+from replay_server.prioritized import PrioritizedSampler
 from replay_server.ring import FrameRing
 
 
 class Sampler(Protocol):
     """Chooses the ring slots of a batch."""
 
+    uses_priorities: bool
+    """Whether `update_priorities` wants the TD errors (the learner reads them back only then)."""
+
     def choose(self, ring: FrameRing, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         """`batch_size` slots of live transitions in `ring`, and their importance weights (None: all 1)."""
         ...
 
     def update_priorities(self, indices: np.ndarray, priorities: np.ndarray) -> None:
-        """New priorities for slots this sampler chose."""
+        """New priorities (absolute TD errors) for slots this sampler chose."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """replay/* scalars about its draws, for the learner's log."""
+        ...
+
+    def histograms(self) -> dict[str, np.ndarray]:
+        """replay/* histograms about its draws, for the learner's log."""
         ...
 
 
 class UniformSampler:
     """Every live transition with equal probability, no weights."""
+
+    uses_priorities = False
 
     def choose(self, ring: FrameRing, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, None]:
         if len(ring) == 0:
@@ -39,6 +56,20 @@ class UniformSampler:
 
     def update_priorities(self, indices: np.ndarray, priorities: np.ndarray) -> None:
         """Priorities do not change a uniform draw."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def histograms(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+def make_sampler(r: ReplayConfig, updates: int = 0) -> Sampler:
+    """The sampler `r.sampler` names; `updates`: the learner's updates so far (beta's clock)."""
+    if r.sampler == "uniform":
+        return UniformSampler()
+    return PrioritizedSampler(r.per_alpha, r.per_beta0, r.per_beta_steps, r.per_eps, lap=r.sampler == "lap",
+                              min_priority=r.lap_min_priority, updates=updates)
 
 
 def sample(ring: FrameRing, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99,

@@ -97,14 +97,11 @@ def test_the_learner_samples_through_its_limiters_sampler():
     chosen = []
     uniform = UniformSampler()
 
-    class Spy:
+    class Spy(UniformSampler):
         def choose(self, ring, batch_size, rng):
             idx, weight = uniform.choose(ring, batch_size, rng)
             chosen.append(idx)
             return idx, weight
-
-        def update_priorities(self, indices, priorities):
-            pass
 
     learner.limiter.sampler = Spy()
     assert learner.ready(env_step=1)

@@ -36,14 +36,20 @@ def reference_target(agent: TD3, batch: Batch, noise: torch.Tensor | None = None
         return batch.reward + batch.discount * (1 - batch.done) * bootstrap
 
 
-def test_target_and_critic_loss_match_a_hand_computed_reference():
-    agent = make_agent("td3.policy_noise=0.0")
-    batch = tiny_batch()
+def _critic_reference(agent: TD3, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, q1, q2) written out by hand, before any step."""
     y = reference_target(agent, batch)
-    torch.testing.assert_close(agent.target_q(batch), y)
     with torch.no_grad():
         z = torch.cat([agent.critic.heads.trunk(agent.critic.cnn(batch.image.float() / 127.5 - 1)), batch.vector, batch.action], 1)
         q1, q2 = (q(z).squeeze(1) for q in agent.critic.heads.qs)
+    return y, q1, q2
+
+
+def test_target_and_critic_loss_match_a_hand_computed_reference():
+    agent = make_agent("td3.policy_noise=0.0")
+    batch = tiny_batch()
+    y, q1, q2 = _critic_reference(agent, batch)
+    torch.testing.assert_close(agent.target_q(batch), y)
     expected_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
     metrics = agent.update_critic(batch)
     assert metrics["train/critic_loss"] == pytest.approx(float(expected_loss), rel=1e-5)
@@ -427,3 +433,45 @@ def test_skipped_updates_are_counted_in_the_next_logged_point():
     assert first["alerts/nonfinite_loss"] == 1 and np.isfinite(first["train/critic_loss"])
     # A logged update that was skipped logs its alerts only, no NaN loss.
     assert second["alerts/nonfinite_loss"] == 1 and "train/critic_loss" not in second
+
+
+def test_uniform_critic_loss_is_the_plain_mse_bit_for_bit_and_per_weights_it():
+    batch = tiny_batch()
+    agent = make_agent("td3.policy_noise=0.0")
+    loss, _, td, _ = agent.critic_loss(batch, agent.encode(batch))
+    y = agent.target_q(batch)
+    qs = agent.critic.heads(agent.encode(batch).float(), batch.vector, batch.action)
+    assert torch.equal(loss, sum(F.mse_loss(q, y) for q in qs))
+    y, q1, q2 = _critic_reference(agent, batch)
+    torch.testing.assert_close(td, torch.maximum((q1 - y).abs(), (q2 - y).abs()))
+    weighted = Batch.from_numpy({**random_batch_arrays(4, 0), "weight": np.array([1.0, 0.5, 0.25, 0.0], np.float32)}, CPU)
+    loss, _, _, _ = agent.critic_loss(weighted, agent.encode(weighted))
+    w = weighted.weight
+    expected = (w * (q1 - y) ** 2).mean() + (w * (q2 - y) ** 2).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_lap_uses_a_huber_critic_loss_and_no_weights():
+    agent = make_agent("td3.policy_noise=0.0", "replay.sampler=lap", "replay.lap_min_priority=1.0")
+    batch = tiny_batch(16, reward_scale=3.0)  # errors on both sides of the threshold
+    y, q1, q2 = _critic_reference(agent, batch)
+    loss, _, td, _ = agent.critic_loss(batch, agent.encode(batch))
+    assert ((q1 - y).abs() > 1).any() and ((q1 - y).abs() < 1).any()
+    expected = sum(torch.where((q - y).abs() < 1, 0.5 * (q - y) ** 2, (q - y).abs() - 0.5).mean() for q in (q1, q2))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_weighted_update_reads_nothing_back_either(monkeypatch):
+    agent = make_agent("td3.critic_warmup_updates=0", "replay.sampler=per")
+    arrays = {**random_batch_arrays(4, 0), "weight": np.array([1.0, 0.5, 0.25, 0.1], np.float32)}
+    agent.update(Batch.from_numpy(arrays, CPU))
+
+    def readback(*_):
+        raise AssertionError("a host readback inside the update")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, readback)
+    for _ in range(2):
+        agent.update(Batch.from_numpy(arrays, CPU))
+    monkeypatch.undo()
+    assert agent.last_td_error.shape == (4,) and agent.last_td_error.device == CPU

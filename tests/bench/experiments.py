@@ -242,6 +242,10 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-heading-up+pink-steer": ["env.embedded.camera_heading_up=false", "actors.expl_noise_exponent=[1,0]"],
     # The seeds' fix taken out of a default that learns: item 4 of the learning issue at its full budget.
     "default-layernorm": ["cnn.norm=none"],
+    # Prioritized replay against the uniform default (issue 38): Schaul et al.'s proportional PER, beta
+    # reaching 1 within 20,000 updates (a learn run's scale), and LAP with its paper's alpha 0.4.
+    "default+per": ["replay.sampler=per", "replay.per_beta_steps=20000"],
+    "default+lap": ["replay.sampler=lap", "replay.per_alpha=0.4"],
 }
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step

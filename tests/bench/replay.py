@@ -5,11 +5,17 @@
   against 1.25 x the mean lz4-compressed frame + 256 B;
 - learner sampling batches/s at batch 256 from the ring vs. a plain in-process numpy gather
   over pre-stacked observations of the same frames;
-- insert -> sampleable latency p50/p99 while 2 writers insert.
+- insert -> sampleable latency p50/p99 while 2 writers insert;
+- prioritized (replay.sampler=per) against uniform batches/s at batch 256 with 100k and 1M slots,
+  and the host memory per slot of the priorities beside the ring's own.
+
+`--sections` runs some of these (insert, bytes, sampling, latency, prioritized); a partial run
+writes a section of its own (`replay_prioritized`, ...), so the whole table stays.
 """
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import tempfile
 import time
@@ -25,9 +31,10 @@ from common.config import load_config
 from replay_server.client import ReplayClient, connect
 from replay_server.ingest import RedisReplay
 from replay_server.ring import FrameRing
-from replay_server.sampler import sample
+from replay_server.prioritized import PrioritizedSampler
+from replay_server.sampler import Sampler, UniformSampler, sample
 from replay_server.server import RedisServer
-from tests.bench.report import write_report
+from tests.bench.report import chosen, section, write_report
 
 KEY = "bench:replay"
 CHUNK = 32
@@ -147,34 +154,108 @@ def latency(url: str, payloads: list[tuple[bytes, int]], seconds: float = 4.0) -
     return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
-def run() -> dict[str, float | str]:
-    real = env_chunks(2048)
-    noisy = env_chunks(512, noisy=True, seed=1)
-    payloads = [(encode(c), c.steps) for c in real]
-    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=True) as server:
-        url = server.url
-        rate1 = insert_rate(url, payloads, 1, repeat=8)
-        rate4 = insert_rate(url, payloads, 4, repeat=4)
-        bpt_real, frame_real = bytes_per_transition(url, real)
-        bpt_noisy, frame_noisy = bytes_per_transition(url, noisy)
-        p50, p99 = latency(url, payloads)
-    ours, baseline = sampling_ratio(real)
-    return {
-        "replay_insert_transitions_per_s_1_client": rate1,
-        "replay_insert_transitions_per_s_4_clients": rate4,
-        "replay_bytes_per_transition_env_frames": bpt_real,
-        "replay_bytes_per_transition_target_env_frames": 1.25 * frame_real + 256,
-        "replay_mean_compressed_frame_env": frame_real,
-        "replay_bytes_per_transition_noisy_frames": bpt_noisy,
-        "replay_bytes_per_transition_target_noisy_frames": 1.25 * frame_noisy + 256,
-        "replay_mean_compressed_frame_noisy": frame_noisy,
-        "replay_sample_batches_per_s_b256": ours,
-        "replay_numpy_gather_batches_per_s_b256": baseline,
-        "replay_sample_vs_gather_ratio": ours / baseline,
-        "replay_insert_to_sampleable_ms_p50": p50,
-        "replay_insert_to_sampleable_ms_p99": p99,
-    }
+def synthetic_ring(capacity: int, episode_steps: int = 100) -> FrameRing:
+    """A full ring that has wrapped, its transitions linked in episodes of `episode_steps` for
+    n-step targets, written array-wise (1M `add_chunk` calls would take minutes). Its frames are
+    never touched: batches come as frame slots (`images=False`, the learner.replay_on_device path),
+    so the comparison is of what the samplers add, not of a 14 MB image copy both pay."""
+    ring = FrameRing(capacity)
+    g = np.arange(capacity, 2 * capacity)  # live global indices after one wrap
+    slot = g % capacity
+    ring.frame_ids[slot] = (g[:, None] + np.arange(5)[None, :]) % ring.frame_capacity
+    ring.reward[slot] = 1.0
+    last = (g + 1) % episode_steps == 0
+    ring.done[slot] = last
+    ring.successor[slot] = np.where(last, -1, g + 1)
+    ring.successor[(2 * capacity - 1) % capacity] = -1
+    ring.frames_added, ring.head, ring.tail = 2 * capacity + 5, 2 * capacity, capacity
+    return ring
+
+
+def batches_per_s(ring: FrameRing, sampler: Sampler, batch: int, n: int, inserts: int) -> float:
+    """Batches of `batch` (3-step targets, frame slots) per second, each followed by its priority
+    update and by `inserts` transitions entering the full ring (the sampler follows them)."""
+    rng = np.random.default_rng(0)
+    td = np.random.default_rng(1).gamma(1.0, 2.0, batch)
+    start = time.perf_counter()
+    for _ in range(n):
+        arrays = sample(ring, batch, rng, n_step=3, images=False, sampler=sampler)
+        if sampler.uses_priorities:
+            sampler.update_priorities(arrays["indices"], td)
+        ring.head += inserts
+        ring.tail += inserts
+    return n / (time.perf_counter() - start)
+
+
+def prioritized_rates(capacities: tuple[int, ...] = (100_000, 1_000_000), batch: int = 256, n: int = 500,
+                      inserts: int = 32) -> dict[str, float]:
+    """Per capacity: uniform and per batches/s, their ratio (target >= 0.8), and bytes per slot of
+    the priorities and of the ring."""
+    out: dict[str, float] = {}
+    for capacity in capacities:
+        ring = synthetic_ring(capacity)
+        name = f"{capacity // 1000}k" if capacity < 1_000_000 else f"{capacity // 1_000_000}m"
+        uniform = batches_per_s(ring, UniformSampler(), batch, n, inserts)
+        per = PrioritizedSampler(alpha=0.6, beta0=0.4, beta_steps=100_000)
+        sample(ring, 1, np.random.default_rng(0), sampler=per, images=False)  # the first look fills the tree
+        prioritized = batches_per_s(ring, per, batch, n, inserts)
+        ring_bytes = sum(getattr(ring, k).nbytes for k in (*FrameRing._FRAME_ARRAYS, *FrameRing._TRANSITION_ARRAYS))
+        out |= {
+            f"replay_uniform_batches_per_s_b{batch}_{name}_slots": uniform,
+            f"replay_per_batches_per_s_b{batch}_{name}_slots": prioritized,
+            f"replay_per_vs_uniform_ratio_{name}_slots": prioritized / uniform,
+            f"replay_per_bytes_per_slot_{name}_slots": per.nbytes() / capacity,
+            f"replay_ring_bytes_per_slot_{name}_slots": ring_bytes / capacity,
+        }
+    return out
+
+
+SECTIONS = ["insert", "bytes", "sampling", "latency", "prioritized"]
+
+
+def run(sections: list[str]) -> dict[str, float | str]:
+    out: dict[str, float | str] = {}
+    if set(sections) & {"insert", "bytes", "sampling", "latency"}:
+        real = env_chunks(2048)
+        payloads = [(encode(c), c.steps) for c in real]
+    if set(sections) & {"insert", "bytes", "latency"}:
+        with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=True) as server:
+            url = server.url
+            if "insert" in sections:
+                out["replay_insert_transitions_per_s_1_client"] = insert_rate(url, payloads, 1, repeat=8)
+                out["replay_insert_transitions_per_s_4_clients"] = insert_rate(url, payloads, 4, repeat=4)
+            if "bytes" in sections:
+                bpt_real, frame_real = bytes_per_transition(url, real)
+                bpt_noisy, frame_noisy = bytes_per_transition(url, env_chunks(512, noisy=True, seed=1))
+                out |= {
+                    "replay_bytes_per_transition_env_frames": bpt_real,
+                    "replay_bytes_per_transition_target_env_frames": 1.25 * frame_real + 256,
+                    "replay_mean_compressed_frame_env": frame_real,
+                    "replay_bytes_per_transition_noisy_frames": bpt_noisy,
+                    "replay_bytes_per_transition_target_noisy_frames": 1.25 * frame_noisy + 256,
+                    "replay_mean_compressed_frame_noisy": frame_noisy,
+                }
+            if "latency" in sections:
+                p50, p99 = latency(url, payloads)
+                out |= {"replay_insert_to_sampleable_ms_p50": p50, "replay_insert_to_sampleable_ms_p99": p99}
+    if "sampling" in sections:
+        ours, baseline = sampling_ratio(real)
+        out |= {
+            "replay_sample_batches_per_s_b256": ours,
+            "replay_numpy_gather_batches_per_s_b256": baseline,
+            "replay_sample_vs_gather_ratio": ours / baseline,
+        }
+    if "prioritized" in sections:
+        out |= prioritized_rates()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {SECTIONS}")
+    names = chosen(parser, "--sections", parser.parse_args().sections, SECTIONS)
+    write_report(section("replay", set(names) == set(SECTIONS), names), run(names))
 
 
 if __name__ == "__main__":
-    write_report("replay", run())
+    main()
