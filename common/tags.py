@@ -74,7 +74,7 @@ TAGS: dict[str, str] = {
     "eval/route_progress_m": "Mean metres driven along the route per evaluation episode.",
     "eval/route_progress_pct": "Mean route progress per evaluation episode, % of env.route_length_m.",
     "eval/termination_*": "Fraction of evaluation episodes that ended this way (collisions and completed routes: the two rates).",
-    "eval/baseline_*": "The classical baseline (PID + pure pursuit) on the same evaluation seeds: a reference line.",
+    "eval/baseline_*": "The privileged classical baseline (IDM and gap-accepting lane changes on PID + pure pursuit) on the same evaluation seeds: a reference line.",
     "eval/random_*": "A uniformly random policy on the same evaluation seeds: a reference line.",
     "eval/video": "The first evaluation episode, with step, speed, action and reward drawn on it.",
     # -- throughput (every few seconds) ---------------------------------------------------------
