@@ -93,7 +93,7 @@ rehearse: $(STAMP)
 
 # Learning under faults (results/chaos.md): an embedded run with a rollout actor SIGKILLed every 2 min
 # and Redis SIGKILLed once, against the same run undisturbed; then the CARLA path (the rehearsal's
-# topology) with stand-in servers that crash. About 35 min on 2 cores. ARGS="--steps N --only carla".
+# topology) with stand-in servers that crash. About 45 min on 2 cores. ARGS="--steps N --only carla".
 chaos: $(STAMP)
 	$(PY) -m tests.bench.chaos $(ARGS)
 

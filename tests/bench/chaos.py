@@ -220,9 +220,9 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make chaos", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=15000, help="env steps of each embedded run")
+    p.add_argument("--steps", type=int, default=25000, help="env steps of each embedded run")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--redis-kill-s", type=float, default=300.0, help="when the chaos run's redis-server is killed")
+    p.add_argument("--redis-kill-s", type=float, default=420.0, help="when the chaos run's redis-server is killed")
     p.add_argument("--carla-minutes", type=float, default=8.0)
     p.add_argument("--only", choices=["embedded", "carla"])
     args = p.parse_args(argv)
