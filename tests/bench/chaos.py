@@ -1,9 +1,9 @@
 """`make chaos`: learning that survives faults.
 
 Embedded simulator: two distributed learning runs of one seed with the CPU settings the README's
-quick start uses, side by side in time, one undisturbed and one in which a rollout actor is
+quick start uses, one after the other, one undisturbed and one in which a rollout actor is
 SIGKILLed every 2 minutes (alternating between the two) and the learner's redis-server is
-SIGKILLed once (it is relaunched from its AOF). Each run's checkpoint is then evaluated on 20
+SIGKILLed once (at 7 minutes by default) (it is relaunched from its AOF). Each run's checkpoint is then evaluated on 20
 held-out episodes (seeds from 100000, never used in training); the transitions Redis acknowledged
 (the distinct chunks of its stream, read back from the AOF) are compared with the transitions
 that entered the learner's ring (`replay/inserted`); restarts and downtime come from the run's
