@@ -27,7 +27,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from common.metrics import read_scalars
+from replay_server.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOUBLE = ROOT / "tests" / "carla_double"
@@ -72,10 +74,10 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return dict(re.findall(r"^(\w+)=(.*)$", path.read_text(), re.M))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def last(scalars: dict[str, list], tag: str) -> float | None:
+    """The latest value of `tag` in a run's scalars (`common.metrics.read_scalars`), or None."""
+    values = scalars.get(tag, [])
+    return values[-1][2] if values else None
 
 
 def group_alive(pgid: int) -> bool:
@@ -256,13 +258,8 @@ class Rehearsal:
         return runs[-1] if runs else None
 
     def latest(self, tag: str) -> float | None:
-        from common.metrics import read_scalars
-
         run = self.run_dir()
-        if run is None:
-            return None
-        values = read_scalars(run).get(tag, [])
-        return values[-1][2] if values else None
+        return None if run is None else last(read_scalars(run), tag)
 
     def tails(self, lines: int = 25) -> str:
         out = []

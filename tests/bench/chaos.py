@@ -34,24 +34,25 @@ import psutil
 
 from common.metrics import read_scalars
 from tests.bench.report import RESULTS, machine
+from tests.rehearse import Rehearsal, last
 
 ROOT = Path(__file__).resolve().parents[2]
 ACTOR_KILL_EVERY_S = 120.0
 CARLA_CRASH_AFTER_S = "240-480"  # each stand-in server's life: 4 slots crash about every 1-2 minutes
 HELD_OUT_EPISODES = 20
 SUCCESS_TOLERANCE = 0.1
+CARLA_COUNTERS = {"updates_per_s": "perf/updates_per_s", "carla_restarts": "actors/carla_restarts",
+                  "simulator_failures": "actors/simulator_failures", "actor_restarts": "actors/restarts"}
 
 
-def last(run_dir: Path, tag: str) -> float:
-    """The tag's latest value in the run (0 before its first point)."""
-    values = read_scalars(run_dir).get(tag, [])
-    return float(values[-1][2]) if values else 0.0
-
-
-def env_steps(run_dir: Path) -> int:
-    """The env step of the run's latest perf point (env steps are every tag's x-axis)."""
-    values = read_scalars(run_dir).get("perf/updates_per_s", [])
-    return int(values[-1][1]) if values else 0
+def dashboard(run_dir: Path, counters: dict[str, str]) -> dict[str, float]:
+    """Each counter's latest value in the run (0 before its first point), read from its event
+    files once: {name: tag}, plus `env_steps`, the env step of its latest perf point (env steps
+    are every tag's x-axis)."""
+    scalars = read_scalars(run_dir)
+    perf = scalars.get("perf/updates_per_s", [])
+    return {"env_steps": int(perf[-1][1]) if perf else 0,
+            **{name: float(last(scalars, tag) or 0.0) for name, tag in counters.items()}}
 
 
 def run_processes(pid: int, marker: str) -> list[psutil.Process]:
@@ -109,16 +110,17 @@ def embedded_arm(logdir: Path, seed: int, steps: int, chaos: bool, redis_kill_s:
     subprocess.run([sys.executable, "-m", "learner.evaluate", str(run_dir), "--episodes", str(HELD_OUT_EPISODES),
                     "--json", str(held_out)], cwd=ROOT, check=True, capture_output=True, timeout=1800)
     metrics = json.loads(held_out.read_text())["metrics"]
-    acknowledged = acknowledged_transitions(run_dir)
+    d = dashboard(run_dir, {"in_ring": "replay/inserted", "duplicates": "replay/duplicates",
+                            "actor_restarts": "actors/restarts", "actor_downtime_s": "actors/downtime_s",
+                            "redis_restarts": "replay/redis_restarts", "redis_downtime_s": "replay/downtime_s"})
     return {
         "chaos": chaos, "seed": seed, "env_steps": steps, "wall_clock_s": round(wall),
         "faults": faults,
         "held_out_success": metrics["eval/success_rate"], "held_out_collisions": metrics["eval/collision_rate"],
-        "acknowledged_transitions": acknowledged, "transitions_in_ring": int(last(run_dir, "replay/inserted")),
-        "duplicate_chunks_dropped": int(last(run_dir, "replay/duplicates")),
-        "actor_restarts": int(last(run_dir, "actors/restarts")), "actor_downtime_s": round(last(run_dir, "actors/downtime_s"), 1),
-        "redis_restarts": int(last(run_dir, "replay/redis_restarts")),
-        "redis_downtime_s": round(last(run_dir, "replay/downtime_s"), 1),
+        "acknowledged_transitions": acknowledged_transitions(run_dir), "transitions_in_ring": int(d["in_ring"]),
+        "duplicate_chunks_dropped": int(d["duplicates"]),
+        "actor_restarts": int(d["actor_restarts"]), "actor_downtime_s": round(d["actor_downtime_s"], 1),
+        "redis_restarts": int(d["redis_restarts"]), "redis_downtime_s": round(d["redis_downtime_s"], 1),
         "run_dir": str(run_dir),
     }
 
@@ -133,8 +135,6 @@ def acknowledged_transitions(run_dir: Path) -> int:
 
 def carla_arm(workdir: Path, minutes: float, say) -> dict:
     """The compose topology with crashing stand-in servers, for `minutes`."""
-    from tests.rehearse import Rehearsal
-
     r = Rehearsal(workdir, say)
     home = workdir / "carla_home"
     try:
@@ -147,20 +147,18 @@ def carla_arm(workdir: Path, minutes: float, say) -> dict:
         start, marks = time.monotonic(), []
         while time.monotonic() - start < minutes * 60:
             time.sleep(30)
-            run_dir = r.run_dir()
-            marks.append({"at_s": round(time.monotonic() - start), "env_steps": env_steps(run_dir),
-                          "updates_per_s": round(last(run_dir, "perf/updates_per_s"), 2),
-                          "carla_restarts": int(last(run_dir, "actors/carla_restarts")),
-                          "simulator_failures": int(last(run_dir, "actors/simulator_failures"))})
+            d = dashboard(r.run_dir(), CARLA_COUNTERS)
+            marks.append({"at_s": round(time.monotonic() - start), "env_steps": d["env_steps"],
+                          "updates_per_s": round(d["updates_per_s"], 2), "carla_restarts": int(d["carla_restarts"]),
+                          "simulator_failures": int(d["simulator_failures"])})
             say(f"  {marks[-1]}")
         learner.signal(signal.SIGINT)
         learner.wait(180)
-        run_dir = r.run_dir()
+        d = dashboard(r.run_dir(), CARLA_COUNTERS)
         figures = {
             "minutes": minutes, "crash_after_s": CARLA_CRASH_AFTER_S, "slots": 5, "marks": marks,
-            "carla_restarts": int(last(run_dir, "actors/carla_restarts")),
-            "simulator_failures": int(last(run_dir, "actors/simulator_failures")),
-            "actor_restarts": int(last(run_dir, "actors/restarts")),
+            "carla_restarts": int(d["carla_restarts"]), "simulator_failures": int(d["simulator_failures"]),
+            "actor_restarts": int(d["actor_restarts"]),
         }
     finally:
         r.close()
