@@ -97,8 +97,9 @@ class DistributedRun:
         self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0
-        self.judging = False  # an evaluation of the current weights, with training held, is in flight
-        self.reached = False  # such an evaluation reached learner.stop_at_success: the run ends
+        self.judged: tuple[int, list[torch.Tensor]] | None = None
+        """With `learner.stop_at_success`: the agent (updates, every tensor) the evaluation in flight judges."""
+        self.reached = False  # an evaluation reached learner.stop_at_success: the run ends on its weights
         self.actor_steps: dict[int, int] = {}  # env steps per actor since the last perf log
         self.holds = 0  # loop passes in which idle actors waited for the learner
         self.owed = 0.0  # updates owed for the env steps reported so far
@@ -181,7 +182,7 @@ class DistributedRun:
                 if time.monotonic() - last_perf > PERF_EVERY_S:
                     self._log_perf()
                     last_perf = time.monotonic()
-                if new_steps == 0 and (self.owed < 1 or self.judging):
+                if new_steps == 0 and self.owed < 1:
                     time.sleep(0.005)
             self._finish()
         finally:
@@ -222,11 +223,8 @@ class DistributedRun:
             self.actors.launch(index, self.cfg.actors.steps_per_report, self.core.env_step)
 
     def _train(self, credit: float) -> float:
-        """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read; none while
-        an evaluation that may end the run judges the current weights."""
+        """Updates for at most TRAIN_SLICE_S, so reports and the replay keep being read."""
         core = self.core
-        if self.judging:
-            return credit
         start = time.perf_counter()
         while credit >= 1.0 and time.perf_counter() - start < TRAIN_SLICE_S and core.learner.ready(core.env_step):
             core.learner.step(core.env_step)
@@ -238,8 +236,13 @@ class DistributedRun:
     def _launch_eval(self) -> bool:
         if self.eval_future is not None:
             return False
-        if self.judging and self.core.agent.updates != self.published_updates:
-            self._publish_new()  # the weights the run ends with if they reach the target
+        agent = self.core.agent
+        if self.cfg.learner.stop_at_success:
+            # The run may end on the weights this evaluation judges: they are published now, and
+            # the whole agent is kept as it is, while the learner trains on during the evaluation.
+            if agent.updates != self.published_updates:
+                self._publish_new()
+            self.judged = (agent.updates, [t.detach().clone() for t in agent.state_tensors()])
         seed = self.cfg.seed + self.cfg.eval.seed_offset
         self.eval_future = self.evaluator.evaluate.remote(self.weights_ref, seed, self.cfg.eval.video)
         self.eval_step = self.core.env_step
@@ -259,21 +262,26 @@ class DistributedRun:
             log.warning("evaluation failed (%s); restarting the evaluator", str(exc).splitlines()[0][:300])
             ray.kill(self.evaluator, no_restart=True)
             self.evaluator = self._make_evaluator()
-            self.judging = False
             return False
         self.core.log_eval(metrics, self.eval_step, (gif, size))
         return True
 
     def _judge(self) -> None:
-        """`learner.stop_at_success`: the learner trains on while the evaluator runs, so when an
-        evaluation reaches the rate, the current weights are evaluated once more with training
-        held, and the run ends if they reach it too (with these weights); else training goes on."""
-        if self.judging:
-            self.judging = False
-            self.reached = self.core.reached_target
-        elif self.core.reached_target:
-            self.judging = True
-            self._launch_eval()
+        """`learner.stop_at_success`: an evaluation that reaches the rate ends the run, and the
+        agent goes back to the state it judged (the learner trained on while it ran), so the
+        checkpoint and the final weights are the ones that reached it."""
+        if not self.core.reached_target or self.judged is None:
+            return
+        updates, tensors = self.judged
+        agent = self.core.agent
+        with torch.no_grad():
+            for live, kept in zip(agent.state_tensors(), tensors):
+                live.copy_(kept)
+        agent.updates = updates
+        agent.guard.forget()
+        self.reached = True
+        log.info("the evaluation of env step %d reached learner.stop_at_success=%s: the run ends with its weights",
+                 self.eval_step, self.cfg.learner.stop_at_success)
 
     def _log_perf(self) -> None:
         core, actors = self.core, self.actors
@@ -318,7 +326,7 @@ class DistributedRun:
 
     def _finish(self) -> None:
         """The end of the budget or a Ctrl-C: a last evaluation (unless interrupted) and a checkpoint.
-        At `learner.stop_at_success` the evaluation that reached it judged the current weights."""
+        At `learner.stop_at_success` the agent is the one the evaluation that reached it judged."""
         self.core.replay.poll()
         if self.core.env_step != self.core.window_start_step:  # not logged a moment ago
             self._log_perf()
@@ -327,8 +335,8 @@ class DistributedRun:
         while self.core.replay.poll():
             pass
         self.core.logger.log(self.core.replay.metrics(), self.core.env_step)
-        if not self.stop_requested and self.judging and self._collect_eval(wait=True):
-            self._judge()  # the budget ended while the current weights were being judged
+        if not self.stop_requested and self.judged is not None and self._collect_eval(wait=True):
+            self._judge()  # the budget ended while an evaluation was in flight
         if not self.stop_requested and not self.reached:
             self._settle_debt()
             self._collect_eval(wait=True)

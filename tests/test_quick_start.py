@@ -15,6 +15,8 @@ from common.config import load_config
 from common.metrics import read_scalars
 from learner import checkpoint
 from learner.cli import build_parser, main, resolve_config
+from common.weights import policy_to_bytes
+from learner import distributed
 from learner.distributed import DistributedRun
 from learner.evaluate import main as evaluate_main
 from learner.run_dirs import latest_run
@@ -62,10 +64,17 @@ def test_a_serial_run_stops_at_success_with_a_checkpoint_and_video(tmp_path, cap
     assert video.read_bytes()[:6] == b"GIF89a"
 
 
-def test_a_distributed_run_ends_with_the_weights_the_evaluation_judged(tmp_path):
+def test_a_distributed_run_ends_with_the_weights_the_evaluation_judged(tmp_path, monkeypatch):
+    published: list[bytes] = []
+
+    def recorded(actor):
+        published.append(policy_to_bytes(actor))
+        return published[-1]
+
+    monkeypatch.setattr(distributed, "policy_to_bytes", recorded)
     cfg = load_config(overrides=[*FAST, "actors.num_actors=1", "learner.max_timesteps=5000", "eval.freq=300",
                                  "env.route_length_m=5", "eval.references=false", "learner.stop_at_success=1.0",
-                                 "learner.weight_sync_interval=1000"])  # published for the evaluation only
+                                 "learner.weight_sync_interval=5"])
     run = DistributedRun(cfg, tmp_path / "run").init()
     try:
         final = run.run()
@@ -74,11 +83,14 @@ def test_a_distributed_run_ends_with_the_weights_the_evaluation_judged(tmp_path)
             ray.shutdown()
     core = run.core
     assert final["eval/success_rate"] == 1.0 and run.reached and core.env_step < 5000
-    # The periodic evaluation at 300 reached the rate while the learner trained on; the current
-    # weights were evaluated again with training held, and nothing trained after they were
-    # published: the checkpoint holds the weights the last evaluation judged.
+    # The periodic evaluation at 300 reached the rate while the learner trained on (and published
+    # newer weights); the run ended on it, with the agent put back to the state it judged.
     evaluated = [step for _, step, _ in read_scalars(tmp_path / "run")["eval/success_rate"]]
-    assert evaluated[0] == 300 and len(evaluated) == 2 and core.last_eval_step == evaluated[1] >= 300
-    assert run.published_updates == core.agent.updates
+    assert evaluated == [300] and core.last_eval_step == 300
+    judged = published.index(policy_to_bytes(core.agent.actor))
+    assert judged < len(published) - 1, "no update ran while the evaluation did: nothing was put back"
+    assert run.published_updates != core.agent.updates
     assert checkpoint.resolve(tmp_path / "run").name == f"step_{core.env_step:09d}"
+    ckpt_cfg = checkpoint.saved_config(tmp_path / "run")
+    assert policy_to_bytes(checkpoint.load_policy(tmp_path / "run", ckpt_cfg)) == published[judged]
     assert core.wrap_up().count("evaluation video:") == 1 and (tmp_path / "run" / "eval.gif").is_file()
