@@ -151,11 +151,12 @@ class EnvConfig:
     max_lateral_deviation_m: float = 2.5
     """Lateral distance from the route centre at which lane keeping pays nothing and, with
     lane_change off, the episode ends as 'lane_departure'."""
-    lane_change: bool = True
+    lane_change: bool | None = None
     """The route is the road: the car may change lanes (each marking crossed is a lane invasion,
     penalised once) and the episode ends only when it leaves the road ('off_road'). Off: the route
-    is one lane and max_lateral_deviation_m from its centre ends the episode (the rule every result
-    before 2026-12-06 was measured under)."""
+    is one lane and max_lateral_deviation_m from its centre ends the episode. Unset: off on
+    scenario 0 (lane following, the task every result before the ladder measured), on for 1 and 2
+    (the traffic is in the way)."""
     lookahead_spacing_m: float = 2.0
     """Spacing of the 25 look-ahead route points in the vector features."""
     lookahead_features: LookaheadFeatures = "per_point"
@@ -732,8 +733,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_path(nested, key, value)
         _merge(cfg, nested)
     apply_profile(cfg)
+    resolve_scenario(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_scenario(cfg: Config) -> None:
+    """Fills `env.lane_change` from `env.scenario` when neither the YAML file nor `--set` gave it."""
+    if cfg.env.lane_change is None:
+        cfg.env.lane_change = cfg.env.scenario != 0
 
 
 def _require(ok: bool, message: str) -> None:
@@ -876,6 +884,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     _merge(cfg, data)
     apply_profile(cfg)  # a checkpoint from before a device-dependent field existed
+    resolve_scenario(cfg)
     validate(cfg)
     return cfg
 

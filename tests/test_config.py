@@ -182,3 +182,17 @@ def test_the_default_run_is_defined_once():
     """deploy/configs/default.yaml sets nothing: the built-in defaults and profiles are the default run."""
     assert load_config(ROOT / "deploy/configs/default.yaml") == load_config()
     assert not yaml.safe_load((ROOT / "deploy/configs/default.yaml").read_text())
+
+
+@pytest.mark.parametrize("scenario, overrides, lane_change", [
+    (0, [], False),  # lane following behind a slow lead car: the route is one lane
+    (1, [], True),   # traffic in the way: the route is the road
+    (2, [], True),
+    (0, ["env.lane_change=true"], True),
+    (2, ["env.lane_change=false"], False),
+])
+def test_lane_changes_follow_the_scenario_unless_set(scenario, overrides, lane_change):
+    cfg = load_config(overrides=[f"env.scenario={scenario}", *overrides])
+    assert cfg.env.lane_change is lane_change
+    assert config_module.flat_hparams(cfg)["env.lane_change"] is lane_change
+    assert config_module.from_dict(config_module.to_dict(cfg)).env.lane_change is lane_change

@@ -282,14 +282,14 @@ def test_reward_weights_default_to_2_2_1_1_3():
     [
         (dict(collision=True, off_road=True), 1, (True, False, "collision")),
         (dict(off_road=True), 1, (True, False, "off_road")),
-        (dict(lateral_offset=-5.0), 1, (False, False, None)),  # the next lane: the route is the road
+        (dict(lateral_offset=-5.0), 1, (False, False, None)),  # the next lane: with lane changes, the route is the road
         (dict(progress=300.0), 1, (True, False, "route_completed")),
         (dict(), 1000, (False, True, "timeout")),
         (dict(lateral_offset=2.4), 999, (False, False, None)),
     ],
 )
 def test_termination_reasons(kw, step, expected):
-    assert termination(_state(**kw), step, load_config().env) == expected
+    assert termination(_state(**kw), step, load_config(overrides=["env.lane_change=true"]).env) == expected
 
 
 def test_leaving_the_routes_lane_ends_the_episode_only_without_lane_changes():

@@ -91,7 +91,7 @@ def test_scenario_2_is_dense_around_the_ego_and_traffic_cuts_in():
 
 def test_a_lane_change_is_legal_and_each_crossing_is_one_invasion():
     """Over into the other lane and back: two invasions, no termination; then off the road: off_road."""
-    env = _env("env.embedded.traffic=[0,0,0]")
+    env = _env("env.embedded.traffic=[0,0,0]", "env.lane_change=true")
     try:
         obs, _ = env.reset(seed=2)
         pid = PurePursuitPID(8.0, env.backend.dt, np.pi / 4, env.cfg)
