@@ -106,7 +106,8 @@ class PrivilegedDriver:
     """IDM car following and gap-accepting lane changes on the simulator's truth, steered and
     speed-controlled by a `PurePursuitPID`: it keeps to the route's lane, changes to another lane
     of the road when that lane's leader lets it go faster by CHANGE_GAIN_MS2 and both gaps there
-    are accepted, and returns to the route's lane as soon as that is as fast and its gaps accepted."""
+    are accepted, and returns to the route's lane as soon as that is as fast and its gaps accepted.
+    Where the route is one lane (`env.lane_change` off) it only follows."""
 
     def __init__(self, pid: PurePursuitPID, surroundings: Callable[[], Surroundings]) -> None:
         self.pid = pid
@@ -146,6 +147,8 @@ class PrivilegedDriver:
         return True
 
     def _choose_lane(self, su: Surroundings, lateral: float, speed: float) -> None:
+        if not self.pid.env_cfg.lane_change:
+            return
         if abs(lateral - self.lane) > su.lane_width / 2:
             return  # a change in progress is finished first
         route = float(su.lanes[np.argmin(np.abs(su.lanes))])

@@ -66,6 +66,17 @@ def test_scenario_1_traffic_is_in_the_way_of_a_driver_blind_to_it():
         env.close()
 
 
+def test_the_privileged_driver_only_follows_where_the_route_is_one_lane():
+    """With env.lane_change off it waits behind the blocker instead of leaving the route's lane."""
+    cfg = load_config(overrides=["env.scenario=1", "env.lane_change=false", "env.max_episode_steps=300"])
+    env = make_env(cfg)
+    try:
+        result = run_episode(env, baseline_for(cfg, env.backend.dt, env.backend.surroundings), 0)
+        assert result["lane_invasions"] == 0 and result["termination"] not in ("lane_departure", "collision")
+    finally:
+        env.close()
+
+
 def test_scenario_2_is_dense_around_the_ego_and_traffic_cuts_in():
     env = _env("env.scenario=2")
     try:

@@ -57,18 +57,21 @@ CURVES = {
 }
 
 
-def learner_cmd(seed: int, steps: int, logdir: Path, args: list[str]) -> list[str]:
-    """A serial `python -m learner` run; `args` are further command-line arguments (--config, --set)."""
-    return [sys.executable, "-m", "learner", "--mode", "serial", "--quiet", "--seed", str(seed),
+def learner_cmd(seed: int, steps: int, logdir: Path, args: list[str], mode: str = "serial") -> list[str]:
+    """A `python -m learner` run in `mode`; `args` are further command-line arguments (--config, --set)."""
+    return [sys.executable, "-m", "learner", "--mode", mode, "--quiet", "--seed", str(seed),
             "--max-timesteps", str(steps), "--logdir", str(logdir), *args]
 
 
-def spawn(cmd: list[str], folder: Path) -> subprocess.Popen:
-    """`cmd` on one CPU thread, its output in folder/stdout.log; the folder is emptied first (a rerun replaces it)."""
+def spawn(cmd: list[str], folder: Path, one_thread: bool = True) -> subprocess.Popen:
+    """`cmd` (on one CPU thread if `one_thread`), its output in folder/stdout.log and its start time
+    in folder/started; the folder is emptied first (a rerun replaces it)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    (folder / "started").write_text(repr(time.time()))
     log = open(folder / "stdout.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def start_run(logdir: Path, steps: int, overrides: list[str], seed: int) -> subprocess.Popen:
@@ -258,7 +261,8 @@ def _split(arm: list[str]) -> tuple[list[str], list[str]]:
     return [], arm
 
 
-def learn_job(arm: str, seed: int, steps: int, budget: list[str], out: Path, episodes: int) -> tuple[list[str], dict]:
+def learn_job(arm: str, seed: int, steps: int, budget: list[str], out: Path, episodes: int,
+              mode: str = "serial") -> tuple[list[str], dict]:
     """The command of one (arm, seed) run and the marker that identifies a finished one."""
     run_dir = out / arm / f"s{seed}"
     if arm in PEERS:
@@ -268,7 +272,7 @@ def learn_job(arm: str, seed: int, steps: int, budget: list[str], out: Path, epi
     else:
         extra, overrides = _split(LEARN_ARMS[arm])
         sets = [a for o in [*budget, *overrides] for a in ("--set", o)]
-        cmd = learner_cmd(seed, steps, run_dir / "tb", [*extra, *sets])
+        cmd = learner_cmd(seed, steps, run_dir / "tb", [*extra, *sets], mode)
     return cmd, {"cmd": cmd[1:], "episodes": episodes}
 
 
@@ -286,7 +290,8 @@ def run_jobs(jobs: dict[tuple[str, int], tuple[list[str], dict]], out: Path, par
         while pending and len(running) < parallel:
             arm, seed, cmd, marker = pending.pop(0)
             print(f"{arm} seed {seed}: started", flush=True)
-            running.append((arm, seed, marker, spawn(cmd, out / arm / f"s{seed}")))
+            # A distributed run is a local Ray cluster of its own and takes every core it finds.
+            running.append((arm, seed, marker, spawn(cmd, out / arm / f"s{seed}", one_thread="distributed" not in cmd)))
         time.sleep(2)
         for job in [j for j in running if j[3].poll() is not None]:
             arm, seed, marker, proc = job
@@ -303,21 +308,29 @@ def run_jobs(jobs: dict[tuple[str, int], tuple[list[str], dict]], out: Path, par
             print(f"{arm} seed {seed}: finished", flush=True)
 
 
-def run_summary(run_dir: Path, saturation_after: int) -> dict:
-    """Held-out final metrics, the eval curve and the lock criterion of one run."""
+def run_summary(run_dir: Path, saturation_after: int, level: float = 0.8) -> dict:
+    """Held-out final metrics, the eval curve, the lock criterion and when a periodic evaluation
+    first reached `level` success (env step and wall-clock seconds from the run's start) of one run."""
     final = json.loads((run_dir / "final.json").read_text())["final"]
     tb = run_dir / "tb"
     if not tb.is_dir():  # a peer: no curve
         return {"final": final, "curve": [], "saturated_after": math.nan}
-    data = scalars(tb)
+    raw = read_scalars(run_folder(tb))
+    data = {tag: [(step, value) for _, step, value in points] for tag, points in raw.items()}
+    started = run_dir / "started"
+    reached = [(w, step) for w, step, v in raw.get("eval/success_rate", []) if v >= level]
+    first = min(reached, key=lambda x: x[1]) if reached else None
     saturated = [max(v, dict(data.get("debug/action_saturated_throttle", [])).get(step, 0.0))
                  for step, v in data.get("debug/action_saturated_steer", []) if step > saturation_after]
     return {"final": final, "curve": data.get("eval/mean_reward", []),
-            "saturated_after": float(np.mean(saturated)) if saturated else math.nan}
+            "saturated_after": float(np.mean(saturated)) if saturated else math.nan,
+            "level_step": first[1] if first else None,
+            "level_s": first[0] - float(started.read_text()) if first and started.is_file() else None}
 
 
 def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str], seeds: list[int], scenario: int,
-                     parallel: int, overrides: list[str], name: str = "", saturation_after: int = SATURATION_AFTER) -> None:
+                     parallel: int, overrides: list[str], name: str = "", saturation_after: int = SATURATION_AFTER,
+                     mode: str = "serial") -> None:
     """The report is results/<name>.{md,png,json} (default name experiment_learn[_s<scenario>]), its runs
     live in results/<name>/<arm>/s<seed>; a finished run with the same command is reused."""
     name = name or (f"experiment_learn_s{scenario}" if scenario else "experiment_learn")
@@ -325,29 +338,33 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
     start = time.time()
     budget = [*CPU_FRIENDLY, f"env.scenario={scenario}", f"eval.freq={eval_every}", "eval.num_episodes=5",
               "logging.log_interval=20", *overrides]
-    jobs = {(arm, seed): learn_job(arm, seed, steps, budget, out, episodes) for arm in arms for seed in seeds}
-    run_jobs(jobs, out, parallel)
+    jobs = {(arm, seed): learn_job(arm, seed, steps, budget, out, episodes, mode) for arm in arms for seed in seeds}
+    run_jobs(jobs, out, 1 if mode == "distributed" else parallel)
     summary = {arm: {seed: run_summary(out / arm / f"s{seed}", saturation_after) for seed in seeds} for arm in arms}
     refs = reference_policies([f"env.scenario={scenario}", *overrides], episodes)
     tags = ("eval/success_rate", "eval/collision_rate", "eval/mean_reward", "eval/avg_episode_length")
-    md = [f"`make experiment-learn` (embedded scenario {scenario}, {steps} env steps per run, training seeds "
+    md = [f"`make experiment-learn` ({mode} mode, embedded scenario {scenario}, {steps} env steps per run, training seeds "
           f"{', '.join(map(str, seeds))}; final evaluation on {episodes} held-out episodes, seeds {HELD_OUT_SEED}+; "
           f"{(time.time() - start) / 60:.0f} min) on {machine()}, {time.strftime('%Y-%m-%d %H:%M')}. "
           f"Overrides: {' '.join(budget)}.\n",
           "| arm | success (per seed) | mean success | collision (per seed) | mean collision | return (mean) | "
-          f"episode length (mean) | saturated fraction after step {saturation_after} (per seed) |",
-          "|---|---|---|---|---|---|---|---|"]
+          f"episode length (mean) | saturated fraction after step {saturation_after} (per seed) | "
+          "first periodic eval at >= 0.8 success: env step, minutes from start (per seed) |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         runs = [summary[arm][s] for s in seeds]
         per = {t: [r["final"][t] for r in runs] for t in tags}
         sat = " / ".join("—" if math.isnan(r["saturated_after"]) else f"{r['saturated_after']:.2f}" for r in runs)
+        level = " / ".join("never" if r.get("level_step") is None else
+                           f"{r['level_step']:,}, " + ("—" if r.get("level_s") is None else f"{r['level_s'] / 60:.1f}")
+                           for r in runs)
         md.append(f"| {arm} | {' / '.join(f'{v:.2f}' for v in per['eval/success_rate'])} | "
                   f"{np.mean(per['eval/success_rate']):.2f} | {' / '.join(f'{v:.2f}' for v in per['eval/collision_rate'])} | "
                   f"{np.mean(per['eval/collision_rate']):.2f} | {np.mean(per['eval/mean_reward']):.1f} | "
-                  f"{np.mean(per['eval/avg_episode_length']):.0f} | {sat} |")
+                  f"{np.mean(per['eval/avg_episode_length']):.0f} | {sat} | {level} |")
     for ref, m in refs.items():
         md.append(f"| {ref} | — | {m['eval/success_rate']:.2f} | — | {m['eval/collision_rate']:.2f} | "
-                  f"{m['eval/mean_reward']:.1f} | {m['eval/avg_episode_length']:.0f} | — |")
+                  f"{m['eval/mean_reward']:.1f} | {m['eval/avg_episode_length']:.0f} | — | — |")
     panels = {"eval/mean_reward": {f"{arm} s{seed}": summary[arm][seed]["curve"] for arm in arms for seed in seeds
                                    if summary[arm][seed]["curve"]}}
     plot(panels, RESULTS / f"{name}.png", set(),
@@ -397,6 +414,9 @@ def main() -> None:
     learn.add_argument("--name", default="",
                        help="report and run folder name in results/ (default experiment_learn[_s<scenario>])")
     learn.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each (default 2: this machine's cores)")
+    learn.add_argument("--mode", choices=["serial", "distributed"], default="serial",
+                       help="serial runs (one process, one thread each) or distributed ones (the learner, "
+                            "actors.num_actors rollout actors and the evaluator on a local Ray cluster; one at a time)")
     norm.add_argument("--seed", type=int, default=42)
     for sp in (norm, learn):
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -415,7 +435,7 @@ def main() -> None:
         if unknown:
             p.error(f"unknown arm(s) {unknown}; choose from {[*LEARN_ARMS, *PEERS]}")
         experiment_learn(args.steps, args.eval_every, args.episodes, arms, [int(x) for x in args.seeds.split(",")],
-                         args.scenario, args.parallel, args.overrides, args.name, args.saturation_after)
+                         args.scenario, args.parallel, args.overrides, args.name, args.saturation_after, args.mode)
 
 
 if __name__ == "__main__":
