@@ -360,9 +360,8 @@ class LearnerConfig:
     stop_at_success: float = 0.0
     """End the run at the first evaluation whose success rate reaches this (1.0: every evaluation
     route completed), with a checkpoint of the weights it evaluated; 0 runs the whole budget. In
-    distributed mode the learner trains on while the evaluator runs, so such an evaluation is
-    followed by one of the current weights, with training held, and the run ends if that one
-    reaches the rate too."""
+    distributed mode the learner trains on while the evaluator runs and, when the evaluation reaches
+    the rate, goes back to the agent it judged (kept when the evaluation launched)."""
     max_update_debt: int = 200
     """Distributed mode: updates the learner may owe before it hands the actors no new work, so
     actors that outrun a slow learner (a CPU) cannot turn updates_per_step into a fiction (the
