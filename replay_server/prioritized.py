@@ -137,4 +137,4 @@ class PrioritizedSampler:
 
     def nbytes(self) -> int:
         """Host memory of the priorities: the tree and the per-slot record of draws."""
-        return self.tree.nodes.nbytes + self.drawn.nbytes
+        return self.tree.nbytes + self.drawn.nbytes
