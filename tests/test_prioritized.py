@@ -38,11 +38,17 @@ def chi_square_ok(counts: np.ndarray, expected_p: np.ndarray) -> None:
     assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(expected * (1 - expected_p)) + 1)
 
 
-def test_sum_tree_matches_a_cumulative_sum():
+# (fanout, top): the default, and small ones that make the same capacities 2 to 10 levels deep,
+# with rows left partly empty where a level's size is not a multiple of the fanout
+SHAPES = [{}, {"fanout": 4, "top": 8}, {"fanout": 3, "top": 2}, {"fanout": 2, "top": 1}]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sum_tree_matches_a_cumulative_sum(shape):
     rng = np.random.default_rng(0)
     for capacity in (1, 5, 64, 1000):
-        tree, ref = SumTree(capacity), np.zeros(capacity)
-        for size in (3, capacity, 7):  # small updates walk up, large ones rebuild
+        tree, ref = SumTree(capacity, **shape), np.zeros(capacity)
+        for size in (3, capacity, 7):  # small updates recompute the rows above them, large ones every row
             idx = rng.integers(0, capacity, size)
             val = rng.random(size) * (rng.random(size) > 0.3)
             tree.set(idx, val)
@@ -56,11 +62,43 @@ def test_sum_tree_matches_a_cumulative_sum():
                 got = tree.find(mass)
                 np.testing.assert_array_equal(got, expected)
     # At or past the total (rounding), the walk still ends on a leaf > 0.
-    tree = SumTree(8)
+    tree = SumTree(8, **shape)
     tree.set(np.array([2, 5]), np.array([1.0, 3.0]))
     assert tree.find(np.array([0.0, 1.0, 4.0, 4.0 + 1e-9, 1e300])).tolist() == [2, 5, 5, 5, 5]
     with pytest.raises(ValueError, match="all 0"):
-        SumTree(4).find(np.zeros(1))
+        SumTree(4, **shape).find(np.zeros(1))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sum_tree_never_lands_on_a_leaf_of_0(shape):
+    """Masses at every boundary of the cumulative sum and one ulp either side, 0 and past the
+    total, over leaves mostly 0 (whole rows of 0, 0 at both ends, capacity not a multiple of the
+    fanout) and of sizes 1e-12 to 1e3: each ends on a leaf > 0, and the middle of each leaf's
+    interval (where the leaf is not lost in the rounding) on that leaf."""
+    rng = np.random.default_rng(1)
+    for capacity in (1, 3, 37, 1001):
+        tree = SumTree(capacity, **shape)
+        values = np.where(rng.random(capacity) < 0.2, rng.random(capacity) * 10.0 ** rng.integers(-12, 4, capacity), 0.0)
+        if capacity > 2:
+            values[0] = values[-1] = 0.0
+        values[capacity // 2] = 0.5
+        tree.set(np.arange(capacity), values)
+        edges = np.cumsum(values)
+        mass = np.concatenate([edges, np.nextafter(edges, 0.0), np.nextafter(edges, np.inf), [0.0, tree.total, 1e300]])
+        assert np.all(values[tree.find(mass)] > 0)
+        clear = np.flatnonzero(values > 1e-6 * edges[-1])
+        np.testing.assert_array_equal(tree.find(edges[clear] - values[clear] / 2), clear)
+
+
+def test_sum_tree_set_keeps_the_last_of_repeats_and_reads_only_its_own_copy():
+    tree = SumTree(100, fanout=4, top=2)
+    idx = np.array([7, 3, 7, 99, 3, 7])
+    tree.set(idx, np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    idx[:] = 0  # the caller reuses its array before the sums are brought up to date
+    assert tree[np.array([3, 7, 99])].tolist() == [5.0, 6.0, 4.0] and tree.total == 15.0
+    tree.set(np.array([99, 99]), 0.0)
+    tree.set(np.array([], np.int64), np.array([]))
+    assert tree.total == 11.0 and set(tree.find(np.linspace(0, 11, 50)).tolist()) == {3, 7}
 
 
 @pytest.mark.parametrize("lap", [False, True])
@@ -136,6 +174,26 @@ def test_frames_overwritten_evict_without_an_insert_and_are_never_drawn():
         assert np.all((ring.frame_ids[drawn, 0] >= ring.frames_added - ring.frame_capacity))
         assert sampler.tree.total == pytest.approx(np.count_nonzero(sampler.tree[np.arange(100)]))
     assert ring.tail > 0 and np.count_nonzero(sampler.tree[np.arange(100)]) == len(ring)
+
+
+def test_a_ring_larger_than_the_top_level_draws_only_live_slots():
+    """20,000 slots: a level of rows under the tree's top. 15,000 transitions arrive and 18,000
+    leave (3,000 with none in their place, as when frames wrap); the live ones cross the ring's end."""
+    from tests.bench.replay import synthetic_ring
+
+    ring = synthetic_ring(20_000)
+    sampler = PrioritizedSampler(alpha=0.6)
+    rng = np.random.default_rng(0)
+    slots, _ = sampler.choose(ring, 256, rng)
+    assert len(sampler.tree.levels) == 2
+    sampler.update_priorities(slots, rng.random(256) * 5)
+    ring.head += 15_000
+    ring.tail += 18_000
+    drawn = np.concatenate([sampler.choose(ring, 256, rng)[0] for _ in range(40)])
+    live = np.arange(ring.tail, ring.head) % ring.capacity
+    assert set(drawn.tolist()) <= set(live.tolist())
+    assert np.count_nonzero(sampler.tree[np.arange(ring.capacity)]) == len(live) == 17_000
+    assert sampler.tree.total == pytest.approx(sampler.tree[live].sum())
 
 
 def test_a_late_priority_for_a_slot_refilled_or_evicted_since_is_dropped():
