@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from colorednoise import powerlaw_psd_gaussian
 from actors.baseline import baseline_for
 from actors.envs import step_seconds
 from common.config import Config
-from common.driving import ACTION_DIM
+from common.driving import ACTION_DIM, Surroundings
 from common.networks import Policy
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ class Actor:
     scales, Ape-X style)."""
 
     def __init__(
-        self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device, noise_scale: float = 1.0
+        self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device, noise_scale: float = 1.0,
+        surroundings: Callable[[], Surroundings] | None = None,
     ) -> None:
+        """`surroundings`: the env's truth (its backend's), for `actors.warmup_actions=privileged`."""
         self.policy = policy
         self.cfg = cfg.actors
         self.learning_starts = cfg.td3.learning_starts
@@ -57,7 +60,11 @@ class Actor:
         self.device = device
         self.noise_scale = noise_scale
         # One Actor per env, so the baseline's PID state is this env's alone.
-        self.warmup = baseline_for(cfg, step_seconds(cfg)) if cfg.actors.warmup_actions == "baseline" else None
+        warmup = cfg.actors.warmup_actions
+        if warmup == "privileged" and surroundings is None:
+            raise ValueError("actors.warmup_actions=privileged needs the env's surroundings (its backend's)")
+        self.warmup = None if warmup == "uniform" else \
+            baseline_for(cfg, step_seconds(cfg), surroundings if warmup == "privileged" else None)
         self.last_policy_action: np.ndarray | None = None
         """The policy's action before noise at the last `select_action` (None while acting randomly)."""
         self.horizon = cfg.env.max_episode_steps

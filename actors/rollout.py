@@ -52,7 +52,8 @@ class RolloutWorker:
         for slot, env in zip(slots, self.envs):
             # With one env per actor, the seeds of the runs before envs_per_actor existed.
             seed = cfg.seed + 1000 * (slot + 1) + 100_000 * incarnation
-            actor = Actor(self.policy, cfg, np.random.default_rng(seed), device, noise_scale(cfg, slot))
+            actor = Actor(self.policy, cfg, np.random.default_rng(seed), device, noise_scale(cfg, slot),
+                          env.backend.surroundings)
             adder = ChunkAdder(actor_id=slot, chunk_steps=r.chunk_steps, sink=self.client.insert)
             runners.append(EpisodeRunner(env, actor, adder, seed))
         self.runner = VectorRunner(runners)

@@ -73,7 +73,7 @@ class RewardConfig:
 
 TrainingStart = Literal["fixed", "anywhere", "anywhere_with_lead"]
 LookaheadFeatures = Literal["metres", "per_point"]
-WarmupActions = Literal["uniform", "baseline"]
+WarmupActions = Literal["uniform", "baseline", "privileged"]
 
 
 @dataclass
@@ -465,11 +465,12 @@ class ActorsConfig:
 
     warmup_actions: WarmupActions = "uniform"
     """What acts for the first `td3.learning_starts` env steps, before any update. uniform: uniform
-    random actions. baseline: the classical baseline (PID + pure pursuit, `actors/baseline.py`)
-    plus Gaussian noise of std `expl_noise_start` (times the env's noise scale), so the replay
-    holds drives through the curves before the first update. Measured on the cap + stuck default
-    (3 seeds, 30k steps): mean success 0.57 against uniform's 0.67; seed 1 passed the S-bend but
-    stopped short of the route's end (results/history.md)."""
+    random actions. baseline: the traffic-blind classical baseline (PID + pure pursuit,
+    `actors/baseline.py`) plus Gaussian noise of std `expl_noise_start` (times the env's noise
+    scale), so the replay holds drives through the curves before the first update; measured on the
+    cap + stuck default (3 seeds, 30k steps): mean success 0.57 against uniform's 0.67
+    (results/history.md). privileged: the privileged driver (IDM and gap-accepting lane changes on
+    the simulator's truth) plus that noise, so the replay holds overtakes of the traffic in the way."""
     expl_noise_start: float = 0.1
     """Std of the Gaussian exploration noise when learning starts. 0.1 (= the end value, as SB3's
     TD3 peer): the old 0.3, decaying over 100,000 steps, still put a ~0.24 std on steering at

@@ -41,7 +41,8 @@ class SerialRun:
             self.env.close()
             raise
         self.core = TrainingCore(cfg, self.run_dir, self.resume, via_redis=cfg.replay.via_redis)
-        self.actor = Actor(self.core.agent.actor, cfg, np.random.default_rng([cfg.seed, 2]), self.core.device)
+        self.actor = Actor(self.core.agent.actor, cfg, np.random.default_rng([cfg.seed, 2]), self.core.device,
+                           surroundings=self.env.backend.surroundings)
         if "actor_rng" in self.core.saved:
             self.actor.rng.bit_generator.state = self.core.saved["actor_rng"]
         self.adder = ChunkAdder(actor_id=0, chunk_steps=cfg.replay.chunk_steps, sink=self.core.replay.insert)

@@ -86,6 +86,29 @@ def test_baseline_warmup_drives_the_route_with_exploration_noise():
         env.close()
 
 
+def test_privileged_warmup_overtakes_the_traffic_in_the_way():
+    """Scenario 1's blocker: the privileged warm-up changes lanes around it (the replay holds an
+    overtake), and it needs the env's truth to do so."""
+    cfg = load_config(overrides=["env.scenario=1", "actors.warmup_actions=privileged", "td3.learning_starts=2000",
+                                 "actors.expl_noise_start=0.05"])
+    with pytest.raises(ValueError, match="needs the env's surroundings"):
+        Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)
+    env = make_env(cfg, training=True)
+    actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU, surroundings=env.backend.surroundings)
+    try:
+        obs, _ = env.reset(seed=0)
+        actor.on_episode_start()
+        invasions = 0
+        for step in range(1000):
+            obs, _, terminated, truncated, info = env.step(actor.select_action(obs, step))
+            invasions += info["lane_invasion"]
+            if terminated or truncated:
+                break
+        assert info["termination"] == "route_completed" and invasions >= 2
+    finally:
+        env.close()
+
+
 def test_slots_and_noise_scales_spread_over_every_env_of_the_run():
     cfg = load_config(overrides=["actors.num_actors=3", "actors.envs_per_actor=2"])
     slots = [rollout_slot(cfg, i, j) for i in range(3) for j in range(2)]

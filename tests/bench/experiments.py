@@ -235,6 +235,10 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default-progress-cap": ["env.reward.progress_speed_cap=false"],
     # 3,000 warm-up steps: about eight of the baseline's drives round the route, S-bend included.
     "default+baseline-warmup": ["actors.warmup_actions=baseline", "td3.learning_starts=3000"],
+    # Issue 37: the privileged driver's overtakes in the replay before the first update (5,000 steps,
+    # a dozen drives round the route), since TD3's Gaussian noise rarely strings a lane change and
+    # back together.
+    "default+privileged-warmup": ["actors.warmup_actions=privileged", "td3.learning_starts=5000"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
     # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.
