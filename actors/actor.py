@@ -60,10 +60,9 @@ class Actor:
         self.device = device
         self.noise_scale = noise_scale
         # One Actor per env, so the baseline's PID state is this env's alone.
+        # An Actor that only evaluates (no surroundings given) never acts before learning starts.
         warmup = cfg.actors.warmup_actions
-        if warmup == "privileged" and surroundings is None:
-            raise ValueError("actors.warmup_actions=privileged needs the env's surroundings (its backend's)")
-        self.warmup = None if warmup == "uniform" else \
+        self.warmup = None if warmup == "uniform" or (warmup == "privileged" and surroundings is None) else \
             baseline_for(cfg, step_seconds(cfg), surroundings if warmup == "privileged" else None)
         self.last_policy_action: np.ndarray | None = None
         """The policy's action before noise at the last `select_action` (None while acting randomly)."""
@@ -123,6 +122,9 @@ class Actor:
         if not self.acts_on_policy(env_step):
             self.last_policy_action = None
             if self.warmup is None:
+                if self.cfg.warmup_actions != "uniform":
+                    raise ValueError(f"actors.warmup_actions={self.cfg.warmup_actions} needs the env's surroundings "
+                                     "(its backend's) when the Actor is made")
                 action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
             else:
                 action = self.warmup(observation) + self._noise(env_step)

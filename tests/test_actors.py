@@ -91,9 +91,12 @@ def test_privileged_warmup_overtakes_the_traffic_in_the_way():
     overtake), and it needs the env's truth to do so."""
     cfg = load_config(overrides=["env.scenario=1", "actors.warmup_actions=privileged", "td3.learning_starts=2000",
                                  "actors.expl_noise_start=0.05"])
-    with pytest.raises(ValueError, match="needs the env's surroundings"):
-        Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)
     env = make_env(cfg, training=True)
+    evaluating = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)  # as the evaluator's
+    obs, _ = env.reset(seed=0)
+    assert evaluating.eval_action(obs).shape == (2,)
+    with pytest.raises(ValueError, match="needs the env's surroundings"):
+        evaluating.select_action(obs, 0)
     actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU, surroundings=env.backend.surroundings)
     try:
         obs, _ = env.reset(seed=0)
