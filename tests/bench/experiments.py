@@ -254,6 +254,12 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+per": ["replay.sampler=per", "replay.per_beta_steps=20000"],
     "default+lap": ["replay.sampler=lap", "replay.per_alpha=0.4"],
 }
+FAILURE_MODES = [("off-road", "eval/termination_off_road", "{:.2f}"),
+                 ("lane departure", "eval/termination_lane_departure", "{:.2f}"),
+                 ("timeout", "eval/termination_timeout", "{:.2f}"), ("stuck", "eval/termination_stuck", "{:.2f}"),
+                 ("lane invasions / episode", "eval/avg_lane_invasions", "{:.2f}"),
+                 ("route progress %", "eval/route_progress_pct", "{:.0f}"), ("speed m/s", "eval/mean_speed", "{:.1f}")]
+"""The report's second table: (column, eval tag, format), per seed."""
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
 
@@ -369,6 +375,14 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
     for ref, m in refs.items():
         md.append(f"| {ref} | — | {m['eval/success_rate']:.2f} | — | {m['eval/collision_rate']:.2f} | "
                   f"{m['eval/mean_reward']:.1f} | {m['eval/avg_episode_length']:.0f} | — | — |")
+    md += ["", "How the held-out episodes ended and how far they got (per seed; the references' on the same episodes):", "",
+           "| arm | " + " | ".join(label for label, _, _ in FAILURE_MODES) + " |", "|---|" + "---|" * len(FAILURE_MODES)]
+    for arm in arms:
+        finals = [summary[arm][s]["final"] for s in seeds]
+        md.append(f"| {arm} | " + " | ".join(" / ".join(fmt.format(f.get(tag, math.nan)) for f in finals)
+                                            for _, tag, fmt in FAILURE_MODES) + " |")
+    for ref, m in refs.items():
+        md.append(f"| {ref} | " + " | ".join(fmt.format(m.get(tag, math.nan)) for _, tag, fmt in FAILURE_MODES) + " |")
     panels = {"eval/mean_reward": {f"{arm} s{seed}": summary[arm][seed]["curve"] for arm in arms for seed in seeds
                                    if summary[arm][seed]["curve"]}}
     plot(panels, RESULTS / f"{name}.png", set(),
