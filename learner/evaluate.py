@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +31,7 @@ from common.config import Config, ConfigError, load_config
 from common.env import DrivingEnv
 from common.metrics import MetricLogger, encode_gif
 from learner import checkpoint
+from learner.run_dirs import new_run_dir
 
 Evaluation = tuple[dict[str, float], list[dict[str, Any]], bytes | None]
 """(eval metrics, per-episode results, an animated GIF of the chosen episodes or None)."""
@@ -69,7 +69,7 @@ def evaluate_baseline(cfg: Config, episodes: int, seed: int, video_episodes: set
 
 def log_baseline(cfg: Config, metrics: dict[str, float]) -> Path:
     """Write the baseline's metrics to a TensorBoard run of their own; returns its folder."""
-    run_dir = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_baseline_{cfg.env.backend}_s{cfg.seed}"
+    run_dir = new_run_dir(cfg, "baseline")
     logger = MetricLogger(run_dir)
     logger.log(metrics, 0)
     logger.close()

@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """`<logdir>/<date>-<time>_<backend>_s<seed>`, with -2, -3, ... when a run of that name exists
-    (two runs started within one second)."""
-    base = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.env.backend}_s{cfg.seed}"
+def new_run_dir(cfg: Config, kind: str = "") -> Path:
+    """`<logdir>/<date>-<time>_[<kind>_]<backend>_s<seed>`, with -2, -3, ... when a run of that name
+    exists (two runs started within one second); `kind` names what is not a training run (baseline)."""
+    label = f"{kind}_" if kind else ""
+    base = Path(cfg.logging.logdir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{label}{cfg.env.backend}_s{cfg.seed}"
     path, n = base, 1
     while path.exists():
         n += 1
