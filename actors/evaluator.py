@@ -100,9 +100,6 @@ def evaluate(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int, frames
 def evaluate_filmed(env: DrivingEnv, policy: PolicyFn, episodes: int, seed: int,
                     video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:
     """`evaluate`, and with `video` an animated GIF of the first episode and its (height, width)."""
-    from common.memory import release_free_heap
-    from common.metrics import encode_gif
-
     frames: list | None = [] if video else None
     metrics = evaluate(env, policy, episodes, seed, frames)
     gif, shape = (encode_gif(frames, video_fps(env)), frames[0].shape[:2]) if frames else (None, (0, 0))
