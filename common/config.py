@@ -3,7 +3,7 @@
 Each section is a dataclass whose fields carry a docstring; sections compose into `Config`.
 Values come from the defaults, then a YAML file (`--config`), then `--set a.b=c` overrides,
 in that order; the device-dependent fields none of them set (None) then come from the profile of
-`learner.device` (common/profiles.py). These defaults and profiles are the default run (`make
+`learner.device` (common/profiles.py), and an unset `env.lane_change` from `env.scenario`. These defaults and profiles are the default run (`make
 run`); deploy/configs/ holds only what other runs change. Every key and value is checked at
 start: an unknown key or an impossible value raises `ConfigError` naming the key and what would
 have been valid, so a typo can never be silently ignored (the old system's config drift).
@@ -732,14 +732,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         nested: dict[str, Any] = {}
         _set_path(nested, key, value)
         _merge(cfg, nested)
-    apply_profile(cfg)
-    resolve_scenario(cfg)
+    resolve_unset(cfg)
     validate(cfg)
     return cfg
 
 
-def resolve_scenario(cfg: Config) -> None:
-    """Fills `env.lane_change` from `env.scenario` when neither the YAML file nor `--set` gave it."""
+def resolve_unset(cfg: Config) -> None:
+    """Fills the fields that neither the defaults, the YAML file nor `--set` gave (None) from what
+    they depend on: the device-dependent ones from the device profile, `env.lane_change` from
+    `env.scenario` (off on 0, on for 1 and 2)."""
+    apply_profile(cfg)
     if cfg.env.lane_change is None:
         cfg.env.lane_change = cfg.env.scenario != 0
 
@@ -883,8 +885,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Rebuilds a Config from `to_dict` output (a checkpoint's), with the same checks."""
     cfg = Config()
     _merge(cfg, data)
-    apply_profile(cfg)  # a checkpoint from before a device-dependent field existed
-    resolve_scenario(cfg)
+    resolve_unset(cfg)  # a checkpoint from before a field that resolves so existed
     validate(cfg)
     return cfg
 

@@ -67,19 +67,15 @@ def _get(cfg: Any, dotted: str) -> Any:
     return getattr(getattr(cfg, section), key)
 
 
-def apply_profile(cfg: Any) -> dict[str, Any]:
-    """Fills every unset (None) device-dependent field of `cfg` from its device's profile;
-    returns what it filled, by dotted key."""
+def apply_profile(cfg: Any) -> None:
+    """Fills every unset (None) device-dependent field of `cfg` from its device's profile."""
     unset = [(attr, dotted) for attr, dotted in DEVICE_FIELDS.items() if _get(cfg, dotted) is None]
     if not unset:
-        return {}
+        return
     profile = asdict(PROFILES[device_kind(cfg.learner.device)])
-    filled = {}
     for attr, dotted in unset:
         section, key = dotted.split(".")
         setattr(getattr(cfg, section), key, profile[attr])
-        filled[dotted] = profile[attr]
-    return filled
 
 
 def describe(cfg: Any) -> str:
