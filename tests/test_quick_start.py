@@ -83,10 +83,11 @@ def test_a_distributed_run_ends_with_the_weights_the_evaluation_judged(tmp_path,
             ray.shutdown()
     core = run.core
     assert final["eval/success_rate"] == 1.0 and run.reached and core.env_step < 5000
-    # The periodic evaluation at 300 reached the rate while the learner trained on (and published
+    # The first periodic evaluation reached the rate while the learner trained on (and published
     # newer weights); the run ended on it, with the agent put back to the state it judged.
     evaluated = [step for _, step, _ in read_scalars(tmp_path / "run")["eval/success_rate"]]
-    assert evaluated == [300] and core.last_eval_step == 300
+    # Launched at the first report past 300 (reports come in chunks, so 300 or a little later).
+    assert len(evaluated) == 1 and 300 <= evaluated[0] < 600 and core.last_eval_step == evaluated[0]
     judged = published.index(policy_to_bytes(core.agent.actor))
     assert judged < len(published) - 1, "no update ran while the evaluation did: nothing was put back"
     assert run.published_updates != core.agent.updates
