@@ -101,6 +101,10 @@ class EmbeddedConfig:
     car heads, so the CNN must learn the lead car's gap at every orientation around the track; on,
     held-out success at 30,000 steps rose from 0.00 / 1.00 / 1.00 to 0.95 / 0.95 / 1.00
     (results/README.md). Checkpoints from before the switch load with it off."""
+    camera_ahead_m: float = 0.0
+    """Metres ahead of the ego, along its heading, at the camera's centre: 0 centres the ego (24 m
+    shown each way at 1.75 px/m); 12 shows 36 m ahead and 12 behind, as a camera on the car looks
+    ahead, so a stopped car comes into view 4.5 s away at 8 m/s instead of 3 s."""
     brake_reverses: bool = False
     """highway-env's own kinematics: a held negative throttle_brake drives the ego backwards, down to
     -40 m/s. Off, braking stops the car and holds it, as CARLA's brake does with the reverse gear

@@ -109,6 +109,16 @@ def test_the_heading_up_camera_shows_the_lead_car_straight_ahead():
     assert abs(ego[0] - 42) < 4 and abs(ego[1] - 42) < 4  # the ego stays at the centre
 
 
+def test_the_camera_ahead_puts_the_ego_below_the_centre():
+    """camera_ahead_m moves the view's centre ahead along the ego's heading: heading up, the ego
+    sits that many metres (1.75 px each) below the middle row, in the middle column."""
+    from actors.envs.render import EGO_SHADE
+
+    frame = _frame_near_the_lead_car("env.embedded.camera_ahead_m=12", 1, 0.0).astype(int)
+    ego = np.argwhere(np.abs(frame - EGO_SHADE) <= 1).mean(axis=0)
+    assert abs(ego[0] - (42 + 12 * 1.75)) < 3 and abs(ego[1] - 42) < 3
+
+
 def test_route_features_stay_valid_along_the_whole_route(env):
     """The old system's waypoint-index bug zeroed the route features after a while."""
     obs, _ = env.reset(seed=3)

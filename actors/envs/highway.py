@@ -164,7 +164,9 @@ class HighwayBackend:
             # The racetrack geometry is the same every episode: draw it once.
             emb = self.cfg.embedded
             self._camera = TopDownCamera(road, FRAME_SIZE, emb.render_scaling, emb.camera_vehicles, emb.camera_heading_up)
-        return self._camera.gray(road, self._env.vehicle.position, self._env.vehicle)
+        ego = self._env.vehicle
+        ahead = self.cfg.embedded.camera_ahead_m * np.array([math.cos(ego.heading), math.sin(ego.heading)])
+        return self._camera.gray(road, ego.position + ahead, ego)
 
     def reset(self, seed: int | None) -> tuple[np.ndarray, DrivingState]:
         self._env.reset(seed=seed)

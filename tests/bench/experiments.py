@@ -244,6 +244,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     # a dozen drives round the route), since TD3's Gaussian noise rarely strings a lane change and
     # back together.
     "default+privileged-warmup": ["actors.warmup_actions=privileged", "td3.learning_starts=5000"],
+    # Issue 37: the camera centred 12 m ahead of the ego, so a stopped or slower car shows 36 m ahead.
+    "default+camera-ahead": ["env.embedded.camera_ahead_m=12"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
     # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.
