@@ -346,6 +346,12 @@ def run_summary(run_dir: Path, saturation_after: int, level: float = LEVEL) -> d
             "level_s": first[0] - float(started.read_text()) if first and started.is_file() else None}
 
 
+def _arm_seeds(arm: str, seeds: list[int]) -> tuple[str, list[int]]:
+    """An --arms entry, ARM or ARM:S1/S2 (that arm on those training seeds only), as (ARM, its seeds)."""
+    name, _, own = arm.partition(":")
+    return name, [int(x) for x in own.split("/")] if own else seeds
+
+
 def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str], seeds: list[int], scenario: int,
                      parallel: int, overrides: list[str], name: str = "", saturation_after: int = SATURATION_AFTER,
                      mode: str = "serial") -> None:
@@ -356,15 +362,20 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
     start = time.time()
     budget = [*CPU_FRIENDLY, f"env.scenario={scenario}", f"eval.freq={eval_every}", "eval.num_episodes=5",
               "logging.log_interval=20", *overrides]
-    jobs = {(arm, seed): learn_job(arm, seed, steps, budget, out, episodes, mode) for arm in arms for seed in seeds}
+    arm_seeds = {arm: s for arm, s in (_arm_seeds(a, seeds) for a in arms)}
+    arms = list(arm_seeds)
+    jobs = {(arm, seed): learn_job(arm, seed, steps, budget, out, episodes, mode)
+            for arm in arms for seed in arm_seeds[arm]}
     # A distributed run is a local Ray cluster of its own and takes every core it finds: one at a time.
     distributed = mode == "distributed"
     run_jobs(jobs, out, 1 if distributed else parallel, one_thread=not distributed)
-    summary = {arm: {seed: run_summary(out / arm / f"s{seed}", saturation_after) for seed in seeds} for arm in arms}
+    summary = {arm: {seed: run_summary(out / arm / f"s{seed}", saturation_after) for seed in arm_seeds[arm]}
+               for arm in arms}
+    fewer = [f"{arm} seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}" for arm, s in arm_seeds.items() if s != seeds]
     refs = reference_policies([f"env.scenario={scenario}", *overrides], episodes)
     tags = ("eval/success_rate", "eval/collision_rate", "eval/mean_reward", "eval/avg_episode_length")
     md = [f"`make experiment-learn` ({mode} mode, embedded scenario {scenario}, {steps} env steps per run, training seeds "
-          f"{', '.join(map(str, seeds))}; final evaluation on {episodes} held-out episodes, seeds {HELD_OUT_SEED}+; "
+          f"{', '.join(map(str, seeds))}{' (' + '; '.join(fewer) + ')' if fewer else ''}; final evaluation on {episodes} held-out episodes, seeds {HELD_OUT_SEED}+; "
           f"{(time.time() - start) / 60:.0f} min) on {machine()}, {time.strftime('%Y-%m-%d %H:%M')}. "
           f"Overrides: {' '.join(budget)}.\n",
           "| arm | success (per seed) | mean success | collision (per seed) | mean collision | return (mean) | "
@@ -372,7 +383,7 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
           f"first periodic eval at >= {LEVEL} success: env step, minutes from start (per seed) |",
           "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
-        runs = [summary[arm][s] for s in seeds]
+        runs = list(summary[arm].values())
         per = {t: [r["final"][t] for r in runs] for t in tags}
         sat = " / ".join("—" if math.isnan(r["saturated_after"]) else f"{r['saturated_after']:.2f}" for r in runs)
         level = " / ".join("never" if r.get("level_step") is None else
@@ -388,13 +399,13 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
     md += ["", "How the held-out episodes ended and how far they got (per seed; the references' on the same episodes):", "",
            "| arm | " + " | ".join(label for label, _, _ in FAILURE_MODES) + " |", "|---|" + "---|" * len(FAILURE_MODES)]
     for arm in arms:
-        finals = [summary[arm][s]["final"] for s in seeds]
+        finals = [r["final"] for r in summary[arm].values()]
         md.append(f"| {arm} | " + " | ".join(" / ".join(fmt.format(f.get(tag, math.nan)) for f in finals)
                                             for _, tag, fmt in FAILURE_MODES) + " |")
     for ref, m in refs.items():
         md.append(f"| {ref} | " + " | ".join(fmt.format(m.get(tag, math.nan)) for _, tag, fmt in FAILURE_MODES) + " |")
-    panels = {"eval/mean_reward": {f"{arm} s{seed}": summary[arm][seed]["curve"] for arm in arms for seed in seeds
-                                   if summary[arm][seed]["curve"]}}
+    panels = {"eval/mean_reward": {f"{arm} s{seed}": r["curve"] for arm in arms for seed, r in summary[arm].items()
+                                   if r["curve"]}}
     plot(panels, RESULTS / f"{name}.png", set(),
          f"scenario {scenario}: periodic eval return (5 episodes)",
          {"eval/mean_reward": {name: m["eval/mean_reward"] for name, m in refs.items()}})
@@ -434,7 +445,8 @@ def main() -> None:
     learn.add_argument("--eval-every", type=int, default=2500, help="env steps between periodic evaluations (the curves)")
     learn.add_argument("--episodes", type=int, default=20, help="held-out final evaluation episodes per run")
     learn.add_argument("--arms", default="default,seeds,sb3-vector",
-                       help=f"comma-separated, from {', '.join([*LEARN_ARMS, *PEERS])}")
+                       help=f"comma-separated, from {', '.join([*LEARN_ARMS, *PEERS])}; ARM:1/2 runs that arm "
+                            "on training seeds 1 and 2 only")
     learn.add_argument("--seeds", default="1,2,3", help="training seeds, comma-separated")
     learn.add_argument("--scenario", type=int, choices=[0, 1, 2], default=0)
     learn.add_argument("--saturation-after", type=int, default=SATURATION_AFTER,
@@ -459,9 +471,14 @@ def main() -> None:
         experiment_norm(args.steps, arms, args.seed, args.overrides)
     else:
         arms = args.arms.split(",")
-        unknown = [a for a in arms if a not in LEARN_ARMS and a not in PEERS]
+        unknown = [a for a in (a.partition(":")[0] for a in arms) if a not in LEARN_ARMS and a not in PEERS]
         if unknown:
             p.error(f"unknown arm(s) {unknown}; choose from {[*LEARN_ARMS, *PEERS]}")
+        for a in arms:
+            try:
+                _arm_seeds(a, [])
+            except ValueError:
+                p.error(f"arm {a!r}: the seeds after ':' are integers joined by '/', e.g. default+per:1/3")
         experiment_learn(args.steps, args.eval_every, args.episodes, arms, [int(x) for x in args.seeds.split(",")],
                          args.scenario, args.parallel, args.overrides, args.name, args.saturation_after, args.mode)
 
