@@ -40,8 +40,9 @@ def annotate(frame: np.ndarray, lines: list[str]) -> np.ndarray:
     return np.asarray(image)
 
 
-def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None) -> dict[str, float | str | None]:
-    """One deterministic episode. With `frames`, appends a picture of each step (up to
+def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None,
+                stride: int = 1) -> dict[str, float | str | None]:
+    """One deterministic episode. With `frames`, appends a picture of every `stride`-th step (up to
     `MAX_VIDEO_FRAMES`) with the step, speed, action and reward drawn on it, then a last picture
     naming the termination reason, held for one second of the video."""
     obs, _ = env.reset(seed=seed)
@@ -57,7 +58,7 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
         invasions += int(info["lane_invasion"])
         speed += info["speed"]
         done = terminated or truncated
-        if frames is not None and len(frames) < MAX_VIDEO_FRAMES:
+        if frames is not None and steps % stride == 0 and len(frames) < MAX_VIDEO_FRAMES:
             frames.append(annotate(env.render(), [
                 f"step {steps}  {info['speed']:4.1f} m/s  return {total:6.1f}",
                 f"steer {action[0]:+.2f}  throttle {action[1]:+.2f}  reward {reward:+.2f}",
@@ -77,11 +78,12 @@ def video_fps(env: DrivingEnv) -> int:
     return max(1, round(1.0 / env.backend.dt))
 
 
-def run_episode_retrying(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None) -> dict[str, Any]:
+def run_episode_retrying(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | None = None,
+                         stride: int = 1) -> dict[str, Any]:
     """`run_episode`, run again from its start when the simulator fails under it."""
     for attempt in range(1, EPISODE_ATTEMPTS + 1):
         try:
-            return run_episode(env, policy, seed, frames)
+            return run_episode(env, policy, seed, frames, stride)
         except SimulatorFailure as exc:
             if attempt == EPISODE_ATTEMPTS:
                 raise

@@ -25,7 +25,7 @@ import torch
 from actors.actor import Actor
 from actors.baseline import baseline_for
 from actors.envs import eval_slot, make_env
-from actors.evaluator import PolicyFn, run_episode_retrying, summarize, video_fps
+from actors.evaluator import MAX_VIDEO_FRAMES, PolicyFn, run_episode_retrying, summarize, video_fps
 from common.backends import registered
 from common.config import Config, ConfigError, load_config
 from common.env import DrivingEnv
@@ -38,14 +38,15 @@ Evaluation = tuple[dict[str, float], list[dict[str, Any]], bytes | None]
 
 
 def evaluate_policy(cfg: Config, policy_for_env: Callable[[DrivingEnv], PolicyFn], episodes: int, seed: int,
-                    video_episodes: set[int] | None = None) -> Evaluation:
-    """`episodes` deterministic episodes from `seed` on the evaluator's env slot of `cfg`."""
+                    video_episodes: set[int] | None = None, video_stride: int = 1) -> Evaluation:
+    """`episodes` deterministic episodes from `seed` on the evaluator's env slot of `cfg`; the
+    video films every `video_stride`-th step of `video_episodes`."""
     env = make_env(cfg, slot=eval_slot(cfg))
     frames: list = []
     try:
         policy = policy_for_env(env)
-        results = [run_episode_retrying(env, policy, seed + i, frames if video_episodes and i in video_episodes else None)
-                   for i in range(episodes)]
+        results = [run_episode_retrying(env, policy, seed + i, frames if video_episodes and i in video_episodes else None,
+                                        video_stride) for i in range(episodes)]
         gif = encode_gif(frames, video_fps(env)) if frames else None
     finally:
         env.close()
@@ -53,18 +54,19 @@ def evaluate_policy(cfg: Config, policy_for_env: Callable[[DrivingEnv], PolicyFn
 
 
 def evaluate_checkpoint(path: Path, episodes: int, seed: int, overrides: list[str] | None = None,
-                        video_episodes: set[int] | None = None) -> Evaluation:
+                        video_episodes: set[int] | None = None, video_stride: int = 1) -> Evaluation:
     """The policy of a checkpoint (or a run's latest) on its own config plus `overrides`."""
     cfg: Config = load_config(overrides=overrides, base=checkpoint.saved_config(path))
     actor = Actor(checkpoint.load_policy(path, cfg), cfg, np.random.default_rng(0), torch.device("cpu"))
-    return evaluate_policy(cfg, lambda _: actor.eval_action, episodes, seed, video_episodes)
+    return evaluate_policy(cfg, lambda _: actor.eval_action, episodes, seed, video_episodes, video_stride)
 
 
-def evaluate_baseline(cfg: Config, episodes: int, seed: int, video_episodes: set[int] | None = None) -> Evaluation:
+def evaluate_baseline(cfg: Config, episodes: int, seed: int, video_episodes: set[int] | None = None,
+                      video_stride: int = 1) -> Evaluation:
     """The classical baseline on `cfg`: the privileged driver (IDM and gap-accepting lane changes on
     the simulator's truth) on PID + pure pursuit, as the evaluator's reference lines use it."""
     return evaluate_policy(cfg, lambda env: baseline_for(cfg, env.backend.dt, env.backend.surroundings), episodes,
-                           seed, video_episodes)
+                           seed, video_episodes, video_stride)
 
 
 def log_baseline(cfg: Config, metrics: dict[str, float]) -> Path:
@@ -93,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write the metrics and every episode's result to this file")
     p.add_argument("--video", metavar="FILE.gif", help="write the episodes of --video-episodes as one animated GIF")
     p.add_argument("--video-episodes", default="0", help="comma-separated episode indices for --video (default 0)")
+    p.add_argument("--video-stride", type=int, default=1,
+                   help=f"film every Nth step (default 1): the video holds {MAX_VIDEO_FRAMES} frames, so 3 shows "
+                        "a 900-step episode whole, at 3x speed")
     return p.parse_args(argv)
 
 
@@ -108,15 +113,17 @@ def run(args: argparse.Namespace) -> tuple[Evaluation, Path | None]:
     chosen = {int(i) for i in args.video_episodes.split(",") if i.strip()} if args.video else set()
     if any(not 0 <= i < args.episodes for i in chosen):
         raise ConfigError(f"--video-episodes={args.video_episodes} must be indices in [0, {args.episodes})")
+    if args.video_stride < 1:
+        raise ConfigError(f"--video-stride={args.video_stride} must be >= 1")
     if args.path and args.config:
         raise ConfigError("give a run or checkpoint path or --config, not both")
     if args.policy == "checkpoint":
         if not args.path:
             raise ConfigError("--policy checkpoint needs a run or checkpoint path")
-        return evaluate_checkpoint(Path(args.path), args.episodes, args.seed, overrides, chosen), None
+        return evaluate_checkpoint(Path(args.path), args.episodes, args.seed, overrides, chosen, args.video_stride), None
     base = checkpoint.saved_config(Path(args.path)) if args.path else None
     cfg = load_config(args.config, overrides, base=base)
-    evaluation = evaluate_baseline(cfg, args.episodes, args.seed, chosen)
+    evaluation = evaluate_baseline(cfg, args.episodes, args.seed, chosen, args.video_stride)
     return evaluation, log_baseline(cfg, evaluation[0])
 
 

@@ -147,14 +147,17 @@ def test_evaluation_video_is_annotated_and_real_time():
 
     env = make_env(load_config(overrides=["env.max_episode_steps=12"]))
     frames: list = []
+    strided: list = []
     try:
         result = run_episode(env, lambda obs: np.array([0.0, 0.3], np.float32), seed=5, frames=frames)
         raw = env.render()
+        run_episode(env, lambda obs: np.array([0.0, 0.3], np.float32), seed=5, frames=strided, stride=3)
     finally:
         env.close()
     fps = video_fps(env)
     assert fps == 10  # one frame per 0.1 s env step
     assert len(frames) == result["length"] + fps  # every step, then the end held for a second
+    assert len(strided) == result["length"] // 3 + fps  # steps 3, 6, 9, 12 (--video-stride 3)
     assert frames[0].shape == raw.shape
     assert frames[0][:20].mean() < raw[:20].mean()  # the overlay's dark band with text
 

@@ -92,6 +92,8 @@ def test_evaluate_names_what_is_wrong(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     assert evaluate_main([str(tmp_path), "--episodes", "0"]) == 2
     assert "--episodes=0" in capsys.readouterr().err
+    assert evaluate_main([str(tmp_path), "--video", "x.gif", "--video-stride", "0"]) == 2
+    assert "--video-stride=0" in capsys.readouterr().err
 
 
 def test_resume_latest_continues_the_run(tmp_path):
