@@ -3,10 +3,11 @@
 Each section is a dataclass whose fields carry a docstring; sections compose into `Config`.
 Values come from the defaults, then a YAML file (`--config`), then `--set a.b=c` overrides,
 in that order; the device-dependent fields none of them set (None) then come from the profile of
-`learner.device` (common/profiles.py), and an unset `env.lane_change` from `env.scenario`. These defaults and profiles are the default run (`make
-run`); deploy/configs/ holds only what other runs change. Every key and value is checked at
-start: an unknown key or an impossible value raises `ConfigError` naming the key and what would
-have been valid, so a typo can never be silently ignored (the old system's config drift).
+`learner.device` (common/profiles.py), and an unset `env.lane_change` from `env.scenario`. These
+defaults and profiles are the default run (`make run`); deploy/configs/ holds only what other runs
+change. Every key and value is checked at start: an unknown key or an impossible value raises
+`ConfigError` naming the key and what would have been valid, so a typo can never be silently
+ignored (the old system's config drift).
 `tests/test_config.py` fails when a field is never read by the code.
 """
 

@@ -257,8 +257,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     # The seeds' fix taken out of a default that learns: item 4 of the learning issue at its full budget.
     "default-layernorm": ["cnn.norm=none"],
     # Prioritized replay against the uniform default (issue 38): Schaul et al.'s proportional PER, beta
-    # reaching 1 within 20,000 updates (a 30,000-step CPU run makes ~14,600: it ends near 0.84), and LAP with its
-    # paper's alpha 0.4.
+    # reaching 1 within 20,000 updates (a 30,000-step CPU run makes ~14,600: it ends near 0.84), and
+    # LAP with its paper's alpha 0.4.
     "default+per": ["replay.sampler=per", "replay.per_beta_steps=20000"],
     "default+lap": ["replay.sampler=lap", "replay.per_alpha=0.4"],
 }
@@ -363,7 +363,7 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
     start = time.time()
     budget = [*CPU_FRIENDLY, f"env.scenario={scenario}", f"eval.freq={eval_every}", "eval.num_episodes=5",
               "logging.log_interval=20", *overrides]
-    arm_seeds = {arm: s for arm, s in (_arm_seeds(a, seeds) for a in arms)}
+    arm_seeds = dict(_arm_seeds(a, seeds) for a in arms)
     arms = list(arm_seeds)
     jobs = {(arm, seed): learn_job(arm, seed, steps, budget, out, episodes, mode)
             for arm in arms for seed in arm_seeds[arm]}
@@ -472,14 +472,15 @@ def main() -> None:
         experiment_norm(args.steps, arms, args.seed, args.overrides)
     else:
         arms = args.arms.split(",")
-        unknown = [a for a in (a.partition(":")[0] for a in arms) if a not in LEARN_ARMS and a not in PEERS]
-        if unknown:
-            p.error(f"unknown arm(s) {unknown}; choose from {[*LEARN_ARMS, *PEERS]}")
+        names = []
         for a in arms:
             try:
-                _arm_seeds(a, [])
+                names.append(_arm_seeds(a, [])[0])
             except ValueError:
                 p.error(f"arm {a!r}: the seeds after ':' are integers joined by '/', e.g. default+per:1/3")
+        unknown = [a for a in names if a not in LEARN_ARMS and a not in PEERS]
+        if unknown:
+            p.error(f"unknown arm(s) {unknown}; choose from {[*LEARN_ARMS, *PEERS]}")
         experiment_learn(args.steps, args.eval_every, args.episodes, arms, [int(x) for x in args.seeds.split(",")],
                          args.scenario, args.parallel, args.overrides, args.name, args.saturation_after, args.mode)
 
