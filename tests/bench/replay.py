@@ -7,7 +7,8 @@
   over pre-stacked observations of the same frames;
 - insert -> sampleable latency p50/p99 while 2 writers insert;
 - prioritized (replay.sampler=per) against uniform batches/s at batch 256 with 100k and 1M slots,
-  and the host memory per slot of the priorities beside the ring's own.
+  batches of frame slots (the `replay_on_device` path) and, at 100k, of frame stacks gathered on
+  the host (the default path); and the host memory per slot of the priorities beside the ring's own.
 
 `--sections` runs some of these (insert, bytes, sampling, latency, prioritized); a partial run
 writes a section of its own (`replay_prioritized`, ...), so the whole table stays.
@@ -172,14 +173,15 @@ def synthetic_ring(capacity: int, episode_steps: int = 100) -> FrameRing:
     return ring
 
 
-def batches_per_s(ring: FrameRing, sampler: Sampler, batch: int, n: int, inserts: int) -> float:
-    """Batches of `batch` (3-step targets, frame slots) per second, each followed by its priority
-    update and by `inserts` transitions entering the full ring (the sampler follows them)."""
+def batches_per_s(ring: FrameRing, sampler: Sampler, batch: int, n: int, inserts: int, images: bool = False) -> float:
+    """Batches of `batch` (3-step targets; frame slots, or frame stacks with `images`) per second,
+    each followed by its priority update and by `inserts` transitions entering the full ring (the
+    sampler follows them)."""
     rng = np.random.default_rng(0)
     td = np.random.default_rng(1).gamma(1.0, 2.0, batch)
     start = time.perf_counter()
     for _ in range(n):
-        arrays = sample(ring, batch, rng, n_step=3, images=False, sampler=sampler)
+        arrays = sample(ring, batch, rng, n_step=3, images=images, sampler=sampler)
         if sampler.uses_priorities:
             sampler.update_priorities(arrays["indices"], td)
         ring.head += inserts
@@ -187,30 +189,49 @@ def batches_per_s(ring: FrameRing, sampler: Sampler, batch: int, n: int, inserts
     return n / (time.perf_counter() - start)
 
 
+def alternate(ring: FrameRing, samplers: tuple[Sampler, Sampler], blocks: int, **kwargs) -> tuple[float, float, float]:
+    """The two samplers' batches/s in `blocks` alternating blocks on the same ring: each one's
+    median and the median of the block pairs' ratios (second over first), so a burst of load on a
+    shared host moves one block, not the figure."""
+    rates = np.array([[batches_per_s(ring, s, **kwargs) for s in samplers] for _ in range(blocks)])
+    return float(np.median(rates[:, 0])), float(np.median(rates[:, 1])), float(np.median(rates[:, 1] / rates[:, 0]))
+
+
 def prioritized_rates(capacities: tuple[int, ...] = (100_000, 1_000_000), batch: int = 256, n: int = 100,
-                      blocks: int = 30, inserts: int = 32) -> dict[str, float]:
-    """Per capacity: uniform and per batches/s, their ratio (target >= 0.8), and bytes per slot of
-    the priorities and of the ring. The two alternate in `blocks` blocks of `n` batches on the same
-    ring; the rates are the blocks' medians and the ratio the median of each block pair's, so a
-    burst of load on a shared host moves one block, not the figure (500 batches take ~50 ms)."""
+                      blocks: int = 30, inserts: int = 32, host_frames: int = 100_000) -> dict[str, float]:
+    """Per capacity: uniform and per batches/s of frame slots, their ratio (target >= 0.8), and
+    bytes per slot of the priorities and of the ring; at `host_frames` slots the same for batches
+    of frame stacks gathered on the host, the learner's default path (its frames are written
+    first: a gather from untouched zero pages would read one cached page). The two samplers
+    alternate in `blocks` blocks of `n` batches (n / 5 with frames; 500 batches of slots take ~50 ms)."""
     out: dict[str, float] = {}
     for capacity in capacities:
         ring = synthetic_ring(capacity)
         name = f"{capacity // 1000}k" if capacity < 1_000_000 else f"{capacity // 1_000_000}m"
-        uniform = UniformSampler()
         per = PrioritizedSampler(alpha=0.6, beta0=0.4, beta_steps=100_000)
         # the first look fills the tree; it and a first update stay out of the timing
         warm = sample(ring, 1, np.random.default_rng(0), sampler=per, images=False)
         per.update_priorities(warm["indices"], np.ones(1))
-        rates = np.array([[batches_per_s(ring, s, batch, n, inserts) for s in (uniform, per)] for _ in range(blocks)])
+        samplers = (UniformSampler(), per)
+        uniform, prioritized, ratio = alternate(ring, samplers, blocks, batch=batch, n=n, inserts=inserts)
         ring_bytes = sum(getattr(ring, k).nbytes for k in (*FrameRing._FRAME_ARRAYS, *FrameRing._TRANSITION_ARRAYS))
         out |= {
-            f"replay_uniform_batches_per_s_b{batch}_{name}_slots": float(np.median(rates[:, 0])),
-            f"replay_per_batches_per_s_b{batch}_{name}_slots": float(np.median(rates[:, 1])),
-            f"replay_per_vs_uniform_ratio_{name}_slots": float(np.median(rates[:, 1] / rates[:, 0])),
+            f"replay_uniform_batches_per_s_b{batch}_{name}_slots": uniform,
+            f"replay_per_batches_per_s_b{batch}_{name}_slots": prioritized,
+            f"replay_per_vs_uniform_ratio_{name}_slots": ratio,
             f"replay_per_bytes_per_slot_{name}_slots": per.nbytes() / capacity,
             f"replay_ring_bytes_per_slot_{name}_slots": ring_bytes / capacity,
         }
+        if capacity == host_frames:
+            ring.frames[:] = np.random.default_rng(2).integers(0, 256, ring.frames.shape[1:], np.uint8)
+            uniform, prioritized, ratio = alternate(ring, samplers, blocks, batch=batch, n=max(1, n // 5),
+                                                    inserts=inserts, images=True)
+            out |= {
+                f"replay_uniform_batches_per_s_b{batch}_{name}_slots_host_frames": uniform,
+                f"replay_per_batches_per_s_b{batch}_{name}_slots_host_frames": prioritized,
+                f"replay_per_vs_uniform_ratio_{name}_slots_host_frames": ratio,
+            }
+        del ring
     return out
 
 
