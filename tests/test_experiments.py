@@ -38,4 +38,6 @@ def test_a_tiny_learn_experiment_writes_its_table(tmp_path, monkeypatch):
     table = (tmp_path / "experiment_learn.md").read_text()
     assert "training seeds 1 (sb3-vector seed 2)" in table
     assert "| default |" in table and "| sb3-vector |" in table and "| privileged baseline (IDM + lane change) |" in table
+    criteria = table.split("The seeds' criteria")[1]
+    assert "| default | " in criteria and "| sb3-vector |" not in criteria  # a peer has no learner logs
     assert (tmp_path / "experiment_learn.png").is_file()

@@ -143,6 +143,10 @@ def criteria(data: dict[str, list[tuple[int, float]]]) -> dict[str, object]:
     loss, actor_loss, cnn_lr = values("train/critic_loss"), values("train/actor_loss"), values("agent/cnn_lr")
     third = max(len(loss) // 3, 1)
     first, last = (float(loss[:third].mean()), float(loss[-third:].mean())) if loss.size else (math.nan, math.nan)
+    td, target = values("debug/td_error_q1"), np.abs(values("debug/q_target_mean"))
+    # the loss grows with the values as the agent learns; the TD error relative to the targets does not
+    relative = ((float(td[:third].mean() / target[:third].mean()), float(td[-third:].mean() / target[-third:].mean()))
+                if td.size and td.size == target.size else (math.nan, math.nan))
     everything = np.concatenate([values(t) for t in data])
     nonfinite = int(values("alerts/nonfinite_loss").sum()) + int((~np.isfinite(everything)).sum())
     return {
@@ -154,6 +158,7 @@ def criteria(data: dict[str, list[tuple[int, float]]]) -> dict[str, object]:
         "feature std < 50": bool(std.size and np.all(std < 50)),
         "critic loss first / last third": (first, last),
         "critic loss < 100 and falling": bool(last < 100 and last < first),
+        "TD error / TD target first / last third": relative,
         "actor loss range": (float(actor_loss.min()), float(actor_loss.max())) if actor_loss.size else (math.nan, math.nan),
         "non-finite values or skipped updates": nonfinite,
         "no NaN or inf": nonfinite == 0,
@@ -161,11 +166,12 @@ def criteria(data: dict[str, list[tuple[int, float]]]) -> dict[str, object]:
     }
 
 
-def _fmt(v: object) -> str:
+def _fmt(v: object, between: str = " / ") -> str:
+    """A criterion's value for a table; a tuple's parts joined by `between`."""
     if isinstance(v, bool):
         return "yes" if v else "**no**"
     if isinstance(v, tuple):
-        return " / ".join(_fmt(x) for x in v)
+        return between.join(_fmt(x) for x in v)
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
@@ -269,6 +275,10 @@ FAILURE_MODES = [("off-road", "eval/termination_off_road", "{:.2f}"),
                  ("route progress %", "eval/route_progress_pct", "{:.0f}"), ("speed m/s", "eval/mean_speed", "{:.1f}")]
 """The report's second table: (column, eval tag, format), per seed."""
 HELD_OUT_SEED = 100_000  # first held-out evaluation seed: training uses seed + episode, periodic evals seed + 10,000 + i
+SEEDS_CRITERIA = ["max feature L2", "max feature std", "critic loss first / last third",
+                  "TD error / TD target first / last third", "non-finite values or skipped updates",
+                  "CNN lr halvings (adaptive LR)"]
+"""The report's third table: the seeds' criteria (`criteria`) that tell the arms apart."""
 SATURATION_AFTER = 5000  # the lock criterion (default): saturated fraction after this env step
 LEVEL = 0.8  # issue 37's success target: the report gives when a periodic evaluation first reached it
 
@@ -342,7 +352,7 @@ def run_summary(run_dir: Path, saturation_after: int, level: float = LEVEL) -> d
     saturated = [max(v, dict(data.get("debug/action_saturated_throttle", [])).get(step, 0.0))
                  for step, v in data.get("debug/action_saturated_steer", []) if step > saturation_after]
     return {"final": final, "curve": data.get("eval/mean_reward", []),
-            "saturated_after": float(np.mean(saturated)) if saturated else math.nan,
+            "saturated_after": float(np.mean(saturated)) if saturated else math.nan, "criteria": criteria(data),
             "level_step": first[1] if first else None,
             "level_s": first[0] - float(started.read_text()) if first and started.is_file() else None}
 
@@ -405,6 +415,13 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
                                             for _, tag, fmt in FAILURE_MODES) + " |")
     for ref, m in refs.items():
         md.append(f"| {ref} | " + " | ".join(fmt.format(m.get(tag, math.nan)) for _, tag, fmt in FAILURE_MODES) + " |")
+    md += ["", "The seeds' criteria on the learner's logs (per seed; actor and critic CNN features together):", "",
+           "| arm | " + " | ".join(SEEDS_CRITERIA) + " |", "|---|" + "---|" * len(SEEDS_CRITERIA)]
+    for arm in arms:
+        table = [r["criteria"] for r in summary[arm].values() if r.get("criteria")]
+        if table:
+            md.append(f"| {arm} | " + " | ".join(" / ".join(_fmt(c[k], " → ") for c in table)
+                                                for k in SEEDS_CRITERIA) + " |")
     panels = {"eval/mean_reward": {f"{arm} s{seed}": r["curve"] for arm in arms for seed, r in summary[arm].items()
                                    if r["curve"]}}
     plot(panels, RESULTS / f"{name}.png", set(),
