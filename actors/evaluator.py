@@ -12,7 +12,7 @@ from actors.actor import Actor, acting_device
 from actors.baseline import baseline_for
 from actors.envs import eval_slot, make_env
 from common.config import Config, from_dict
-from common.driving import EVAL_ONLY_TERMINATIONS
+from common.driving import COLLISION_KINDS, EVAL_ONLY_TERMINATIONS
 from common.env import DrivingEnv, SimulatorFailure
 from common.memory import release_free_heap
 from common.metrics import encode_gif
@@ -70,6 +70,7 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
                                        f"lane invasions {invasions}  return {total:.1f}"])
         frames.extend([last] * video_fps(env))
     return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"],
+            "collision_kind": info.get("collision_kind") if info["termination"] == "collision" else None,
             "mean_speed": speed / steps, "progress_m": info["progress"], "progress_pct": info["progress_pct"]}
 
 
@@ -127,6 +128,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
         "eval/route_progress_pct": float(np.mean([r["progress_pct"] for r in results])),
         # The other ways to end: a collision and a completed route are the two rates above.
         **{f"eval/termination_{t}": reasons.count(t) / episodes for t in EVAL_ONLY_TERMINATIONS},
+        # What the collisions hit: the kinds add up to eval/collision_rate.
+        **{f"eval/collision_{k}": sum(r.get("collision_kind") == k for r in results) / episodes for k in COLLISION_KINDS},
     }
 
 

@@ -36,6 +36,11 @@ TERMINATIONS = ("collision", "off_road", "lane_departure", "route_completed", "s
 EVAL_ONLY_TERMINATIONS = ("off_road", "lane_departure", "stuck", "timeout")
 """Reasons with an eval/termination_* tag; the other two are eval/collision_rate and eval/success_rate."""
 REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
+COLLISION_KINDS = ("rear_end", "from_behind", "side", "other")
+"""What a collision hit (`collision_kind`): the vehicle ahead in the ego's lane, one behind in it, one
+beside it (a lane change or a cut-in), or no vehicle near (a wall, a pole, a pedestrian on CARLA)."""
+COLLISION_REACH_M = 10.0
+"""The nearest vehicle further than this from the ego at a collision is not what it hit."""
 
 
 @dataclass
@@ -141,6 +146,22 @@ def termination(state: DrivingState, step: int, cfg: EnvConfig, stopped_s: float
     if step >= cfg.max_episode_steps:
         return False, True, "timeout"
     return False, False, None
+
+
+def collision_kind(lateral_offset: float, around: Surroundings) -> str:
+    """One of `COLLISION_KINDS` for a collision, from the simulator's truth at its step: the nearest
+    other vehicle (route coordinates, from the ego at `lateral_offset`) within `COLLISION_REACH_M`,
+    in the ego's lane when their lateral offsets differ by less than half a lane."""
+    v = around.vehicles
+    if len(v) == 0:
+        return "other"
+    lateral = v[:, 1] - lateral_offset
+    k = int(np.argmin(np.hypot(v[:, 0], lateral)))
+    if math.hypot(v[k, 0], lateral[k]) > COLLISION_REACH_M:
+        return "other"
+    if abs(lateral[k]) >= around.lane_width / 2:
+        return "side"
+    return "rear_end" if v[k, 0] > 0 else "from_behind"
 
 
 def reward_components(

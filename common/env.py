@@ -9,7 +9,8 @@ turns that into the gymnasium env every role uses:
   CARLA; positive throttle_brake accelerates, negative brakes);
 - info: "termination" (one of `TERMINATIONS`, or None while the episode runs), "rewards"
   (the five weighted components; the reward is their sum), "lane_invasion", "collision", "speed", "progress",
-  "obstacle_distance".
+  "obstacle_distance", and on a collision "collision_kind" (one of `COLLISION_KINDS`, from the
+  backend's `surroundings()` at that step).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common.driving import (
     FRAME_STACK,
     VECTOR_DIM,
     DrivingState,
+    collision_kind,
     Surroundings,
     reward_components,
     stopped_time,
@@ -129,6 +131,8 @@ class DrivingEnv(gym.Env):
             "progress_pct": 100.0 * state.progress / self.cfg.route_length_m,
             "obstacle_distance": state.obstacle_distance,
         }
+        if state.collision:
+            info["collision_kind"] = collision_kind(state.lateral_offset, self.backend.surroundings())
         return self._observation(state), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray:

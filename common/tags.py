@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 
-from common.driving import ACTION_NAMES, EVAL_ONLY_TERMINATIONS, REWARD_COMPONENTS, TERMINATIONS
+from common.driving import ACTION_NAMES, COLLISION_KINDS, EVAL_ONLY_TERMINATIONS, REWARD_COMPONENTS, TERMINATIONS
 
 # The seeds' thresholds (005_*.txt): warning / critical feature L2, |mean| and std of features.
 FEATURE_L2_WARNING, FEATURE_L2_CRITICAL, FEATURE_MEAN_LIMIT, FEATURE_STD_LIMIT = 50.0, 100.0, 10.0, 50.0
@@ -74,6 +74,9 @@ TAGS: dict[str, str] = {
     "eval/route_progress_m": "Mean metres driven along the route per evaluation episode.",
     "eval/route_progress_pct": "Mean route progress per evaluation episode, % of env.route_length_m.",
     "eval/termination_*": "Fraction of evaluation episodes that ended this way (collisions and completed routes: the two rates).",
+    "eval/collision_*": ("Fraction of evaluation episodes that ended in a collision of this kind: rear_end (the vehicle "
+                         "ahead in the ego's lane), from_behind, side (a lane change or a cut-in), other (no vehicle "
+                         "near); they add up to eval/collision_rate."),
     "eval/baseline_*": "The privileged classical baseline (IDM and gap-accepting lane changes on PID + pure pursuit) on the same evaluation seeds: a reference line.",
     "eval/random_*": "A uniformly random policy on the same evaluation seeds: a reference line.",
     "eval/video": "The first evaluation episode, with step, speed, action and reward drawn on it.",
@@ -167,6 +170,7 @@ def layout() -> dict[str, dict[str, list]]:
             "training episodes": ["Multiline", _expand("train/termination_*", terms)],
             "evaluation episodes": ["Multiline", ["eval/success_rate", "eval/collision_rate",
                                                    *_expand("eval/termination_*", EVAL_ONLY_TERMINATIONS)]],
+            "evaluation collisions by kind": ["Multiline", _expand("eval/collision_*", COLLISION_KINDS)],
             "lane invasions per episode": ["Multiline", ["train/lane_invasions_per_episode", "eval/avg_lane_invasions"]],
             "speed m/s": ["Multiline", ["train/mean_speed", "eval/mean_speed"]],
             "route progress %": ["Multiline", ["train/route_progress_pct", "eval/route_progress_pct"]],

@@ -419,7 +419,7 @@ def test_collision_with_obstacle_seen_first(tmp_path, carla_double):
             seen.append(info["obstacle_distance"])
             if terminated:
                 break
-        assert info["termination"] == "collision"
+        assert info["termination"] == "collision" and info["collision_kind"] == "rear_end"
         assert info["rewards"]["safety"] < -5
         assert any(math.isfinite(d) and d < 20 for d in seen)
     finally:

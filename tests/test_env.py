@@ -405,3 +405,19 @@ def test_a_start_fraction_mixes_random_starts_with_the_fixed_one():
     assert 10 <= sum(starts) <= 30  # about half fixed (a random start can land on the first segment too)
     with pytest.raises(ConfigError, match="training_start_fraction"):
         load_config(overrides=["env.embedded.training_start_fraction=1.5"])
+
+
+def test_a_collision_is_named_by_the_nearest_vehicle_in_route_coordinates():
+    """rear_end: ahead in the ego's lane; from_behind: behind in it; side: half a lane or more
+    across; other: no vehicle within reach (CARLA's walls and poles)."""
+    from common.driving import Surroundings, collision_kind
+
+    def around(*rows):
+        return Surroundings(np.array([0.0, 5.0]), 5.0, np.array(rows, dtype=np.float64).reshape(-1, 4))
+
+    assert collision_kind(0.0, around((5.1, 0.3, 0.0, 0.0), (-30.0, 0.0, 9.0, 0.0))) == "rear_end"
+    assert collision_kind(0.0, around((-5.0, -0.5, 9.0, 0.0))) == "from_behind"
+    assert collision_kind(0.0, around((1.0, 3.0, 4.0, -1.0))) == "side"
+    assert collision_kind(4.0, around((1.0, 3.0, 4.0, -1.0))) == "rear_end"  # the ego changed lanes into it
+    assert collision_kind(0.0, around((25.0, 0.0, 0.0, 0.0))) == "other"
+    assert collision_kind(0.0, around()) == "other"

@@ -59,9 +59,11 @@ def test_scenario_1_traffic_is_in_the_way_of_a_driver_blind_to_it():
         blind = baseline_for(cfg, env.backend.dt)
         privileged = baseline_for(cfg, env.backend.dt, env.backend.surroundings)
         for seed in (0, 3):
-            assert run_episode(env, blind, seed)["termination"] == "collision"
+            crash = run_episode(env, blind, seed)
+            assert (crash["termination"], crash["collision_kind"]) == ("collision", "rear_end")
             result = run_episode(env, privileged, seed)
             assert result["termination"] == "route_completed" and result["lane_invasions"] >= 2
+            assert result["collision_kind"] is None
     finally:
         env.close()
 
