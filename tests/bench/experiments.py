@@ -252,6 +252,9 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+privileged-warmup": ["actors.warmup_actions=privileged", "td3.learning_starts=5000"],
     # Issue 37: the camera centred 12 m ahead of the ego, so a stopped or slower car shows 36 m ahead.
     "default+camera-ahead": ["env.embedded.camera_ahead_m=12"],
+    # Issue 37: most collisions on scenarios 1 and 2 are the ego rear-ending a slow car in its lane; a
+    # collision costing 100 instead of 10 (crashing also forfeits the route's remaining reward).
+    "default+collision-100": ["env.reward.collision_penalty=100"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
     # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.
@@ -271,6 +274,8 @@ LEARN_ARMS: dict[str, list[str]] = {
 FAILURE_MODES = [("off-road", "eval/termination_off_road", "{:.2f}"),
                  ("lane departure", "eval/termination_lane_departure", "{:.2f}"),
                  ("timeout", "eval/termination_timeout", "{:.2f}"), ("stuck", "eval/termination_stuck", "{:.2f}"),
+                 ("rear-end collisions", "eval/collision_rear_end", "{:.2f}"),
+                 ("side collisions", "eval/collision_side", "{:.2f}"),
                  ("lane invasions / episode", "eval/avg_lane_invasions", "{:.2f}"),
                  ("route progress %", "eval/route_progress_pct", "{:.0f}"), ("speed m/s", "eval/mean_speed", "{:.1f}")]
 """The report's second table: (column, eval tag, format), per seed."""
