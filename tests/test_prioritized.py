@@ -319,7 +319,7 @@ def test_the_bench_section_runs_on_a_small_ring():
     ring = synthetic_ring(1000, episode_steps=10)
     batch = ring.gather(np.arange(1000), n_step=3, images=False)
     assert (len(ring), ring.tail) == (1000, 1000) and set(np.unique(batch["discount"]).astype(float).round(4).tolist()) <= {0.99, 0.9801, 0.9703}
-    figures = prioritized_rates(capacities=(1000,), batch=16, n=5, blocks=2, host_frames=1000)
+    figures = prioritized_rates(capacities=(1000,), batch=16, n=5, blocks=2, host_frames=(1000,))
     assert figures["replay_per_batches_per_s_b16_1k_slots"] > 0 and 16 <= figures["replay_per_bytes_per_slot_1k_slots"] <= 48
     assert figures["replay_per_vs_uniform_ratio_1k_slots_host_frames"] > 0
 

@@ -198,12 +198,13 @@ def alternate(ring: FrameRing, samplers: tuple[Sampler, Sampler], blocks: int, *
 
 
 def prioritized_rates(capacities: tuple[int, ...] = (100_000, 1_000_000), batch: int = 256, n: int = 100,
-                      blocks: int = 30, inserts: int = 32, host_frames: int = 100_000) -> dict[str, float]:
+                      blocks: int = 30, inserts: int = 32, host_frames: tuple[int, ...] = (100_000,)) -> dict[str, float]:
     """Per capacity: uniform and per batches/s of frame slots, their ratio (target >= 0.8), and
-    bytes per slot of the priorities and of the ring; at `host_frames` slots the same for batches
-    of frame stacks gathered on the host, the learner's default path (its frames are written
-    first: a gather from untouched zero pages would read one cached page). The two samplers
-    alternate in `blocks` blocks of `n` batches (n / 5 with frames; 500 batches of slots take ~50 ms)."""
+    bytes per slot of the priorities and of the ring; at the `host_frames` capacities the same for
+    batches of frame stacks gathered on the host, the learner's default path (its frames are written
+    first, 7 KB a slot: a gather from untouched zero pages would read one cached page). The two
+    samplers alternate in `blocks` blocks of `n` batches (n / 5 with frames; 500 batches of slots
+    take ~50 ms)."""
     out: dict[str, float] = {}
     for capacity in capacities:
         ring = synthetic_ring(capacity)
@@ -222,7 +223,7 @@ def prioritized_rates(capacities: tuple[int, ...] = (100_000, 1_000_000), batch:
             f"replay_per_bytes_per_slot_{name}_slots": per.nbytes() / capacity,
             f"replay_ring_bytes_per_slot_{name}_slots": ring_bytes / capacity,
         }
-        if capacity == host_frames:
+        if capacity in host_frames:
             ring.frames[:] = np.random.default_rng(2).integers(0, 256, ring.frames.shape[1:], np.uint8)
             uniform, prioritized, ratio = alternate(ring, samplers, blocks, batch=batch, n=max(1, n // 5),
                                                     inserts=inserts, images=True)
@@ -238,7 +239,7 @@ def prioritized_rates(capacities: tuple[int, ...] = (100_000, 1_000_000), batch:
 SECTIONS = ["insert", "bytes", "sampling", "latency", "prioritized"]
 
 
-def run(sections: list[str]) -> dict[str, float | str]:
+def run(sections: list[str], host_frames: tuple[int, ...] = (100_000,)) -> dict[str, float | str]:
     out: dict[str, float | str] = {}
     if set(sections) & {"insert", "bytes", "sampling", "latency"}:
         real = env_chunks(2048)
@@ -271,15 +272,23 @@ def run(sections: list[str]) -> dict[str, float | str]:
             "replay_sample_vs_gather_ratio": ours / baseline,
         }
     if "prioritized" in sections:
-        out |= prioritized_rates()
+        out |= prioritized_rates(host_frames=host_frames)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {SECTIONS}")
-    names = chosen(parser, "--sections", parser.parse_args().sections, SECTIONS)
-    write_report(section("replay", set(names) == set(SECTIONS), names), run(names))
+    parser.add_argument("--host-frames", default="100000",
+                        help="prioritized: the capacities (of 100000, 1000000) also measured with frame stacks gathered on "
+                             "the host, comma-separated; 1000000 writes ~9 GB of frames")
+    args = parser.parse_args()
+    names = chosen(parser, "--sections", args.sections, SECTIONS)
+    try:
+        host_frames = tuple(int(x) for x in args.host_frames.split(","))
+    except ValueError:
+        parser.error(f"--host-frames: comma-separated slot counts, got {args.host_frames!r}")
+    write_report(section("replay", set(names) == set(SECTIONS), names), run(names, host_frames))
 
 
 if __name__ == "__main__":
