@@ -420,13 +420,11 @@ def experiment_learn(steps: int, eval_every: int, episodes: int, arms: list[str]
                                             for _, tag, fmt in FAILURE_MODES) + " |")
     for ref, m in refs.items():
         md.append(f"| {ref} | " + " | ".join(fmt.format(m.get(tag, math.nan)) for _, tag, fmt in FAILURE_MODES) + " |")
-    md += ["", "The seeds' criteria on the learner's logs (per seed; actor and critic CNN features together):", "",
-           "| arm | " + " | ".join(SEEDS_CRITERIA) + " |", "|---|" + "---|" * len(SEEDS_CRITERIA)]
-    for arm in arms:
-        table = [r["criteria"] for r in summary[arm].values() if r.get("criteria")]
-        if table:
-            md.append(f"| {arm} | " + " | ".join(" / ".join(_fmt(c[k], " → ") for c in table)
-                                                for k in SEEDS_CRITERIA) + " |")
+    rows = [f"| {arm} | " + " | ".join(" / ".join(_fmt(c[k], " → ") for c in table) for k in SEEDS_CRITERIA) + " |"
+            for arm in arms if (table := [r["criteria"] for r in summary[arm].values() if r.get("criteria")])]
+    if rows:  # a peer has no learner logs
+        md += ["", "The seeds' criteria on the learner's logs (per seed; actor and critic CNN features together):", "",
+               "| arm | " + " | ".join(SEEDS_CRITERIA) + " |", "|---|" + "---|" * len(SEEDS_CRITERIA), *rows]
     panels = {"eval/mean_reward": {f"{arm} s{seed}": r["curve"] for arm in arms for seed, r in summary[arm].items()
                                    if r["curve"]}}
     plot(panels, RESULTS / f"{name}.png", set(),
