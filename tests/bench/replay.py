@@ -7,8 +7,9 @@
   over pre-stacked observations of the same frames;
 - insert -> sampleable latency p50/p99 while 2 writers insert;
 - prioritized (replay.sampler=per) against uniform batches/s at batch 256 with 100k and 1M slots,
-  batches of frame slots (the `replay_on_device` path) and, at 100k, of frame stacks gathered on
-  the host (the default path); and the host memory per slot of the priorities beside the ring's own.
+  batches of frame slots (the `replay_on_device` path) and, at the `--host-frames` capacities (100k
+  by default), of frame stacks gathered on the host (the default path); and the host memory per
+  slot of the priorities beside the ring's own.
 
 `--sections` runs some of these (insert, bytes, sampling, latency, prioritized); a partial run
 writes a section of its own (`replay_prioritized`, ...), so the whole table stays.
@@ -232,7 +233,7 @@ def prioritized_rates(capacities: tuple[int, ...] = (100_000, 1_000_000), batch:
                 f"replay_per_batches_per_s_b{batch}_{name}_slots_host_frames": prioritized,
                 f"replay_per_vs_uniform_ratio_{name}_slots_host_frames": ratio,
             }
-        del ring
+        del ring  # before the next capacity's ring is allocated: with host frames, 9 GB at 1M
     return out
 
 
