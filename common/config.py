@@ -59,6 +59,11 @@ class RewardConfig:
     """Safety penalty on a step spent off the drivable road."""
     lane_invasion_penalty: float = 1.0
     """Safety penalty on the step a lane marking is crossed (counted once, in safety only)."""
+    headway_penalty: float = 0.0
+    """Safety penalty a step at zero gap to the vehicle ahead, falling linearly to 0 at a time gap
+    of headway_s (common/driving.py headway_shortfall). 0 turns it off (the default)."""
+    headway_s: float = 1.5
+    """Time gap, s, to the vehicle ahead (gap over the ego's speed) below which headway_penalty applies."""
     jerk_scale: float = 10.0
     """Jerk in m/s^3 at which the comfort penalty reaches -1."""
     progress_scale: float = 1.0
@@ -181,9 +186,10 @@ class EnvConfig:
     lead car (0.00 / 0.05 / 0.00). 0 turns it off (the seeds' arrangement)."""
     stuck_speed_ms: float = 0.5
     """Speed, m/s, below which the car counts as stopped for stuck_after_s."""
-    stuck_clearance_m: float = 20.0
-    """An obstacle ahead nearer than this (CARLA's obstacle sensor reaches 20 m; the embedded
-    simulator measures the car ahead in the lane) makes a stop a wait, not 'stuck'."""
+    stuck_clearance_m: float = 15.0
+    """A vehicle ahead nearer than this gap, m (DrivingState.obstacle_distance, measured up to
+    20 m), makes a stop a wait, not 'stuck'. 15 m is the 20 m centre to centre of the embedded
+    simulator's 5 m cars, where the results were measured."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward weights and scales."""
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)

@@ -41,6 +41,8 @@ COLLISION_KINDS = ("rear_end", "from_behind", "side", "other")
 beside it (a lane change or a cut-in), or no vehicle near (a wall, a pole, a pedestrian on CARLA)."""
 COLLISION_REACH_M = 10.0
 """The nearest vehicle further than this from the ego at a collision is not what it hit."""
+OBSTACLE_RANGE_M = 20.0
+"""How far ahead `DrivingState.obstacle_distance` looks (CARLA's obstacle sensor's `distance`)."""
 
 
 @dataclass
@@ -64,7 +66,10 @@ class DrivingState:
     progress: float
     """Metres driven along the route since the episode started."""
     obstacle_distance: float = math.inf
-    """Distance to the nearest obstacle ahead, m (inf when none is seen); reported in info, not a feature."""
+    """Gap, m, from the ego's front bumper to the nearest vehicle ahead in its path, within
+    OBSTACLE_RANGE_M (inf when none); reported in info and scored by the headway penalty, not a
+    feature. The embedded simulator measures it bumper to bumper along the route, CARLA's obstacle
+    sensor from its mount to the other's surface, corrected to the bumper."""
     lookahead: np.ndarray = field(default_factory=lambda: np.zeros((LOOKAHEAD_POINTS, 2), np.float32))
     """(25, 2) route centre points ahead, in the ego frame (x forward, y left), m."""
 
@@ -164,6 +169,14 @@ def collision_kind(lateral_offset: float, around: Surroundings) -> str:
     return "rear_end" if v[k, 0] > 0 else "from_behind"
 
 
+def headway_shortfall(state: DrivingState, r: RewardConfig) -> float:
+    """How far the time gap to the vehicle ahead (obstacle_distance / speed) falls short of
+    `r.headway_s`, from 0 (at or beyond it, or stopped) to 1 (touching)."""
+    if r.headway_s <= 0 or state.speed <= 0 or not math.isfinite(state.obstacle_distance):
+        return 0.0
+    return float(np.clip(1.0 - state.obstacle_distance / (state.speed * r.headway_s), 0.0, 1.0))
+
+
 def reward_components(
     state: DrivingState, prev: DrivingState, dt: float, reason: str | None, cfg: EnvConfig
 ) -> dict[str, float]:
@@ -171,7 +184,8 @@ def reward_components(
 
     Jerk uses the acceleration stored in `prev`, the same state the previous step was scored
     on, so it is consistent across steps (the old system mixed two sources). A lane invasion is
-    penalised once, in safety; lane keeping only sees the continuous offset and heading.
+    penalised once, in safety; lane keeping only sees the continuous offset and heading. Safety
+    also charges following closer than `r.headway_s` (`headway_shortfall`), every step.
     """
     r = cfg.reward
     efficiency = float(np.clip(1.0 - abs(state.speed - r.target_speed) / r.target_speed, -1.0, 1.0))
@@ -186,6 +200,7 @@ def reward_components(
         r.collision_penalty * state.collision
         + r.off_road_penalty * state.off_road
         + r.lane_invasion_penalty * state.lane_invasion
+        + r.headway_penalty * headway_shortfall(state, r)
     )
     gained = state.progress - prev.progress
     if r.progress_speed_cap:

@@ -240,7 +240,8 @@ def test_the_obstacle_sensor_sees_vehicles_only(tmp_path, carla_double):
         assert math.isinf(info["obstacle_distance"])
         _place_ahead(carla_double, env.backend, "vehicle.audi.tt", 15)
         _, _, _, _, info = env.step(np.zeros(2, np.float32))
-        assert 13 < info["obstacle_distance"] < 17
+        # the gap between the bumpers: 15 m between the centres less two 2.4 m half-lengths
+        assert info["obstacle_distance"] == pytest.approx(15 - 2 * 2.4, abs=0.3)
     finally:
         env.close()
 

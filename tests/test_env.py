@@ -14,6 +14,7 @@ from common.config import ConfigError, load_config
 from common.driving import (
     DrivingState,
     decode_lookahead,
+    headway_shortfall,
     reward_components,
     stopped_time,
     termination,
@@ -198,6 +199,19 @@ def test_a_stop_behind_an_obstacle_is_a_wait_not_stuck():
     assert stopped_time(_state(speed=1.0), 2.9, 0.1, cfg) == 0.0
     assert termination(clear, 10, cfg, stopped_s=3.0) == (True, False, "stuck")
     assert termination(clear, 10, cfg, stopped_s=2.9) == (False, False, None)
+
+
+def test_the_headway_penalty_charges_following_closer_than_the_time_gap():
+    r = load_config(overrides=["env.reward.headway_penalty=3", "env.reward.headway_s=1.5"]).env.reward
+    assert headway_shortfall(_state(speed=8.0), r) == 0.0  # nothing ahead
+    assert headway_shortfall(_state(speed=8.0, obstacle_distance=12.0), r) == 0.0  # 1.5 s
+    assert headway_shortfall(_state(speed=8.0, obstacle_distance=6.0), r) == pytest.approx(0.5)
+    assert headway_shortfall(_state(speed=8.0, obstacle_distance=0.0), r) == 1.0
+    assert headway_shortfall(_state(speed=0.0, obstacle_distance=0.5), r) == 0.0  # a wait in a queue
+    cfg = load_config(overrides=["env.reward.headway_penalty=3"]).env
+    close, clear = _state(obstacle_distance=6.0), _state()
+    assert reward_components(close, clear, 0.1, None, cfg)["safety"] == pytest.approx(-1.5)
+    assert reward_components(close, clear, 0.1, None, load_config().env)["safety"] == 0.0  # off by default
 
 
 def test_brake_reverses_keeps_highway_envs_own_kinematics():

@@ -68,6 +68,30 @@ def test_scenario_1_traffic_is_in_the_way_of_a_driver_blind_to_it():
         env.close()
 
 
+def test_the_obstacle_distance_is_the_gap_to_the_car_ahead_in_the_egos_lane():
+    """Bumper to bumper (the 5 m cars' centres less 5 m), across road segments, up to 20 m; the
+    traffic-blind driver closes it to the blocker until the crash, under the headway penalty."""
+    cfg = load_config(overrides=["env.scenario=1", "env.reward.headway_penalty=3"])
+    env = make_env(cfg)
+    try:
+        blind = baseline_for(cfg, env.backend.dt)
+        obs, _ = env.reset(seed=0)
+        seen, charged = [], []
+        for _ in range(400):
+            obs, _, terminated, _, info = env.step(blind(obs))
+            if terminated:
+                break
+            v = env.backend.surroundings().vehicles
+            own = v[(np.abs(v[:, 1] - env._state.lateral_offset) < 2.5) & (v[:, 0] > 0)]
+            gap = own[:, 0].min() - 5.0 if len(own) else np.inf
+            assert info["obstacle_distance"] == (pytest.approx(gap) if gap <= 20 else np.inf)
+            seen.append(info["obstacle_distance"])
+            charged.append(info["rewards"]["safety"] < 0)
+        assert info["collision_kind"] == "rear_end" and 0 <= min(seen) < 2 and any(charged)
+    finally:
+        env.close()
+
+
 def test_the_privileged_driver_only_follows_where_the_route_is_one_lane():
     """With env.lane_change off it waits behind the blocker instead of leaving the route's lane."""
     cfg = load_config(overrides=["env.scenario=1", "env.lane_change=false", "env.max_episode_steps=300"])

@@ -36,17 +36,21 @@ from actors.envs.carla_server import CarlaServer, Ports
 from actors.envs.route import Route
 from common.backends import BackendSpec, register
 from common.config import CarlaConfig, Config, ConfigError, EnvConfig
-from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, Surroundings
+from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, OBSTACLE_RANGE_M, DrivingState, Surroundings
 from common.env import SimulatorFailure
 from replay_server.server import die_with_parent
 
 log = logging.getLogger(__name__)
 
+OBSTACLE_HIT_RADIUS_M = 0.5
+"""The obstacle sensor sweeps a sphere this wide (its `hit_radius`) and reports how far its centre
+went: the obstacle's surface lies this much further (ObstacleDetectionSensor.cpp)."""
 SENSOR_ATTRIBUTES = {
     "sensor.camera.rgb": {"image_size_x": "256", "image_size_y": "144", "fov": "90"},
     # CARLA's default sees only 5 m ahead, and static geometry too (walls, poles, parked props),
     # which would read as an obstacle on every narrow street
-    "sensor.other.obstacle": {"distance": "20", "only_dynamics": "true"},
+    "sensor.other.obstacle": {"distance": f"{OBSTACLE_RANGE_M:g}", "only_dynamics": "true",
+                              "hit_radius": f"{OBSTACLE_HIT_RADIUS_M:g}"},
 }
 CAMERA_X, CAMERA_Z = 1.6, 1.5
 ROUTE_STEP_M = 2.0
@@ -296,6 +300,8 @@ class CarlaSession:
             self._ego = self.world.try_spawn_actor(ego_bp, ego_tf)  # None on failure, a time-out included
             if self._ego is not None:
                 self._route = Route(points * np.array([1.0, -1.0]))
+                box = self._ego.bounding_box
+                self._sensor_to_bumper = box.location.x + box.extent.x - CAMERA_X
                 return ego_tf
             log.info("ego spawn at (%.1f, %.1f, %.1f) failed, try %d of %d", ego_tf.location.x, ego_tf.location.y,
                      ego_tf.location.z, attempt + 1, SPAWN_TRIES)
@@ -411,7 +417,8 @@ class CarlaSession:
         s, lateral, heading_error, lookahead = self._route.measure(
             position, -math.radians(tf.rotation.yaw), self.env_cfg.lookahead_spacing_m)
         self._last_s = s
-        collision, invasion, obstacle = self._sensors.events(frame)
+        collision, invasion, swept = self._sensors.events(frame)
+        obstacle = max(swept + OBSTACLE_HIT_RADIUS_M - self._sensor_to_bumper, 0.0)  # the gap from the bumper
         lane = self.map.get_waypoint(tf.location, project_to_road=False, lane_type=self.carla.LaneType.Driving)
         off_road = lane is None or not _goes_along(lane, -math.radians(tf.rotation.yaw) - heading_error)
         acceleration = (speed - self._speed) / self.dt

@@ -20,7 +20,7 @@ from actors.envs import traffic
 from actors.envs.render import TopDownCamera
 from common.backends import BackendSpec, register
 from common.config import Config, EnvConfig, TrainingStart
-from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, DrivingState, Surroundings, to_ego_frame, wrap_angle
+from common.driving import FRAME_SIZE, LOOKAHEAD_POINTS, OBSTACLE_RANGE_M, DrivingState, Surroundings, to_ego_frame, wrap_angle
 
 LaneIndex = tuple[str, str, int]
 VIDEO_SIZE = 256
@@ -141,7 +141,7 @@ class HighwayBackend:
             off_road=not self._on_road(),
             lane_invasion=lane_invasion,
             progress=float(self._progress),
-            obstacle_distance=self._obstacle_distance(),
+            obstacle_distance=self._obstacle_distance(-lat),
             lookahead=ego_points.astype(np.float32),
         )
 
@@ -153,10 +153,15 @@ class HighwayBackend:
         lanes = self._env.road.network.graph[ego.lane_index[0]][ego.lane_index[1]]
         return bool(ego.on_road) or any(lane.on_lane(ego.position, margin=ROAD_SEAM_M) for lane in lanes)
 
-    def _obstacle_distance(self) -> float:
+    def _obstacle_distance(self, lateral: float) -> float:
+        """Bumper to bumper along the route to the nearest vehicle ahead whose centre is within
+        half a lane of the ego's `lateral` offset, up to OBSTACLE_RANGE_M (highway-env's own
+        neighbour search stops at the end of the ego's road segment)."""
         ego = self._env.vehicle
-        front, _ = self._env.road.neighbour_vehicles(ego, ego.lane_index)
-        return float(ego.lane_distance_to(front)) if front is not None else math.inf
+        half_lane = self._env.road.network.get_lane(self._route).width_at(self._s) / 2
+        gap = min((ahead - (ego.LENGTH + v.LENGTH) / 2 for v, ahead, lat in self._others()
+                   if ahead > 0 and abs(lat - lateral) < half_lane), default=math.inf)
+        return max(float(gap), 0.0) if gap <= OBSTACLE_RANGE_M else math.inf
 
     def _frame(self) -> np.ndarray:
         road = self._env.road
@@ -227,18 +232,25 @@ class HighwayBackend:
         s, lat = lane.local_coordinates(position)
         return self._route_start[segment] + s, -lat
 
+    def _others(self) -> list[tuple[Vehicle, float, float]]:
+        """(vehicle, metres ahead of the ego along the route, lateral offset) of every other vehicle."""
+        ego = self._env.vehicle
+        ego_s = self._route_start[self._route[:2]] + self._s
+        rows = []
+        for v in self._env.road.vehicles:
+            if v is not ego:
+                s, lat = self._route_coordinates(v.position, v.lane_index[:2])
+                rows.append((v, (s - ego_s + self._lap / 2) % self._lap - self._lap / 2, lat))
+        return rows
+
     def surroundings(self) -> Surroundings:
         road, ego = self._env.road, self._env.vehicle
         segment = self._route[:2]
-        ego_s = self._route_start[segment] + self._s
         rows = []
-        for v in road.vehicles:
-            if v is not ego:
-                s, lat = self._route_coordinates(v.position, v.lane_index[:2])
-                ahead = (s - ego_s + self._lap / 2) % self._lap - self._lap / 2
-                lane = road.network.get_lane((*v.lane_index[:2], self._route[2]))
-                drift = -float(v.speed) * math.sin(v.heading - lane.heading_at(lane.local_coordinates(v.position)[0]))
-                rows.append((ahead, lat, float(v.speed), drift))
+        for v, ahead, lat in self._others():
+            lane = road.network.get_lane((*v.lane_index[:2], self._route[2]))
+            drift = -float(v.speed) * math.sin(v.heading - lane.heading_at(lane.local_coordinates(v.position)[0]))
+            rows.append((ahead, lat, float(v.speed), drift))
         network = road.network
         lanes = []
         for lane in network.graph[segment[0]][segment[1]]:

@@ -255,6 +255,9 @@ LEARN_ARMS: dict[str, list[str]] = {
     # Issue 37: most collisions on scenarios 1 and 2 are the ego rear-ending a slow car in its lane; a
     # collision costing 100 instead of 10 (crashing also forfeits the route's remaining reward).
     "default+collision-100": ["env.reward.collision_penalty=100"],
+    # Issue 37: the rear-ends come in slow queues (the ego at 2-6 m/s into cars at 0-4 m/s); safety
+    # charges up to 3 a step for following closer than 1.5 s, about half the step reward at 8 m/s.
+    "default+headway": ["env.reward.headway_penalty=3"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
     # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.

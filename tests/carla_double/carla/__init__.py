@@ -269,7 +269,18 @@ class Actor:
         return Vector3D(f.x * self._speed, f.y * self._speed, 0.0)
 
 
+class BoundingBox:
+    def __init__(self, location: "Location", extent: Vector3D) -> None:
+        self.location = location
+        self.extent = extent
+
+
 class Vehicle(Actor):
+    @property
+    def bounding_box(self) -> BoundingBox:
+        """Relative to the vehicle's origin, as CARLA's (a car's centre here)."""
+        return BoundingBox(Location(0.0, 0.0, 0.75), Vector3D(_HALF_LENGTH, _HALF_WIDTH, 0.75))
+
     def apply_control(self, control: VehicleControl) -> None:
         self._world._controls[self.id] = control
 
@@ -577,19 +588,24 @@ class World:
                        if (b - marking) * (a - marking) < 0]
             return [(callback, LaneInvasionEvent(frame, crossed))] if crossed else []
         if sensor._type == "sensor.other.obstacle":
-            # ObstacleDetectionSensor.cpp: one sweep ahead per tick, its first hit, any actor's
-            # geometry (props, walls, poles) unless only_dynamics (default false) limits it to
-            # vehicles and walkers
+            # ObstacleDetectionSensor.cpp: one sweep ahead per tick of a sphere of hit_radius
+            # (default 0.5 m) from the sensor's own location, its first hit, any actor's geometry
+            # (props, walls, poles) unless only_dynamics (default false) limits it to vehicles and
+            # walkers; the distance is how far the sphere's centre went (HitOut.Distance)
             fwd = parent._transform.get_forward_vector()
+            mount = sensor._transform.location.x
+            start_x, start_y = loc.x + mount * fwd.x, loc.y + mount * fwd.y
+            radius = float(sensor._attributes.get("hit_radius", 0.5))
             dynamic_only = sensor._attributes.get("only_dynamics", "false").lower() == "true"
             props = [] if dynamic_only else [a for a in self._actors.values() if type(a) is Actor]
             hits = []
             for other in others + props:
                 o = other._transform.location
-                ahead = (o.x - loc.x) * fwd.x + (o.y - loc.y) * fwd.y
-                side = abs(-(o.x - loc.x) * fwd.y + (o.y - loc.y) * fwd.x)
-                if 0.0 < ahead < float(sensor._attributes.get("distance", 5)) and side < 2.0:
-                    hits.append(ahead)
+                ahead = (o.x - start_x) * fwd.x + (o.y - start_y) * fwd.y
+                side = abs(-(o.x - start_x) * fwd.y + (o.y - start_y) * fwd.x)
+                swept = ahead - (_HALF_LENGTH if isinstance(other, Vehicle) else 0.0) - radius
+                if 0.0 < swept < float(sensor._attributes.get("distance", 5)) and side < _HALF_WIDTH + radius:
+                    hits.append(swept)
             return [(callback, ObstacleDetectionEvent(frame, min(hits)))] if hits else []
         return []
 
