@@ -176,7 +176,7 @@ class EvalWorker:
         self.cfg = from_dict(cfg_dict)
         self.env = make_env(self.cfg, slot=eval_slot(self.cfg))
         device = acting_device(self.cfg)
-        self.actor = Actor(policy_for(self.cfg.cnn).eval().to(device), self.cfg, np.random.default_rng(0), device)
+        self.actor = Actor(policy_for(self.cfg).eval().to(device), self.cfg, np.random.default_rng(0), device)
         self.references = References(self.cfg)
 
     def evaluate(self, weights: bytes, seed: int, video: bool) -> tuple[dict[str, float], bytes | None, tuple[int, int]]:

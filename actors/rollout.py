@@ -42,7 +42,7 @@ class RolloutWorker:
             self.close()  # servers already launched for this actor must not outlive it
             raise
         device = acting_device(cfg)
-        self.policy = policy_for(cfg.cnn).eval().to(device, inference_dtype(cfg, device))
+        self.policy = policy_for(cfg).eval().to(device, inference_dtype(cfg, device))
         r = cfg.replay
         self.client = ReplayClient(connect(redis_url), r.stream_key, max_chunks=-(-r.capacity // r.chunk_steps),
                                    buffer_chunks=r.client_buffer_chunks)

@@ -10,10 +10,11 @@ rows 0..3 give the observation, rows 1..4 the next observation.
 
 Layout (little-endian):
 
-    header   HEADER struct (magic b"AVT3", version, sizes, ids; see `HEADER`)
+    header   HEADER struct (magic b"AVT3", version, sizes, ids; see `HEADER`), then (version 2)
+             the vector length, uint16 (version 1 chunks have 53)
     frames   lz4 block of n_frames * 84 * 84 uint8, rows as above
-    vectors  (T + 1, 53) float32: the observation vector of each transition, then the last
-             next-observation vector
+    vectors  (T + 1, D) float32: the observation vector of each transition, then the last
+             next-observation vector (D = 53, or 55 with env.gap_features)
     actions  (T, 2) float32
     rewards  (T,) float32
     flags    (T,) uint8: bit 0 terminated (no bootstrap), bit 1 truncated (time limit)
@@ -33,9 +34,11 @@ import numpy as np
 from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM
 
 MAGIC = b"AVT3"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)
 # magic, version, actor_id, episode_id, start_step, steps, n_frames, policy_version, frames_nbytes
 HEADER = struct.Struct("<4sHIQIHHQI")
+VECTOR_LEN = struct.Struct("<H")  # version 2 on
 FRAME_BYTES = FRAME_SIZE * FRAME_SIZE
 MAX_STEPS = 4096  # far above any sane chunk; bounds what a decoder will allocate
 TERMINATED, TRUNCATED = 1, 2
@@ -57,7 +60,7 @@ class Chunk:
     frames: np.ndarray
     """(T + 1 + min(k0, 3), 84, 84) uint8: f_a .. f_{k0+T}."""
     vectors: np.ndarray
-    """(T + 1, 53) float32."""
+    """(T + 1, D) float32, D the vector observation's length."""
     actions: np.ndarray
     """(T, 2) float32."""
     rewards: np.ndarray
@@ -86,9 +89,10 @@ def encode(chunk: Chunk) -> bytes:
     if not 1 <= t <= MAX_STEPS:
         raise ChunkError(f"a chunk holds 1..{MAX_STEPS} steps, got {t}")
     n = expected_frames(chunk.start_step, t)
+    d = chunk.vectors.shape[-1]
     shapes = {
         "frames": ((n, FRAME_SIZE, FRAME_SIZE), np.uint8, chunk.frames),
-        "vectors": ((t + 1, VECTOR_DIM), np.float32, chunk.vectors),
+        "vectors": ((t + 1, d), np.float32, chunk.vectors),
         "rewards": ((t,), np.float32, chunk.rewards),
     }
     for name, (shape, dtype, value) in shapes.items():
@@ -101,6 +105,7 @@ def encode(chunk: Chunk) -> bytes:
     )
     return b"".join([
         header,
+        VECTOR_LEN.pack(d),
         frames,
         np.ascontiguousarray(chunk.vectors, np.float32).tobytes(),
         np.ascontiguousarray(chunk.actions, np.float32).reshape(t, ACTION_DIM).tobytes(),
@@ -109,20 +114,31 @@ def encode(chunk: Chunk) -> bytes:
     ])
 
 
-def decode(data: bytes) -> Chunk:
+def decode(data: bytes, vector_dim: int | None = None) -> Chunk:
+    """The chunk in `data`; with `vector_dim`, a chunk whose vectors have another length (actors
+    and learner configured with different `env.gap_features`) is a `ChunkError` too."""
     if len(data) < HEADER.size:
         raise ChunkError(f"chunk is {len(data)} bytes, shorter than its {HEADER.size}-byte header")
     magic, version, actor_id, episode_id, start_step, t, n, policy_version, frames_nbytes = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ChunkError(f"not an av-td3 chunk (magic {magic!r})")
-    if version != VERSION:
-        raise ChunkError(f"chunk schema version {version} is not supported (this build reads {VERSION})")
+    if version not in READABLE:
+        raise ChunkError(f"chunk schema version {version} is not supported (this build reads {READABLE})")
+    head, d = HEADER.size, VECTOR_DIM
+    if version >= 2:
+        if len(data) < head + VECTOR_LEN.size:
+            raise ChunkError(f"chunk is {len(data)} bytes, shorter than its {head + VECTOR_LEN.size}-byte header")
+        (d,) = VECTOR_LEN.unpack_from(data, head)
+        head += VECTOR_LEN.size
+    if vector_dim is not None and d != vector_dim:
+        raise ChunkError(f"chunk vectors have {d} features, this replay's {vector_dim}: actors and learner "
+                         "must agree on env.gap_features")
     if not 1 <= t <= MAX_STEPS or n != expected_frames(start_step, t):
         raise ChunkError(f"chunk claims {t} steps and {n} frames from step {start_step}: inconsistent")
-    sizes = [frames_nbytes, (t + 1) * VECTOR_DIM * 4, t * ACTION_DIM * 4, t * 4, t]
-    if len(data) != HEADER.size + sum(sizes):
-        raise ChunkError(f"chunk is {len(data)} bytes, its header implies {HEADER.size + sum(sizes)}")
-    offsets = np.cumsum([HEADER.size, *sizes])
+    sizes = [frames_nbytes, (t + 1) * d * 4, t * ACTION_DIM * 4, t * 4, t]
+    if len(data) != head + sum(sizes):
+        raise ChunkError(f"chunk is {len(data)} bytes, its header implies {head + sum(sizes)}")
+    offsets = np.cumsum([head, *sizes])
     try:
         raw = lz4.block.decompress(data[offsets[0]:offsets[1]], uncompressed_size=n * FRAME_BYTES)
     except lz4.block.LZ4BlockError as exc:
@@ -140,7 +156,7 @@ def decode(data: bytes) -> Chunk:
         start_step=start_step,
         policy_version=policy_version,
         frames=np.frombuffer(raw, np.uint8).reshape(n, FRAME_SIZE, FRAME_SIZE),
-        vectors=section(1, np.float32, (t + 1, VECTOR_DIM)),
+        vectors=section(1, np.float32, (t + 1, d)),
         actions=section(2, np.float32, (t, ACTION_DIM)),
         rewards=section(3, np.float32, (t,)),
         terminated=(flags & TERMINATED).astype(bool),

@@ -169,6 +169,10 @@ class EnvConfig:
     (the traffic is in the way)."""
     lookahead_spacing_m: float = 2.0
     """Spacing of the 25 look-ahead route points in the vector features."""
+    gap_features: bool = False
+    """Two more vector features (55 in all): the gap to the vehicle ahead over 20 m (1 when none is
+    in range) and the speed at which it closes over 30 m/s, from the obstacle distance that both
+    backends measure (CARLA's obstacle sensor). Off, the camera alone shows the traffic."""
     lookahead_features: LookaheadFeatures = "per_point"
     """How the vector scales each look-ahead point's (x, y). per_point: point k by its own distance
     along the route, k * lookahead_spacing_m, so every point reads as about (cos, sin) of its

@@ -20,6 +20,7 @@ FRAME_SIZE = 84
 FRAME_STACK = 4
 LOOKAHEAD_POINTS = 25
 VECTOR_DIM = 3 + 2 * LOOKAHEAD_POINTS  # speed, lateral offset, heading error, look-ahead (x, y)
+GAP_FEATURES = 2  # gap to the vehicle ahead and how fast it closes, with `EnvConfig.gap_features`
 ACTION_DIM = 2  # [steer, throttle_brake], both in [-1, 1]; throttle_brake > 0 accelerates
 ACTION_NAMES = ("steer", "throttle")  # metric suffixes of the two action dimensions
 
@@ -107,11 +108,29 @@ def lookahead_scale(cfg: EnvConfig) -> np.ndarray:
     return np.full((LOOKAHEAD_POINTS, 1), LOOKAHEAD_NORM, np.float32)
 
 
-def vector_features(state: DrivingState, cfg: EnvConfig) -> np.ndarray:
-    """The (53,) float32 vector observation."""
+def vector_dim(cfg: EnvConfig) -> int:
+    """Length of the vector observation: 53, or 55 with `cfg.gap_features`."""
+    return VECTOR_DIM + GAP_FEATURES * cfg.gap_features
+
+
+def closing_speed(state: DrivingState, prev: DrivingState, dt: float) -> float:
+    """m/s at which the gap to the vehicle ahead shrank over the last step of `dt` seconds; 0 unless
+    a vehicle was in range on both steps, and at most SPEED_NORM either way (a cut-in or a lane
+    change swaps the vehicle ahead, and its gap jumps)."""
+    if not (math.isfinite(state.obstacle_distance) and math.isfinite(prev.obstacle_distance)):
+        return 0.0
+    return float(np.clip((prev.obstacle_distance - state.obstacle_distance) / dt, -SPEED_NORM, SPEED_NORM))
+
+
+def vector_features(state: DrivingState, cfg: EnvConfig, closing: float = 0.0) -> np.ndarray:
+    """The (vector_dim(cfg),) float32 vector observation; `closing` is `closing_speed` at this step."""
     head = [state.speed / SPEED_NORM, state.lateral_offset / LATERAL_NORM, state.heading_error / math.pi]
     look = (np.asarray(state.lookahead, dtype=np.float32) / lookahead_scale(cfg)).reshape(-1)
-    return np.concatenate([np.asarray(head, dtype=np.float32), look]).astype(np.float32)
+    parts = [np.asarray(head, dtype=np.float32), look]
+    if cfg.gap_features:
+        gap = min(state.obstacle_distance, OBSTACLE_RANGE_M) / OBSTACLE_RANGE_M
+        parts.append(np.asarray([gap, closing / SPEED_NORM], dtype=np.float32))
+    return np.concatenate(parts).astype(np.float32)
 
 
 def decode_lookahead(vector: np.ndarray, cfg: EnvConfig) -> np.ndarray:

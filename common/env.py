@@ -25,13 +25,14 @@ from common.driving import (
     ACTION_DIM,
     FRAME_SIZE,
     FRAME_STACK,
-    VECTOR_DIM,
     DrivingState,
     Surroundings,
+    closing_speed,
     collision_kind,
     reward_components,
     stopped_time,
     termination,
+    vector_dim,
     vector_features,
     weighted_components,
 )
@@ -67,11 +68,11 @@ class DrivingBackend(Protocol):
         """Releases the simulator."""
 
 
-def observation_space() -> gym.spaces.Dict:
+def observation_space(cfg: EnvConfig) -> gym.spaces.Dict:
     return gym.spaces.Dict(
         {
             "image": gym.spaces.Box(0, 255, (FRAME_STACK, FRAME_SIZE, FRAME_SIZE), np.uint8),
-            "vector": gym.spaces.Box(-np.inf, np.inf, (VECTOR_DIM,), np.float32),
+            "vector": gym.spaces.Box(-np.inf, np.inf, (vector_dim(cfg),), np.float32),
         }
     )
 
@@ -84,15 +85,15 @@ class DrivingEnv(gym.Env):
     def __init__(self, backend: DrivingBackend, cfg: EnvConfig) -> None:
         self.backend = backend
         self.cfg = cfg
-        self.observation_space = observation_space()
+        self.observation_space = observation_space(cfg)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         self._frames = np.zeros((FRAME_STACK, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self._state: DrivingState | None = None
         self._steps = 0
         self._stopped_s = 0.0
 
-    def _observation(self, state: DrivingState) -> dict[str, np.ndarray]:
-        return {"image": self._frames.copy(), "vector": vector_features(state, self.cfg)}
+    def _observation(self, state: DrivingState, closing: float = 0.0) -> dict[str, np.ndarray]:
+        return {"image": self._frames.copy(), "vector": vector_features(state, self.cfg, closing)}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         super().reset(seed=seed)
@@ -120,6 +121,7 @@ class DrivingEnv(gym.Env):
             reward_components(state, self._state, self.backend.dt, reason, self.cfg), self.cfg.reward
         )
         reward = float(sum(components.values()))
+        closing = closing_speed(state, self._state, self.backend.dt)
         self._state = state
         info = {
             "termination": reason,
@@ -133,7 +135,7 @@ class DrivingEnv(gym.Env):
         }
         if state.collision:
             info["collision_kind"] = collision_kind(state.lateral_offset, self.backend.surroundings())
-        return self._observation(state), reward, terminated, truncated, info
+        return self._observation(state, closing), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray:
         return self.backend.render_rgb()

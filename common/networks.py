@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import CnnConfig
-from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM
+from common.config import Config
+from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM, vector_dim
 
 FEATURE_DIM = 512
 HIDDEN_DIM = 256
@@ -83,12 +83,12 @@ def _trunk(trunk_dim: int) -> nn.Module:
 
 
 class ActorHead(nn.Module):
-    """[trunk(CNN features) (50, or 512 without a trunk), vector (53)] -> 256 -> 256 -> 2, tanh."""
+    """[trunk(CNN features) (50, or 512 without a trunk), vector (53 or 55)] -> 256 -> 256 -> 2, tanh."""
 
-    def __init__(self, trunk_dim: int = 0) -> None:
+    def __init__(self, trunk_dim: int = 0, vector_dim: int = VECTOR_DIM) -> None:
         super().__init__()
         self.trunk = _trunk(trunk_dim)
-        self.net = _mlp((trunk_dim or FEATURE_DIM) + VECTOR_DIM, ACTION_DIM)
+        self.net = _mlp((trunk_dim or FEATURE_DIM) + vector_dim, ACTION_DIM)
 
     def pre_tanh(self, features: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """The action before its tanh squashing (what saturates when the actor locks)."""
@@ -101,10 +101,10 @@ class ActorHead(nn.Module):
 class CriticHeads(nn.Module):
     """One trunk shared by one or two Q heads, each [trunk(features), vector, action] -> 256 -> 256 -> 1."""
 
-    def __init__(self, num_q: int = 2, trunk_dim: int = 0) -> None:
+    def __init__(self, num_q: int = 2, trunk_dim: int = 0, vector_dim: int = VECTOR_DIM) -> None:
         super().__init__()
         self.trunk = _trunk(trunk_dim)
-        self.qs = nn.ModuleList(_mlp((trunk_dim or FEATURE_DIM) + VECTOR_DIM + ACTION_DIM, 1) for _ in range(num_q))
+        self.qs = nn.ModuleList(_mlp((trunk_dim or FEATURE_DIM) + vector_dim + ACTION_DIM, 1) for _ in range(num_q))
 
     def forward(self, features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
         x = torch.cat([self.trunk(features), vector, action], dim=1)
@@ -114,10 +114,10 @@ class CriticHeads(nn.Module):
 class Policy(nn.Module):
     """Actor CNN + actor head: what actors run and what the learner publishes."""
 
-    def __init__(self, norm: str = "layernorm", trunk_dim: int = 0) -> None:
+    def __init__(self, norm: str = "layernorm", trunk_dim: int = 0, vector_dim: int = VECTOR_DIM) -> None:
         super().__init__()
         self.cnn = NatureCNN(norm)
-        self.head = ActorHead(trunk_dim)
+        self.head = ActorHead(trunk_dim, vector_dim)
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
         """Takes uint8 frames and a float32 vector whatever the policy's own dtype."""
@@ -127,15 +127,15 @@ class Policy(nn.Module):
 class Critic(nn.Module):
     """Critic CNN shared by the Q heads."""
 
-    def __init__(self, norm: str = "layernorm", num_q: int = 2, trunk_dim: int = 0) -> None:
+    def __init__(self, norm: str = "layernorm", num_q: int = 2, trunk_dim: int = 0, vector_dim: int = VECTOR_DIM) -> None:
         super().__init__()
         self.cnn = NatureCNN(norm)
-        self.heads = CriticHeads(num_q, trunk_dim)
+        self.heads = CriticHeads(num_q, trunk_dim, vector_dim)
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
         return self.heads(self.cnn(image), vector, action)
 
 
-def policy_for(cnn: CnnConfig) -> Policy:
+def policy_for(cfg: Config) -> Policy:
     """The policy network a config describes (actors, evaluator and learner build the same one)."""
-    return Policy(cnn.norm, cnn.trunk_dim)
+    return Policy(cfg.cnn.norm, cfg.cnn.trunk_dim, vector_dim(cfg.env))

@@ -158,7 +158,7 @@ def load_policy(path: Path, cfg: Config) -> Policy:
     ckpt = resolve(path)
     try:
         tensors = load_file(str(ckpt / "tensors.safetensors"))
-        policy = policy_for(cfg.cnn)
+        policy = policy_for(cfg)
         policy.load_state_dict({k[len("actor/"):]: v for k, v in tensors.items() if k.startswith("actor/")})
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint '{ckpt}' holds no policy that fits its config: {exc}") from exc

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from common.config import Config, flat_hparams, for_display, to_dict
+from common.driving import vector_dim
 from common.memory import release_free_heap
 from common.metrics import MetricLogger, TerminationWindow
 from common.profiles import device_kind
@@ -46,7 +47,7 @@ class TrainingCore:
             torch.set_num_threads(cfg.learner.threads)
         self.device = pick_device(cfg.learner.device)
         self.agent = TD3(cfg, self.device)
-        self.ring = FrameRing(cfg.replay.capacity)
+        self.ring = FrameRing(cfg.replay.capacity, vector_dim=vector_dim(cfg.env))
         self.sample_rng = np.random.default_rng([cfg.seed, 1])
         self.env_step = 0
         self.episodes = 0

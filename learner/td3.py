@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from common.batch import Batch
 from common.config import Config, TD3Config
-from common.driving import ACTION_NAMES
+from common.driving import ACTION_NAMES, vector_dim
 from common.networks import Critic, Policy, frames_to_float, policy_for
 from learner.compiled import compile_update
 from learner.guard import NonFiniteGuard
@@ -121,8 +121,9 @@ class TD3:
         self.learner_cfg = cfg.learner
         self.device = device
         self.twin = t.algo == "td3"
-        self.actor = policy_for(cfg.cnn).to(device)
-        self.critic = Critic(cfg.cnn.norm, num_q=2 if self.twin else 1, trunk_dim=cfg.cnn.trunk_dim).to(device)
+        self.actor = policy_for(cfg).to(device)
+        self.critic = Critic(cfg.cnn.norm, num_q=2 if self.twin else 1, trunk_dim=cfg.cnn.trunk_dim,
+                             vector_dim=vector_dim(cfg.env)).to(device)
         if cfg.learner.channels_last and device.type == "cuda":
             self.actor.cnn.to(memory_format=torch.channels_last)
             self.critic.cnn.to(memory_format=torch.channels_last)

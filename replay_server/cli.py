@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from common.chunk import HEADER
 from common.config import ConfigError, load_config
+from common.driving import vector_dim
 from replay_server.client import STATS_SUFFIX, connect
 from replay_server.ingest import RedisReplay
 from replay_server.ring import FrameRing
@@ -105,7 +106,7 @@ def _strip(sample: dict[str, np.ndarray], i: int) -> Image.Image:
 def inspect(args: argparse.Namespace) -> int:
     key, url = _stream_key_and_url(args)
     cfg = load_config(args.config, args.overrides)
-    ring = FrameRing(cfg.replay.capacity)
+    ring = FrameRing(cfg.replay.capacity, vector_dim=vector_dim(cfg.env))
     replay = RedisReplay(connect(url), key, ring, cfg.replay.max_chunk_bytes)
     replay.warm_start()
     if len(ring) == 0:

@@ -56,7 +56,7 @@ class RedisReplay:
                 log.warning("replay entry %s is %d bytes, over replay.max_chunk_bytes: skipped", entry_id, len(payload))
                 continue
             try:
-                chunk = decode(payload)
+                chunk = decode(payload, self.ring.vector.shape[1])
             except ChunkError as exc:
                 self.counters.skipped_undecodable += 1
                 log.warning("replay entry %s skipped: %s", entry_id, exc)

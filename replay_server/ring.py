@@ -35,7 +35,7 @@ IDS_PER_TRANSITION = FRAME_STACK + 1
 class FrameRing:
     """Fixed-capacity FIFO replay of transitions over a shared frame store."""
 
-    def __init__(self, capacity: int, frame_capacity: int | None = None) -> None:
+    def __init__(self, capacity: int, frame_capacity: int | None = None, vector_dim: int = VECTOR_DIM) -> None:
         self.capacity = int(capacity)
         # One new frame per transition plus one per episode start; a quarter of slack covers
         # episodes down to 4 steps before eviction is driven by frames rather than transitions.
@@ -43,8 +43,8 @@ class FrameRing:
         self.frames = np.zeros((self.frame_capacity, FRAME_SIZE, FRAME_SIZE), np.uint8)
         n = self.capacity
         self.frame_ids = np.zeros((n, IDS_PER_TRANSITION), np.int64)
-        self.vector = np.zeros((n, VECTOR_DIM), np.float32)
-        self.next_vector = np.zeros((n, VECTOR_DIM), np.float32)
+        self.vector = np.zeros((n, vector_dim), np.float32)
+        self.next_vector = np.zeros((n, vector_dim), np.float32)
         self.action = np.zeros((n, ACTION_DIM), np.float32)
         self.reward = np.zeros((n,), np.float32)
         self.done = np.zeros((n,), np.float32)

@@ -30,7 +30,7 @@ def test_k_envs_in_one_actor_make_the_transitions_of_k_separate_actors():
     # action 0.003 apart after 15 steps in the other lane).
     cfg = load_config(overrides=["td3.learning_starts=20", "env.max_episode_steps=25", "env.lane_change=false"])
     torch.manual_seed(0)
-    policy = policy_for(cfg.cnn).eval()
+    policy = policy_for(cfg).eval()
     separate: list[list] = [[] for _ in range(K)]
     for slot in range(K):
         runner = make_runner(cfg, policy, slot, separate[slot])
@@ -65,7 +65,7 @@ def test_baseline_warmup_drives_the_route_with_exploration_noise():
     cfg = load_config(overrides=["actors.warmup_actions=baseline", "td3.learning_starts=1000",
                                  "env.embedded.traffic=[0,0,0]", "actors.expl_noise_exponent=[0,0]"])
     env = make_env(cfg, training=True)
-    actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)
+    actor = Actor(policy_for(cfg).eval(), cfg, np.random.default_rng(0), CPU)
     reference = baseline_for(cfg, env.backend.dt)
     try:
         for episode in range(2):  # the PID's state restarts with each episode, as the reference's does
@@ -92,12 +92,12 @@ def test_privileged_warmup_overtakes_the_traffic_in_the_way():
     cfg = load_config(overrides=["env.scenario=1", "actors.warmup_actions=privileged", "td3.learning_starts=2000",
                                  "actors.expl_noise_start=0.05"])
     env = make_env(cfg, training=True)
-    evaluating = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)  # as the evaluator's
+    evaluating = Actor(policy_for(cfg).eval(), cfg, np.random.default_rng(0), CPU)  # as the evaluator's
     obs, _ = env.reset(seed=0)
     assert evaluating.eval_action(obs).shape == (2,)
     with pytest.raises(ValueError, match="needs the env's surroundings"):
         evaluating.select_action(obs, 0)
-    actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU, surroundings=env.backend.surroundings)
+    actor = Actor(policy_for(cfg).eval(), cfg, np.random.default_rng(0), CPU, surroundings=env.backend.surroundings)
     try:
         obs, _ = env.reset(seed=0)
         actor.on_episode_start()
@@ -149,8 +149,8 @@ def test_a_bfloat16_policy_takes_float32_weights_and_acts_within_1e_2_of_them(mo
     assert "emulated and slower than float32" in caplog.text
     monkeypatch.undo()
     torch.manual_seed(0)
-    full = policy_for(cfg.cnn).eval()
-    half = policy_for(cfg.cnn).eval().to(CPU, inference_dtype(cfg, CPU))
+    full = policy_for(cfg).eval()
+    half = policy_for(cfg).eval().to(CPU, inference_dtype(cfg, CPU))
     load_policy_bytes(half, policy_to_bytes(full))  # what a rollout actor's weight fetch does
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     env = make_env(cfg)
@@ -173,7 +173,7 @@ def test_exploration_noise_colour(exponents):
     episode draws a new sequence."""
     cfg = load_config(overrides=["td3.learning_starts=0", "actors.expl_noise_start=0.2", "actors.expl_noise_end=0.2",
                                  f"actors.expl_noise_exponent={exponents}"])
-    actor = Actor(policy_for(cfg.cnn).eval(), cfg, np.random.default_rng(0), CPU)
+    actor = Actor(policy_for(cfg).eval(), cfg, np.random.default_rng(0), CPU)
     zero = np.zeros(2, np.float32)
 
     def episode() -> np.ndarray:

@@ -1,3 +1,4 @@
+import dataclasses
 import pickle
 import signal
 import struct
@@ -121,6 +122,22 @@ def test_bad_entries_are_skipped_and_counted(server, recorded):
     assert replay.warm_start() == 8
     c = replay.counters
     assert (c.skipped_undecodable, c.skipped_foreign, c.skipped_oversized, c.chunks) == (4, 1, 1, 1)
+
+
+def test_version_1_chunks_still_decode_and_a_vector_length_mismatch_is_named(recorded):
+    """A replay stored before the vector length entered the header stays readable; a chunk from
+    actors with other env.gap_features than the learner's is refused with the reason."""
+    transitions, resets = recorded
+    chunks: list[Chunk] = []
+    send(transitions[:8], resets, chunks.append)
+    chunk = chunks[0]
+    v2 = encode(chunk)
+    v1 = v2[:4] + struct.pack("<H", 1) + v2[6:HEADER.size] + v2[HEADER.size + 2:]
+    assert np.array_equal(decode(v1, 53).vectors, chunk.vectors) and len(v1) == len(v2) - 2
+    wide = dataclasses.replace(chunk, vectors=np.ones((chunk.steps + 1, 55), np.float32))
+    assert decode(encode(wide), 55).vectors.shape == (chunk.steps + 1, 55)
+    with pytest.raises(ChunkError, match="55 features, this replay's 53.*env.gap_features"):
+        decode(encode(wide), 53)
 
 
 def test_decode_rejects_with_a_reason():

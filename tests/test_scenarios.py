@@ -92,6 +92,27 @@ def test_the_obstacle_distance_is_the_gap_to_the_car_ahead_in_the_egos_lane():
         env.close()
 
 
+def test_gap_features_show_the_gap_and_how_fast_it_closes():
+    cfg = load_config(overrides=["env.scenario=1", "env.gap_features=true"])
+    env = make_env(cfg)
+    try:
+        blind = baseline_for(cfg, env.backend.dt)
+        obs, _ = env.reset(seed=0)
+        assert env.observation_space["vector"].shape == (55,) and obs["vector"].shape == (55,)
+        closing = []
+        for _ in range(400):
+            obs, _, terminated, _, info = env.step(blind(obs))
+            if terminated:
+                break
+            gap, speed = obs["vector"][-2:]
+            assert gap == pytest.approx(min(info["obstacle_distance"], 20.0) / 20.0)
+            if gap < 1:
+                closing.append(speed * SPEED_NORM)
+        assert np.mean(closing) > 3.0  # the traffic-blind driver closes on the stopped or crawling blocker
+    finally:
+        env.close()
+
+
 def test_the_privileged_driver_only_follows_where_the_route_is_one_lane():
     """With env.lane_change off it waits behind the blocker instead of leaving the route's lane."""
     cfg = load_config(overrides=["env.scenario=1", "env.lane_change=false", "env.max_episode_steps=300"])

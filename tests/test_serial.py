@@ -134,6 +134,16 @@ def test_serial_run_through_the_redis_replay_service_resumes_from_redis(tmp_path
     assert sizes[-1] == 260  # 200 read back from Redis at restart + 60 new
 
 
+def test_gap_features_run_end_to_end(tmp_path):
+    """env.gap_features widens the vector to 55 through the env, the chunks, the Redis replay, the
+    networks, the checkpoint and its evaluation."""
+    args = [*SMOKE, "--set", "replay.via_redis=true", "--set", "env.gap_features=true", "--logdir", str(tmp_path)]
+    assert main([*args, "--max-timesteps", "200"]) == 0
+    run_dir = latest_run(tmp_path)
+    assert values(run_dir, "replay/size")[-1][1] == 200
+    assert evaluate_main([str(run_dir), "--episodes", "1", "--seed", "500"]) == 0
+
+
 def test_nonfinite_env_steps_are_dropped_not_learned(tmp_path, small_cfg):
     import numpy as np
 

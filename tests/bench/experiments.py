@@ -258,6 +258,9 @@ LEARN_ARMS: dict[str, list[str]] = {
     # Issue 37: the rear-ends come in slow queues (the ego at 2-6 m/s into cars at 0-4 m/s); safety
     # charges up to 3 a step for following closer than 1.5 s, about half the step reward at 8 m/s.
     "default+headway": ["env.reward.headway_penalty=3"],
+    # Issue 37: the gap to the vehicle ahead and its closing speed in the vector (a range sensor's
+    # reading, CARLA's obstacle sensor), so that keeping the distance need not be read off the frames.
+    "default+gap": ["env.gap_features=true"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
     # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.

@@ -207,7 +207,7 @@ def sb3_update(device: torch.device, batch: int = BATCH) -> tuple[Callable[[], o
     from tests.bench.peer import features_extractor_class
 
     class SpacesOnly(gym.Env):
-        observation_space = observation_space()
+        observation_space = observation_space(load_config().env)
         action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
     size = 5000

@@ -24,7 +24,6 @@ import torch
 from actors.envs import make_env
 from actors.evaluator import evaluate
 from common.config import Config, load_config
-from common.driving import VECTOR_DIM
 from common.networks import FEATURE_DIM, NatureCNN
 
 PEERS = ("sb3-cnn", "sb3-vector")
@@ -36,7 +35,7 @@ def features_extractor_class() -> type:
 
     class OurFeatures(BaseFeaturesExtractor):
         def __init__(self, space: gym.spaces.Dict) -> None:
-            super().__init__(space, features_dim=FEATURE_DIM + VECTOR_DIM)
+            super().__init__(space, features_dim=FEATURE_DIM + space["vector"].shape[0])
             self.cnn = NatureCNN("layernorm")
 
         def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

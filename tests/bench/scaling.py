@@ -91,7 +91,7 @@ def run(runs: list[str], envs: list[int], whole: bool) -> dict[str, float | str]
     try:
         with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp), aof=False) as server:
             store = ray.remote(WeightStore).options(num_cpus=0).remote()
-            store.publish.remote(0, [ray.put(policy_to_bytes(policy_for(load_config().cnn)))])
+            store.publish.remote(0, [ray.put(policy_to_bytes(policy_for(load_config())))])
             if whole:
                 random_loop = actors_rate(server.url, store, 1, policy=False, raws=raws)
             per_k = {(name, k): actors_rate(server.url, store, 1, policy=True, envs=k, raws=raws, **RUNS[name])
