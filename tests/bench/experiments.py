@@ -261,6 +261,7 @@ LEARN_ARMS: dict[str, list[str]] = {
     # Issue 37: the gap to the vehicle ahead and its closing speed in the vector (a range sensor's
     # reading, CARLA's obstacle sensor), so that keeping the distance need not be read off the frames.
     "default+gap": ["env.gap_features=true"],
+    "default+gap+headway": ["env.gap_features=true", "env.reward.headway_penalty=3"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
     # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.
