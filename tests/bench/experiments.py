@@ -262,6 +262,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     # reading, CARLA's obstacle sensor), so that keeping the distance need not be read off the frames.
     "default+gap": ["env.gap_features=true"],
     "default+gap+headway": ["env.gap_features=true", "env.reward.headway_penalty=3"],
+    # Issue 37: one update per env step instead of the CPU profile's 0.5 (the CUDA profile's ratio).
+    "default+utd1": ["learner.updates_per_step=1"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
     # until 2026-12-05), default+pink-steer on both cameras; see results/README.md.
