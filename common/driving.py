@@ -68,8 +68,8 @@ class DrivingState:
     """Metres driven along the route since the episode started."""
     obstacle_distance: float = math.inf
     """Gap, m, from the ego's front bumper to the nearest vehicle ahead in its path, within
-    OBSTACLE_RANGE_M (inf when none); reported in info and scored by the headway penalty, not a
-    feature. The embedded simulator measures it bumper to bumper along the route, CARLA's obstacle
+    OBSTACLE_RANGE_M (inf when none); reported in info, scored by the headway penalty and, with
+    `EnvConfig.gap_features`, two vector features (`vector_features`). The embedded simulator measures it bumper to bumper along the route, CARLA's obstacle
     sensor from its mount to the other's surface, corrected to the bumper."""
     lookahead: np.ndarray = field(default_factory=lambda: np.zeros((LOOKAHEAD_POINTS, 2), np.float32))
     """(25, 2) route centre points ahead, in the ego frame (x forward, y left), m."""
