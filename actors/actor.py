@@ -46,7 +46,8 @@ class Actor:
     """For `learning_starts` steps uniform random actions, or the classical baseline's plus noise
     (`actors.warmup_actions`); then the policy plus Gaussian noise whose std decays linearly from
     `expl_noise_start` to `expl_noise_end`, times `noise_scale` (distributed actors spread their
-    scales, Ape-X style)."""
+    scales, Ape-X style), except in the `actors.guide_fraction` of episodes the warm-up driver
+    still drives."""
 
     def __init__(
         self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device, noise_scale: float = 1.0,
@@ -64,6 +65,8 @@ class Actor:
         warmup = cfg.actors.warmup_actions
         self.warmup = None if warmup == "uniform" or (warmup == "privileged" and surroundings is None) else \
             baseline_for(cfg, step_seconds(cfg), surroundings if warmup == "privileged" else None)
+        self.guided = False
+        """Whether the warm-up driver drives this training episode (`actors.guide_fraction`)."""
         self.last_policy_action: np.ndarray | None = None
         """The policy's action before noise at the last `select_action` (None while acting randomly)."""
         self.horizon = cfg.env.max_episode_steps
@@ -119,7 +122,7 @@ class Actor:
                       policy_action: np.ndarray | None = None) -> np.ndarray:
         """`policy_action`: the policy's action for `observation` when the caller already has it
         (one batched forward over several envs); computed here when not given."""
-        if not self.acts_on_policy(env_step):
+        if self.guided or not self.acts_on_policy(env_step):
             self.last_policy_action = None
             if self.warmup is None:
                 if self.cfg.warmup_actions != "uniform":
@@ -143,6 +146,8 @@ class Actor:
         self._draw_colored_noise()
         if self.warmup is not None:
             self.warmup.reset()
+            if self.cfg.guide_fraction > 0:
+                self.guided = bool(self.rng.random() < self.cfg.guide_fraction)
         if self.cfg.action_scaling:
             log.warning(
                 "actors.action_scaling is on: actions are limited to +/-%.2f. This is the seeds' temporary "

@@ -339,6 +339,11 @@ class TD3Config:
     pre-tanh output: keeps tanh out of saturation, where it has no gradient left; 0 turns it off."""
     pretanh_threshold: float = 2.5
     """|z| beyond which the pre-tanh penalty applies (tanh(2.5) = 0.987)."""
+    bc_weight: float = 0.0
+    """Q-filtered behaviour cloning (Nair et al., 2018): the actor loss adds bc_weight x mean|Q| x
+    the mean squared distance from the policy's action to each replayed action that critic 1 values
+    above the policy's own, so a driver's overtakes in the replay (`actors.guide_fraction`) are
+    copied where the critic agrees, not only followed by dQ/da from the policy's action; 0: off."""
     augment_shift: int = 4
     """DrQ random shift: pad each frame stack by this many pixels (replicate) and crop back to 84x84
     at a random offset, independently for image and next image of every sample; 0 turns it off.
@@ -486,6 +491,12 @@ class ActorsConfig:
     cap + stuck default (3 seeds, 30k steps): mean success 0.57 against uniform's 0.67
     (results/history.md). privileged: the privileged driver (IDM and gap-accepting lane changes on
     the simulator's truth) plus that noise, so the replay holds overtakes of the traffic in the way."""
+    guide_fraction: float = 0.0
+    """Share of the training episodes after learning starts that the `warmup_actions` driver
+    (baseline or privileged) drives, plus the exploration noise, drawn per episode; the rest the
+    policy drives. Keeps the driver's drives (overtakes, the route's far end) in the replay through
+    the run, not only before the first update (the train/ episode metrics count its episodes too;
+    eval/ is the policy's alone); 0: the policy drives every episode."""
     expl_noise_start: float = 0.1
     """Std of the Gaussian exploration noise when learning starts. 0.1 (= the end value, as SB3's
     TD3 peer): the old 0.3, decaying over 100,000 steps, still put a ~0.24 std on steering at
@@ -779,6 +790,11 @@ def validate(cfg: Config) -> None:
     _require(t.cnn_weight_decay >= 0, f"td3.cnn_weight_decay={t.cnn_weight_decay} must be >= 0")
     _require(t.actor_grad_clip > 0 and t.critic_grad_clip > 0, "td3.*_grad_clip must be > 0")
     _require(t.pretanh_penalty >= 0 and t.pretanh_threshold > 0, "td3.pretanh_penalty must be >= 0, td3.pretanh_threshold > 0")
+    _require(t.bc_weight >= 0, f"td3.bc_weight={t.bc_weight} must be >= 0")
+    ga = cfg.actors.guide_fraction
+    _require(0.0 <= ga <= 1.0, f"actors.guide_fraction={ga} must be in [0, 1]")
+    _require(ga == 0 or cfg.actors.warmup_actions != "uniform",
+             f"actors.guide_fraction={ga} needs a driver: actors.warmup_actions baseline or privileged, not uniform")
     _require(0 <= t.augment_shift <= 16, f"td3.augment_shift={t.augment_shift} must be in [0, 16] pixels")
     _require(t.critic_warmup_updates >= 0, f"td3.critic_warmup_updates={t.critic_warmup_updates} must be >= 0")
     _require(cfg.cnn.trunk_dim >= 0, f"cnn.trunk_dim={cfg.cnn.trunk_dim} must be >= 0 (0: no trunk)")

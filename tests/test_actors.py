@@ -112,6 +112,33 @@ def test_privileged_warmup_overtakes_the_traffic_in_the_way():
         env.close()
 
 
+def test_guided_episodes_are_driven_by_the_warmup_driver_after_learning_starts():
+    cfg = load_config(overrides=["actors.warmup_actions=baseline", "td3.learning_starts=0", "actors.guide_fraction=0.5",
+                                 "env.embedded.traffic=[0,0,0]", "actors.expl_noise_start=0", "actors.expl_noise_end=0"])
+    env = make_env(cfg, training=True)
+    actor = Actor(policy_for(cfg).eval(), cfg, np.random.default_rng(0), CPU, surroundings=env.backend.surroundings)
+    reference = baseline_for(cfg, env.backend.dt)
+    try:
+        guided = []
+        for episode in range(12):
+            obs, _ = env.reset(seed=episode)
+            actor.on_episode_start()
+            reference.reset()
+            action = actor.select_action(obs, 10_000)
+            driver = np.clip(reference(obs), -1.0, 1.0)
+            if actor.guided:
+                np.testing.assert_allclose(action, driver, atol=1e-6)
+                assert actor.last_policy_action is None
+            else:
+                np.testing.assert_allclose(action, actor.policy_action(obs), atol=1e-6)
+            guided.append(actor.guided)
+        assert 0 < sum(guided) < len(guided), "about half the episodes are guided, drawn per episode"
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="actors.guide_fraction=0.5 needs a driver"):
+        load_config(overrides=["actors.guide_fraction=0.5"])
+
+
 def test_slots_and_noise_scales_spread_over_every_env_of_the_run():
     cfg = load_config(overrides=["actors.num_actors=3", "actors.envs_per_actor=2"])
     slots = [rollout_slot(cfg, i, j) for i in range(3) for j in range(2)]

@@ -267,6 +267,11 @@ LEARN_ARMS: dict[str, list[str]] = {
     # training episodes start anywhere on the track, in either lane, the traffic placed around them.
     "default+gap+start-half-anywhere": ["env.gap_features=true", "env.embedded.training_start=anywhere",
                                         "env.embedded.training_start_fraction=0.5"],
+    # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
+    # (its overtakes and the route's far end stay in the replay), and the actor copies the replayed
+    # actions its critic values above its own (Q-filtered behaviour cloning, Nair et al. 2018).
+    "default+guide-bc": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25", "td3.bc_weight=0.5"],
+    "default+guide": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25"],
     # Issue 37: one update per env step instead of the CPU profile's 0.5 (the CUDA profile's ratio).
     "default+utd1": ["learner.updates_per_step=1"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
