@@ -69,6 +69,8 @@ class Actor:
         """Whether the warm-up driver drives this training episode (`actors.guide_fraction`)."""
         self.last_policy_action: np.ndarray | None = None
         """The policy's action before noise at the last `select_action` (None while acting randomly)."""
+        self.driver_acted = False
+        """Whether the last `select_action` was the warm-up driver's (warm-up or guided episode)."""
         self.horizon = cfg.env.max_episode_steps
         self._colored: np.ndarray | None = None
         self._draw_colored_noise()
@@ -122,6 +124,7 @@ class Actor:
                       policy_action: np.ndarray | None = None) -> np.ndarray:
         """`policy_action`: the policy's action for `observation` when the caller already has it
         (one batched forward over several envs); computed here when not given."""
+        self.driver_acted = self.warmup is not None and (self.guided or not self.acts_on_policy(env_step))
         if self.guided or not self.acts_on_policy(env_step):
             self.last_policy_action = None
             if self.warmup is None:

@@ -33,6 +33,7 @@ class ChunkAdder:
         self._rewards: list[float] = []
         self._terminated: list[bool] = []
         self._truncated: list[bool] = []
+        self._driver: list[bool] = []
 
     def reset(self, observation: dict[str, np.ndarray]) -> None:
         self.flush()
@@ -43,7 +44,8 @@ class ChunkAdder:
         self._vectors = [observation["vector"].copy()]
 
     def add(self, action: np.ndarray, reward: float, next_observation: dict[str, np.ndarray],
-            terminated: bool, truncated: bool, policy_version: int = 0) -> None:
+            terminated: bool, truncated: bool, policy_version: int = 0, driver: bool = False) -> None:
+        """`driver`: the action came from a driver (warm-up or guided episode), not the policy."""
         self.policy_version = policy_version
         self._frames.append(next_observation["image"][-1].copy())
         self._vectors.append(next_observation["vector"].copy())
@@ -51,6 +53,7 @@ class ChunkAdder:
         self._rewards.append(float(reward))
         self._terminated.append(bool(terminated))
         self._truncated.append(bool(truncated))
+        self._driver.append(bool(driver))
         if len(self._actions) >= self.chunk_steps or terminated or truncated:
             self.flush()
 
@@ -70,9 +73,10 @@ class ChunkAdder:
             rewards=np.asarray(self._rewards, np.float32),
             terminated=np.asarray(self._terminated),
             truncated=np.asarray(self._truncated),
+            driver=np.asarray(self._driver),
         ))
         self._start += t
         # The next chunk starts at k0' = k0 + T and needs f_{k0'-3} .. f_{k0'}.
         self._frames = self._frames[-(min(self._start, FRAME_STACK - 1) + 1):]
         self._vectors = self._vectors[-1:]
-        self._actions, self._rewards, self._terminated, self._truncated = [], [], [], []
+        self._actions, self._rewards, self._terminated, self._truncated, self._driver = [], [], [], [], []

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 
-OPTIONAL = ("indices", "weight")
+OPTIONAL = ("indices", "weight", "driver")
 """The fields a batch may lack."""
 
 
@@ -45,6 +45,9 @@ class Batch:
     priorities go (`replay_server.sampler`). None for a batch not drawn from a replay."""
     weight: torch.Tensor | None = None
     """(B,) float32 importance weights of a prioritized sampler; None: uniform, all 1."""
+    driver: torch.Tensor | None = None
+    """(B,) float32: 1 where the action came from a driver (warm-up or guided episode), not the
+    policy, what `td3.bc_weight` clones; None: not recorded, all 0."""
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device, **on_device: torch.Tensor) -> "Batch":
@@ -52,5 +55,6 @@ class Batch:
         already there (frame stacks gathered from a copy of the frames on the device)."""
         tensors = {f.name: on_device[f.name] if f.name in on_device else to_device(arrays[f.name], device)
                    for f in fields(cls) if f.name not in OPTIONAL}
-        weight = arrays.get("weight")
-        return cls(**tensors, indices=arrays.get("indices"), weight=None if weight is None else to_device(weight, device))
+        weight, driver = arrays.get("weight"), arrays.get("driver")
+        return cls(**tensors, indices=arrays.get("indices"), weight=None if weight is None else to_device(weight, device),
+                   driver=None if driver is None else to_device(driver, device))

@@ -17,7 +17,9 @@ Layout (little-endian):
              next-observation vector (D = 53, or 55 with env.gap_features)
     actions  (T, 2) float32
     rewards  (T,) float32
-    flags    (T,) uint8: bit 0 terminated (no bootstrap), bit 1 truncated (time limit)
+    flags    (T,) uint8: bit 0 terminated (no bootstrap), bit 1 truncated (time limit), bit 2
+             the action came from a driver (`actors.warmup_actions`), not the policy (clear in
+             chunks written before it existed)
 
 Decoding checks the magic, the version, every size against the bytes present and the
 decompressed frame size before touching the data; anything else is `ChunkError`.
@@ -41,7 +43,7 @@ HEADER = struct.Struct("<4sHIQIHHQI")
 VECTOR_LEN = struct.Struct("<H")  # version 2 on
 FRAME_BYTES = FRAME_SIZE * FRAME_SIZE
 MAX_STEPS = 4096  # far above any sane chunk; bounds what a decoder will allocate
-TERMINATED, TRUNCATED = 1, 2
+TERMINATED, TRUNCATED, DRIVER = 1, 2, 4
 
 
 class ChunkError(ValueError):
@@ -69,6 +71,8 @@ class Chunk:
     """(T,) bool."""
     truncated: np.ndarray
     """(T,) bool."""
+    driver: np.ndarray | None = None
+    """(T,) bool: the action came from a driver (warm-up or guided episode), not the policy; None: none did."""
 
     @property
     def steps(self) -> int:
@@ -100,6 +104,8 @@ def encode(chunk: Chunk) -> bytes:
             raise ChunkError(f"chunk {name} must be {shape} {np.dtype(dtype)}, got {value.shape} {value.dtype}")
     frames = lz4.block.compress(np.ascontiguousarray(chunk.frames).tobytes(), store_size=False)
     flags = chunk.terminated.astype(np.uint8) * TERMINATED | chunk.truncated.astype(np.uint8) * TRUNCATED
+    if chunk.driver is not None:
+        flags |= chunk.driver.astype(np.uint8) * DRIVER
     header = HEADER.pack(
         MAGIC, VERSION, chunk.actor_id, chunk.episode_id, chunk.start_step, t, n, chunk.policy_version, len(frames)
     )
@@ -161,4 +167,5 @@ def decode(data: bytes, vector_dim: int | None = None) -> Chunk:
         rewards=section(3, np.float32, (t,)),
         terminated=(flags & TERMINATED).astype(bool),
         truncated=(flags & TRUNCATED).astype(bool),
+        driver=(flags & DRIVER).astype(bool),
     )

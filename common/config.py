@@ -340,10 +340,14 @@ class TD3Config:
     pretanh_threshold: float = 2.5
     """|z| beyond which the pre-tanh penalty applies (tanh(2.5) = 0.987)."""
     bc_weight: float = 0.0
-    """Q-filtered behaviour cloning (Nair et al., 2018): the actor loss adds bc_weight x mean|Q| x
-    the mean squared distance from the policy's action to each replayed action that critic 1 values
-    above the policy's own, so a driver's overtakes in the replay (`actors.guide_fraction`) are
-    copied where the critic agrees, not only followed by dQ/da from the policy's action; 0: off."""
+    """Behaviour cloning of the driver's actions in the replay (`actors.warmup_actions`,
+    `actors.guide_fraction`), as TD3+BC (Fujimoto & Gu, 2021) scales it: the actor loss adds
+    bc_weight x mean|Q| x the batch mean of the squared distance from the policy's action to the
+    replayed one on the driver's transitions, so its overtakes are copied, not only found by dQ/da
+    from the policy's own action; 0: off."""
+    bc_q_filter: bool = False
+    """Clone a driver's action only where critic 1 values it above the policy's own (Nair et al.,
+    2018's Q filter), so cloning fades where the policy is better."""
     augment_shift: int = 4
     """DrQ random shift: pad each frame stack by this many pixels (replicate) and crop back to 84x84
     at a random offset, independently for image and next image of every sample; 0 turns it off.

@@ -34,13 +34,13 @@ TAGS: dict[str, str] = {
     "train/updates": "Learner updates so far (critic steps).",
     "train/critic_loss": ("Sum of both critics' MSE to the TD target (weighted by the importance weights with "
                           "replay.sampler=per; LAP's Huber with lap)."),
-    "train/actor_loss": "-Q1(s, pi(s)) plus the pre-tanh penalty (and the Q-filtered behaviour cloning term), on "
+    "train/actor_loss": "-Q1(s, pi(s)) plus the pre-tanh penalty (and the behaviour cloning term, `td3.bc_weight`), on "
                         "actor-update steps only.",
     "train/pretanh_penalty": "The actor's pre-tanh penalty term (mean relu(|z| - threshold)^2).",
-    "train/bc_loss": "With `td3.bc_weight` > 0: mean squared distance from the policy's action to the replayed "
-                     "actions that passed the Q filter (0 for the others).",
-    "train/bc_filter_share": "With `td3.bc_weight` > 0: share of the batch whose replayed action critic 1 values "
-                             "above the policy's.",
+    "train/bc_loss": "With `td3.bc_weight` > 0: batch mean of the squared distance from the policy's action to the "
+                     "replayed one on the cloned transitions (0 for the others).",
+    "train/bc_share": "With `td3.bc_weight` > 0: share of the batch cloned: the driver's transitions (with "
+                      "`td3.bc_q_filter`, those whose action critic 1 values above the policy's).",
     "debug/q*_mean": "Mean Q of critic 1 or 2 on the sampled batch.",
     "debug/q_target_mean": "Mean TD target r + gamma^k (1 - done) min Q' on the sampled batch.",
     "debug/td_error_q*": "Mean |Q - target| of critic 1 or 2.",

@@ -282,20 +282,24 @@ class TD3:
             loss = -q1.mean() + t.pretanh_penalty * penalty
             metrics = {"train/pretanh_penalty": penalty.detach()}
             if t.bc_weight > 0:
-                bc, metrics["train/bc_filter_share"] = self.q_filtered_bc(batch, critic_features, action, q1.detach())
+                bc, metrics["train/bc_share"] = self.behaviour_cloning(batch, critic_features, action, q1.detach())
                 loss = loss + t.bc_weight * q1.detach().abs().mean() * bc
                 metrics["train/bc_loss"] = bc.detach()
         metrics |= {**feature_stats("cnn_", features), **action_stats(z.detach(), action.detach())}
         return loss, action.detach(), metrics
 
-    def q_filtered_bc(self, batch: Batch, critic_features: Tensor, action: Tensor, q_policy: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean squared distance from `action` to the replayed actions critic 1 values above
-        `q_policy`, the share of the batch that passed that filter)."""
+    def behaviour_cloning(self, batch: Batch, critic_features: Tensor, action: Tensor,
+                          q_policy: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean over the batch of the squared distance from `action` to the replayed action, on
+        the transitions a driver acted in, with `td3.bc_q_filter` only where critic 1 values that
+        action above `q_policy`; the share of the batch cloned)."""
         with torch.no_grad():
-            q_replayed = self.critic.heads(critic_features.float(), batch.vector, batch.action)[0]
-            better = (q_replayed > q_policy).float()
+            cloned = batch.driver if batch.driver is not None else torch.zeros_like(q_policy)
+            if self.cfg.bc_q_filter:
+                q_replayed = self.critic.heads(critic_features.float(), batch.vector, batch.action)[0]
+                cloned = cloned * (q_replayed > q_policy).float()
         distance = (action - batch.action).square().sum(dim=1)
-        return (better * distance).mean(), better.mean()
+        return (cloned * distance).mean(), cloned.mean()
 
     def update_actor(self, batch: Batch, critic_features: Tensor | None = None, allowed: Tensor | None = None) -> dict[str, Tensor]:
         """`critic_features`: the critic CNN's (detached) features of `batch.image`, as the critic

@@ -48,6 +48,8 @@ class FrameRing:
         self.action = np.zeros((n, ACTION_DIM), np.float32)
         self.reward = np.zeros((n,), np.float32)
         self.done = np.zeros((n,), np.float32)
+        self.driver = np.zeros((n,), np.float32)
+        """1 where the action came from a driver (warm-up or guided episode), not the policy."""
         self.successor = np.full((n,), -1, np.int64)
         self.frames_added = 0  # next frame id
         self.head = 0  # transitions ever added
@@ -72,7 +74,8 @@ class FrameRing:
         return fid
 
     def add_transition(
-        self, frame_ids: np.ndarray, vector: np.ndarray, action: np.ndarray, reward: float, next_vector: np.ndarray, done: bool
+        self, frame_ids: np.ndarray, vector: np.ndarray, action: np.ndarray, reward: float, next_vector: np.ndarray, done: bool,
+        driver: bool = False,
     ) -> int:
         """Stores one transition and returns its global index."""
         if len(self) == self.capacity:
@@ -84,6 +87,7 @@ class FrameRing:
         self.reward[i] = reward
         self.next_vector[i] = next_vector
         self.done[i] = float(done)
+        self.driver[i] = float(driver)
         self.successor[i] = -1
         self.head += 1
         return self.head - 1
@@ -111,9 +115,10 @@ class FrameRing:
         ids += [self.add_frame(f) for f in chunk.frames[len(ids):]]
         stacks = np.asarray(ids, np.int64)[chunk.stack_rows()]
         previous = known[2] if known is not None and known[0] == chunk.start_step else -1
+        driver = chunk.driver if chunk.driver is not None else np.zeros(chunk.steps, bool)
         for i in range(chunk.steps):
             current = self.add_transition(stacks[i], chunk.vectors[i], chunk.actions[i], float(chunk.rewards[i]),
-                                          chunk.vectors[i + 1], bool(chunk.terminated[i]))
+                                          chunk.vectors[i + 1], bool(chunk.terminated[i]), bool(driver[i]))
             if previous >= 0:
                 self._link(previous, current)
             previous = current
@@ -154,11 +159,12 @@ class FrameRing:
             "next_vector": self.next_vector[last],
             "done": self.done[last],
             "discount": discount.astype(np.float32),
+            "driver": self.driver[idx],
         }
 
     # -- persistence (numpy arrays only; loaded with allow_pickle=False) --------------------
     _FRAME_ARRAYS = ("frames",)
-    _TRANSITION_ARRAYS = ("frame_ids", "vector", "next_vector", "action", "reward", "done", "successor")
+    _TRANSITION_ARRAYS = ("frame_ids", "vector", "next_vector", "action", "reward", "done", "successor", "driver")
 
     def state(self) -> dict[str, np.ndarray]:
         """The filled part of every array (a fresh ring saves small) plus the counters."""
@@ -177,8 +183,8 @@ class FrameRing:
         filled = {k: min(frames_added, frame_capacity) for k in cls._FRAME_ARRAYS}
         filled |= {k: min(head, capacity) for k in cls._TRANSITION_ARRAYS}
         for k, n in filled.items():
-            if k == "successor" and k not in state:
-                continue  # saved before n-step links existed: no links, so 1-step samples
+            if k in ("successor", "driver") and k not in state:
+                continue  # saved before n-step links (no links: 1-step samples) or driver marks (none)
             target = getattr(ring, k)[:n]
             if state[k].shape != target.shape or state[k].dtype != target.dtype:
                 raise ValueError(f"replay state array '{k}' is {state[k].shape} {state[k].dtype}, "

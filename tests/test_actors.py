@@ -126,6 +126,7 @@ def test_guided_episodes_are_driven_by_the_warmup_driver_after_learning_starts()
             reference.reset()
             action = actor.select_action(obs, 10_000)
             driver = np.clip(reference(obs), -1.0, 1.0)
+            assert actor.driver_acted == actor.guided
             if actor.guided:
                 np.testing.assert_allclose(action, driver, atol=1e-6)
                 assert actor.last_policy_action is None

@@ -4,6 +4,7 @@ import pytest
 from actors.adder import ChunkAdder
 from actors.envs import make_env
 from common.config import load_config
+from common.chunk import decode, encode
 from replay_server.ring import FrameRing
 from replay_server.sampler import UniformSampler, sample
 
@@ -113,6 +114,27 @@ def test_state_round_trip(recorded, tmp_path):
     for k, v in ring.gather(idx).items():
         np.testing.assert_array_equal(again.gather(idx)[k], v)
     assert (again.head, again.tail, again.frames_added) == (ring.head, ring.tail, ring.frames_added)
+
+
+def test_driver_marks_travel_from_the_adder_to_the_batch_and_an_old_state_has_none(recorded, tmp_path):
+    """The transitions a driver acted in (warm-up, guided episodes) are marked through the chunk's
+    flags, the ring and its saved state; a ring saved before the marks loads with none."""
+    transitions, resets = recorded
+    ring = FrameRing(capacity=200)
+    adder = ChunkAdder(actor_id=0, chunk_steps=8, sink=lambda c: ring.add_chunk(decode(encode(c))))
+    resets_left = iter(resets)
+    adder.reset(next(resets_left))
+    for k, (obs, action, reward, nxt, terminated, truncated) in enumerate(transitions):
+        adder.add(action, float(reward), nxt, terminated, truncated, driver=k % 3 == 0)
+        if terminated or truncated:
+            adder.reset(next(resets_left))
+    adder.flush()
+    idx = np.arange(len(transitions))
+    np.testing.assert_array_equal(ring.gather(idx)["driver"], (idx % 3 == 0).astype(np.float32))
+    state = ring.state()
+    np.testing.assert_array_equal(FrameRing.from_state(state).gather(idx)["driver"], ring.gather(idx)["driver"])
+    del state["driver"]
+    assert not FrameRing.from_state(state).gather(idx)["driver"].any()
 
 
 def test_empty_ring_refuses_to_sample():

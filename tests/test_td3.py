@@ -296,24 +296,29 @@ def test_pretanh_penalty_pulls_a_saturated_actor_back():
     assert saturated[0] < 1e-3 < saturated[1]  # tanh at the bound has no gradient; the penalty does
 
 
-def test_q_filtered_bc_pulls_the_actor_to_the_replayed_actions_the_critic_prefers():
+@pytest.mark.parametrize("q_filter", [False, True])
+def test_behaviour_cloning_pulls_the_actor_to_the_drivers_actions(q_filter):
     batch = tiny_batch(b=8)
+    batch.driver = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.float32)
     plain = make_agent("td3.actor_encoder=own")
-    cloning = make_agent("td3.actor_encoder=own", "td3.bc_weight=1.0")
+    cloning = make_agent("td3.actor_encoder=own", "td3.bc_weight=0.5", f"td3.bc_q_filter={q_filter}")
     with torch.no_grad():
         features = cloning.critic.cnn(batch.image)
         action = cloning.actor(batch.image, batch.vector)
         q_policy = cloning.critic.heads(features, batch.vector, action)[0]
         q_replayed = cloning.critic.heads(features, batch.vector, batch.action)[0]
-    better = (q_replayed > q_policy).float()
-    assert 0 < better.sum() < 8, "the filter passes some samples and not others"
-    expected_bc = (better * (action - batch.action).square().sum(1)).mean()
+    cloned = batch.driver * ((q_replayed > q_policy).float() if q_filter else 1.0)
+    if q_filter:
+        assert 0 < cloned.sum() < batch.driver.sum(), "the filter passes some of the driver's actions, not all"
+    expected_bc = (cloned * (action - batch.action).square().sum(1)).mean()
     m, p = cloning.update_actor(batch), plain.update_actor(batch)
-    assert m["train/bc_filter_share"] == pytest.approx(float(better.mean()))
-    assert m["train/bc_loss"] == pytest.approx(float(expected_bc), rel=1e-5)
-    scale = float(q_policy.abs().mean())
+    assert float(m["train/bc_share"]) == pytest.approx(float(cloned.mean()))
+    assert float(m["train/bc_loss"]) == pytest.approx(float(expected_bc), rel=1e-5)
+    scale = 0.5 * float(q_policy.abs().mean())
     assert float(m["train/actor_loss"]) == pytest.approx(float(p["train/actor_loss"]) + scale * float(expected_bc), rel=1e-4)
     assert "train/bc_loss" not in p
+    unmarked = make_agent("td3.actor_encoder=own", "td3.bc_weight=0.5").update_actor(tiny_batch(b=8))
+    assert float(unmarked["train/bc_share"]) == 0.0, "a batch without driver marks clones nothing"
 
 
 def test_actor_on_the_critic_encoder_leaves_the_actor_cnn_to_the_critic():

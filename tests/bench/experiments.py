@@ -268,8 +268,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+gap+start-half-anywhere": ["env.gap_features=true", "env.embedded.training_start=anywhere",
                                         "env.embedded.training_start_fraction=0.5"],
     # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
-    # (its overtakes and the route's far end stay in the replay), and the actor copies the replayed
-    # actions its critic values above its own (Q-filtered behaviour cloning, Nair et al. 2018).
+    # (its overtakes and the route's far end stay in the replay), and the actor loss clones its
+    # actions there (TD3+BC's scaling), so overtakes need not be strung together by Gaussian noise.
     "default+guide-bc": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25", "td3.bc_weight=0.5"],
     "default+guide": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25"],
     # Issue 37: one update per env step instead of the CPU profile's 0.5 (the CUDA profile's ratio).
