@@ -57,6 +57,10 @@ class RewardConfig:
     """Safety penalty on the step of a collision."""
     off_road_penalty: float = 10.0
     """Safety penalty on a step spent off the drivable road."""
+    stuck_penalty: float = 0.0
+    """Safety penalty on the step that ends an episode as 'stuck' (env.stuck_after_s): 0 leaves a
+    standstill on a clear road worth the 0 it earns, which beats a collision, so a policy unsure of
+    the road ahead can settle into braking there for good."""
     lane_invasion_penalty: float = 1.0
     """Safety penalty on the step a lane marking is crossed (counted once, in safety only)."""
     headway_penalty: float = 0.0

@@ -204,7 +204,8 @@ def reward_components(
     Jerk uses the acceleration stored in `prev`, the same state the previous step was scored
     on, so it is consistent across steps (the old system mixed two sources). A lane invasion is
     penalised once, in safety; lane keeping only sees the continuous offset and heading. Safety
-    also charges following closer than `r.headway_s` (`headway_shortfall`), every step.
+    also charges following closer than `r.headway_s` (`headway_shortfall`), every step, and
+    `r.stuck_penalty` on the step that ends the episode as 'stuck'.
     """
     r = cfg.reward
     efficiency = float(np.clip(1.0 - abs(state.speed - r.target_speed) / r.target_speed, -1.0, 1.0))
@@ -220,6 +221,7 @@ def reward_components(
         + r.off_road_penalty * state.off_road
         + r.lane_invasion_penalty * state.lane_invasion
         + r.headway_penalty * headway_shortfall(state, r)
+        + r.stuck_penalty * (reason == "stuck")
     )
     gained = state.progress - prev.progress
     if r.progress_speed_cap:

@@ -168,10 +168,12 @@ def test_braking_stops_the_car_and_never_reverses_it(env):
     assert info["speed"] > 0.0  # and drives off again
 
 
-@pytest.mark.parametrize("stuck_after_s", [3.0, 0.0])
-def test_a_car_stopped_on_a_clear_road_ends_the_episode_as_stuck(stuck_after_s):
-    """Terminal, not a timeout: a standstill's value is the 0 it earns, not the critic's guess."""
-    e = make_env(load_config(overrides=["env.embedded.traffic=[0,0,0]", f"env.stuck_after_s={stuck_after_s}"]))
+@pytest.mark.parametrize("stuck_after_s, stuck_penalty", [(3.0, 0.0), (0.0, 0.0), (3.0, 10.0)])
+def test_a_car_stopped_on_a_clear_road_ends_the_episode_as_stuck(stuck_after_s, stuck_penalty):
+    """Terminal, not a timeout: a standstill's value is the 0 it earns, not the critic's guess,
+    less `env.reward.stuck_penalty` on the last step."""
+    e = make_env(load_config(overrides=["env.embedded.traffic=[0,0,0]", f"env.stuck_after_s={stuck_after_s}",
+                                        f"env.reward.stuck_penalty={stuck_penalty}"]))
     try:
         e.reset(seed=0)
         stopped_at = None
@@ -184,7 +186,7 @@ def test_a_car_stopped_on_a_clear_road_ends_the_episode_as_stuck(stuck_after_s):
         assert stopped_at is not None and not truncated
         if stuck_after_s:
             assert info["termination"] == "stuck" and step - stopped_at == 29  # the 30th stopped step
-            assert info["obstacle_distance"] == math.inf and reward == pytest.approx(0.0, abs=1e-6)
+            assert info["obstacle_distance"] == math.inf and reward == pytest.approx(-stuck_penalty, abs=1e-6)
         else:
             assert not terminated and info["termination"] is None
     finally:

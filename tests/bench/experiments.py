@@ -272,6 +272,11 @@ LEARN_ARMS: dict[str, list[str]] = {
     # actions there (TD3+BC's scaling), so overtakes need not be strung together by Gaussian noise.
     "default+guide-bc": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25", "td3.bc_weight=0.5"],
     "default+guide": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25"],
+    # Issue 37: default+guide-bc's held-out episodes end stuck (0.95 on seed 1): braking hard at a
+    # standstill with the road ahead clear, where stopping is worth 0 and a collision -10. The
+    # stuck termination charges the collision's 10 too.
+    "default+guide-bc+stuck-10": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25", "td3.bc_weight=0.5",
+                                  "env.reward.stuck_penalty=10"],
     # Issue 37: one update per env step instead of the CPU profile's 0.5 (the CUDA profile's ratio).
     "default+utd1": ["learner.updates_per_step=1"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
