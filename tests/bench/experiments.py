@@ -277,6 +277,12 @@ LEARN_ARMS: dict[str, list[str]] = {
     # stuck termination charges the collision's 10 too.
     "default+guide-bc+stuck-10": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25", "td3.bc_weight=0.5",
                                   "env.reward.stuck_penalty=10"],
+    # Issue 37: with the stuck penalty half of the held-out episodes still end stuck, the policy holding
+    # the brake at a standstill as the car ahead drives off: the driver's many steps held behind a car
+    # teach "stopped: keep braking" (the inertia problem of driving behaviour cloning, Codevilla et al.
+    # 2019). The Q filter clones the driver only where the critic values its action above the policy's.
+    "default+guide-bc+stuck-10+qfilter": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25",
+                                          "td3.bc_weight=0.5", "env.reward.stuck_penalty=10", "td3.bc_q_filter=true"],
     # Issue 37: one update per env step instead of the CPU profile's 0.5 (the CUDA profile's ratio).
     "default+utd1": ["learner.updates_per_step=1"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
