@@ -124,8 +124,9 @@ class Actor:
                       policy_action: np.ndarray | None = None) -> np.ndarray:
         """`policy_action`: the policy's action for `observation` when the caller already has it
         (one batched forward over several envs); computed here when not given."""
-        self.driver_acted = self.warmup is not None and (self.guided or not self.acts_on_policy(env_step))
-        if self.guided or not self.acts_on_policy(env_step):
+        by_driver = self.guided or not self.acts_on_policy(env_step)
+        self.driver_acted = by_driver and self.warmup is not None
+        if by_driver:
             self.last_policy_action = None
             if self.warmup is None:
                 if self.cfg.warmup_actions != "uniform":

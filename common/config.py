@@ -803,6 +803,8 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= ga <= 1.0, f"actors.guide_fraction={ga} must be in [0, 1]")
     _require(ga == 0 or cfg.actors.warmup_actions != "uniform",
              f"actors.guide_fraction={ga} needs a driver: actors.warmup_actions baseline or privileged, not uniform")
+    _require(t.bc_weight == 0 or cfg.actors.warmup_actions != "uniform",
+             f"td3.bc_weight={t.bc_weight} clones a driver's actions: actors.warmup_actions must be baseline or privileged")
     _require(0 <= t.augment_shift <= 16, f"td3.augment_shift={t.augment_shift} must be in [0, 16] pixels")
     _require(t.critic_warmup_updates >= 0, f"td3.critic_warmup_updates={t.critic_warmup_updates} must be >= 0")
     _require(cfg.cnn.trunk_dim >= 0, f"cnn.trunk_dim={cfg.cnn.trunk_dim} must be >= 0 (0: no trunk)")

@@ -138,6 +138,8 @@ def test_guided_episodes_are_driven_by_the_warmup_driver_after_learning_starts()
         env.close()
     with pytest.raises(ValueError, match="actors.guide_fraction=0.5 needs a driver"):
         load_config(overrides=["actors.guide_fraction=0.5"])
+    with pytest.raises(ValueError, match="td3.bc_weight=0.5 clones a driver's actions"):
+        load_config(overrides=["td3.bc_weight=0.5"])
 
 
 def test_slots_and_noise_scales_spread_over_every_env_of_the_run():

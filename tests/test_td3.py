@@ -301,7 +301,8 @@ def test_behaviour_cloning_pulls_the_actor_to_the_drivers_actions(q_filter):
     batch = tiny_batch(b=8)
     batch.driver = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.float32)
     plain = make_agent("td3.actor_encoder=own")
-    cloning = make_agent("td3.actor_encoder=own", "td3.bc_weight=0.5", f"td3.bc_q_filter={q_filter}")
+    cloning = make_agent("td3.actor_encoder=own", "actors.warmup_actions=privileged", "td3.bc_weight=0.5",
+                         f"td3.bc_q_filter={q_filter}")
     with torch.no_grad():
         features = cloning.critic.cnn(batch.image)
         action = cloning.actor(batch.image, batch.vector)
@@ -317,7 +318,8 @@ def test_behaviour_cloning_pulls_the_actor_to_the_drivers_actions(q_filter):
     scale = 0.5 * float(q_policy.abs().mean())
     assert float(m["train/actor_loss"]) == pytest.approx(float(p["train/actor_loss"]) + scale * float(expected_bc), rel=1e-4)
     assert "train/bc_loss" not in p
-    unmarked = make_agent("td3.actor_encoder=own", "td3.bc_weight=0.5").update_actor(tiny_batch(b=8))
+    unmarked = make_agent("td3.actor_encoder=own", "actors.warmup_actions=privileged", "td3.bc_weight=0.5")
+    unmarked = unmarked.update_actor(tiny_batch(b=8))
     assert float(unmarked["train/bc_share"]) == 0.0, "a batch without driver marks clones nothing"
 
 
