@@ -69,8 +69,6 @@ class Actor:
         """Whether the warm-up driver drives this training episode (`actors.guide_fraction`)."""
         self.last_policy_action: np.ndarray | None = None
         """The policy's action before noise at the last `select_action` (None while acting randomly)."""
-        self.driver_acted = False
-        """Whether the last `select_action` was the warm-up driver's (warm-up or guided episode)."""
         self.horizon = cfg.env.max_episode_steps
         self._colored: np.ndarray | None = None
         self._draw_colored_noise()
@@ -124,9 +122,7 @@ class Actor:
                       policy_action: np.ndarray | None = None) -> np.ndarray:
         """`policy_action`: the policy's action for `observation` when the caller already has it
         (one batched forward over several envs); computed here when not given."""
-        by_driver = self.guided or not self.acts_on_policy(env_step)
-        self.driver_acted = by_driver and self.warmup is not None
-        if by_driver:
+        if self.guided or not self.acts_on_policy(env_step):
             self.last_policy_action = None
             if self.warmup is None:
                 if self.cfg.warmup_actions != "uniform":
@@ -139,6 +135,12 @@ class Actor:
             self.last_policy_action = self.policy_action(observation) if policy_action is None else policy_action
             action = self.last_policy_action + self._noise(env_step)
         return self.limit(np.clip(action, -1.0, 1.0).astype(np.float32))
+
+    @property
+    def driver_acted(self) -> bool:
+        """Whether the last `select_action` was the warm-up driver's (warm-up or guided episode),
+        not the policy's nor uniform noise."""
+        return self.warmup is not None and self.last_policy_action is None
 
     def limit(self, action: np.ndarray) -> np.ndarray:
         if not self.cfg.action_scaling:
