@@ -69,8 +69,9 @@ class DrivingState:
     obstacle_distance: float = math.inf
     """Gap, m, from the ego's front bumper to the nearest vehicle ahead in its path, within
     OBSTACLE_RANGE_M (inf when none); reported in info, scored by the headway penalty and, with
-    `EnvConfig.gap_features`, two vector features (`vector_features`). The embedded simulator measures it bumper to bumper along the route, CARLA's obstacle
-    sensor from its mount to the other's surface, corrected to the bumper."""
+    `EnvConfig.gap_features`, two vector features (`vector_features`). The embedded simulator
+    measures it bumper to bumper along the route, CARLA's obstacle sensor from its mount to the
+    other's surface, corrected to the bumper."""
     lookahead: np.ndarray = field(default_factory=lambda: np.zeros((LOOKAHEAD_POINTS, 2), np.float32))
     """(25, 2) route centre points ahead, in the ego frame (x forward, y left), m."""
 
