@@ -216,6 +216,8 @@ def experiment_norm(steps: int, arms: list[str], seed: int, overrides: list[str]
 # -- the learning experiment: arms x training seeds, held-out final evaluation ----------------------
 # Each arm is a set of overrides on top of CPU_FRIENDLY (and the learn budget); "seeds" is the seeds'
 # arrangement (deploy/configs/seeds.yaml), the others isolate one change on either side of it.
+GUIDE = ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25"]
+"""The privileged driver drives a quarter of the training episodes (issue 37's guide arms)."""
 LEARN_ARMS: dict[str, list[str]] = {
     "default": [],
     "seeds": ["--config", "deploy/configs/seeds.yaml"],
@@ -270,19 +272,18 @@ LEARN_ARMS: dict[str, list[str]] = {
     # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
     # (its overtakes and the route's far end stay in the replay), and the actor loss clones its
     # actions there (TD3+BC's scaling), so overtakes need not be strung together by Gaussian noise.
-    "default+guide-bc": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25", "td3.bc_weight=0.5"],
-    "default+guide": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25"],
+    "default+guide-bc": [*GUIDE, "td3.bc_weight=0.5"],
+    "default+guide": [*GUIDE],
     # Issue 37: default+guide-bc's held-out episodes end stuck (0.95 on seed 1): braking hard at a
     # standstill with the road ahead clear, where stopping is worth 0 and a collision -10. The
     # stuck termination charges the collision's 10 too.
-    "default+guide-bc+stuck-10": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25", "td3.bc_weight=0.5",
-                                  "env.reward.stuck_penalty=10"],
+    "default+guide-bc+stuck-10": [*GUIDE, "td3.bc_weight=0.5", "env.reward.stuck_penalty=10"],
     # Issue 37: with the stuck penalty half of the held-out episodes still end stuck, the policy holding
     # the brake at a standstill as the car ahead drives off: the driver's many steps held behind a car
     # teach "stopped: keep braking" (the inertia problem of driving behaviour cloning, Codevilla et al.
     # 2019). The Q filter clones the driver only where the critic values its action above the policy's.
-    "default+guide-bc+stuck-10+qfilter": ["actors.warmup_actions=privileged", "actors.guide_fraction=0.25",
-                                          "td3.bc_weight=0.5", "env.reward.stuck_penalty=10", "td3.bc_q_filter=true"],
+    "default+guide-bc+stuck-10+qfilter": [*GUIDE, "td3.bc_weight=0.5", "env.reward.stuck_penalty=10",
+                                          "td3.bc_q_filter=true"],
     # Issue 37: one update per env step instead of the CPU profile's 0.5 (the CUDA profile's ratio).
     "default+utd1": ["learner.updates_per_step=1"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
