@@ -74,6 +74,10 @@ class DrivingState:
     other's surface, corrected to the bumper."""
     lookahead: np.ndarray = field(default_factory=lambda: np.zeros((LOOKAHEAD_POINTS, 2), np.float32))
     """(25, 2) route centre points ahead, in the ego frame (x forward, y left), m."""
+    lane_offset: float | None = None
+    """Signed distance, m, from the centre of the lane the car is in, a lane that goes the route's
+    way (positive left): what lane keeping scores with `RewardConfig.lane_keeping_reference` 'lane'.
+    None off every such lane; the route's offset stands in."""
 
 
 @dataclass
@@ -204,13 +208,17 @@ def reward_components(
 
     Jerk uses the acceleration stored in `prev`, the same state the previous step was scored
     on, so it is consistent across steps (the old system mixed two sources). A lane invasion is
-    penalised once, in safety; lane keeping only sees the continuous offset and heading. Safety
+    penalised once, in safety; lane keeping only sees the continuous offset (from the route's
+    centre or the car's lane's, `r.lane_keeping_reference`) and heading. Safety
     also charges following closer than `r.headway_s` (`headway_shortfall`), every step, and
     `r.stuck_penalty` on the step that ends the episode as 'stuck'.
     """
     r = cfg.reward
     efficiency = float(np.clip(1.0 - abs(state.speed - r.target_speed) / r.target_speed, -1.0, 1.0))
-    offset_term = 1.0 - min(abs(state.lateral_offset) / cfg.max_lateral_deviation_m, 1.0)
+    offset = state.lateral_offset
+    if r.lane_keeping_reference == "lane" and state.lane_offset is not None:
+        offset = state.lane_offset
+    offset_term = 1.0 - min(abs(offset) / cfg.max_lateral_deviation_m, 1.0)
     heading_term = 1.0 - min(abs(state.heading_error) / (math.pi / 2), 1.0)
     lane_keeping = offset_term * heading_term
     if r.lane_keeping_speed_gate:

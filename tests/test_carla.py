@@ -26,7 +26,7 @@ from actors.actor import Actor
 from actors.adder import ChunkAdder
 from actors.baseline import baseline_for
 from actors.envs import check_backend, make_env
-from actors.envs.carla_env import CarlaSession
+from actors.envs.carla_env import CarlaSession, _offset_from
 from actors.envs.carla_server import (
     PORTS_PER_SERVER,
     SLOT_SPAN,
@@ -385,6 +385,17 @@ def test_lateral_offset_is_signed_and_lane_invasion_counted_once(tmp_path, carla
         assert info["rewards"]["safety"] <= 0
     finally:
         env.close()
+
+
+def test_the_lane_offset_is_from_the_centre_of_the_waypoints_lane(carla_double):
+    """The map's waypoint sits on its lane's centre: the offset from it is 0 there and one lane
+    width, signed as the route's offset (positive left), on the centre of the lane beside it."""
+    for theta in (0.3, 2.0, 4.0):
+        inner, route = carla_double.Waypoint(theta, -1), carla_double.Waypoint(theta, 0)
+        at = [np.array([w.transform.location.x, -w.transform.location.y]) for w in (inner, route)]
+        assert _offset_from(inner, at[0]) == pytest.approx(0.0, abs=1e-9)
+        assert _offset_from(inner, at[1]) == pytest.approx(3.5)  # the route's lane is left of the inner one
+        assert _offset_from(route, at[0]) == pytest.approx(-3.5)
 
 
 def test_surroundings_report_the_traffic_in_route_coordinates(tmp_path, carla_double):

@@ -203,6 +203,18 @@ def test_a_stop_behind_an_obstacle_is_a_wait_not_stuck():
     assert termination(clear, 10, cfg, stopped_s=2.9) == (False, False, None)
 
 
+@pytest.mark.parametrize("reference, lane_offset, pays", [
+    ("route", 0.0, 0.0),  # in the other lane, centred in it: nothing, whatever the car does there
+    ("lane", 0.0, 1.0),
+    ("lane", 1.25, 0.5),
+    ("lane", None, 0.0),  # off every lane that goes the route's way: the route's offset stands in
+])
+def test_lane_keeping_measures_from_the_routes_centre_or_the_cars_lane(reference, lane_offset, pays):
+    cfg = load_config(overrides=[f"env.reward.lane_keeping_reference={reference}"]).env
+    state = _state(lateral_offset=5.0, lane_offset=lane_offset)
+    assert reward_components(state, _state(), 0.1, None, cfg)["lane_keeping"] == pytest.approx(pays)
+
+
 def test_the_headway_penalty_charges_following_closer_than_the_time_gap():
     r = load_config(overrides=["env.reward.headway_penalty=3", "env.reward.headway_s=1.5"]).env.reward
     assert headway_shortfall(_state(speed=8.0), r) == 0.0  # nothing ahead

@@ -148,8 +148,9 @@ def test_scenario_2_is_dense_around_the_ego_and_traffic_cuts_in():
 
 
 def test_a_lane_change_is_legal_and_each_crossing_is_one_invasion():
-    """Over into the other lane and back: two invasions, no termination; then off the road: off_road."""
-    env = _env("env.embedded.traffic=[0,0,0]", "env.lane_change=true")
+    """Over into the other lane and back: two invasions, no termination, and lane keeping (measured from
+    the car's lane) pays in the other lane; then off the road: off_road."""
+    env = _env("env.embedded.traffic=[0,0,0]", "env.lane_change=true", "env.reward.lane_keeping_reference=lane")
     try:
         obs, _ = env.reset(seed=2)
         pid = PurePursuitPID(8.0, env.backend.dt, np.pi / 4, env.cfg)
@@ -167,6 +168,7 @@ def test_a_lane_change_is_legal_and_each_crossing_is_one_invasion():
 
         drive(other, 60)
         assert abs(float(obs["vector"][1]) * LATERAL_NORM - other) < 1.0 and invasions == 1
+        assert info["rewards"]["lane_keeping"] > 1.0, "centred in the other lane, lane keeping pays"
         drive(0.0, 60)
         assert abs(float(obs["vector"][1]) * LATERAL_NORM) < 1.0 and invasions == 2
         for _ in range(100):

@@ -115,6 +115,15 @@ def _goes_along(lane: Any, heading: float) -> bool:
     return bool(lane.is_junction) or math.cos(-math.radians(lane.transform.rotation.yaw) - heading) > 0.0
 
 
+def _offset_from(lane: Any, position: np.ndarray) -> float:
+    """Signed distance, m (positive left), of `position` (our right-handed frame) from the centre
+    line of map waypoint `lane`, which the map puts on its lane's centre."""
+    centre = lane.transform.location
+    heading = -math.radians(lane.transform.rotation.yaw)
+    dx, dy = position[0] - centre.x, position[1] + centre.y
+    return float(-dx * math.sin(heading) + dy * math.cos(heading))
+
+
 def to_gray(image: Any) -> tuple[np.ndarray, np.ndarray]:
     """A CARLA BGRA image -> ((84, 84) uint8 grayscale, (H, W, 3) uint8 RGB)."""
     bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
@@ -421,12 +430,14 @@ class CarlaSession:
         obstacle = max(swept + OBSTACLE_HIT_RADIUS_M - self._sensor_to_bumper, 0.0)  # the gap from the bumper
         lane = self.map.get_waypoint(tf.location, project_to_road=False, lane_type=self.carla.LaneType.Driving)
         off_road = lane is None or not _goes_along(lane, -math.radians(tf.rotation.yaw) - heading_error)
+        lane_offset = None if off_road else _offset_from(lane, position)
         acceleration = (speed - self._speed) / self.dt
         self._speed = speed
         return DrivingState(
             speed=float(speed), lateral_offset=lateral, heading_error=heading_error,
             acceleration=float(acceleration), collision=collision, off_road=off_road,
             lane_invasion=invasion, progress=s - self._s_start, obstacle_distance=obstacle, lookahead=lookahead,
+            lane_offset=lane_offset,
         )
 
     # -- the rest of the contract ----------------------------------------------------------

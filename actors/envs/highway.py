@@ -143,6 +143,7 @@ class HighwayBackend:
             progress=float(self._progress),
             obstacle_distance=self._obstacle_distance(-lat),
             lookahead=ego_points.astype(np.float32),
+            lane_offset=-float(ego.lane.local_coordinates(ego.position)[1]),
         )
 
     def _on_road(self) -> bool:
