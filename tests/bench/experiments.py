@@ -268,6 +268,9 @@ LEARN_ARMS: dict[str, list[str]] = {
     # where lane keeping, measured from the route's lane 5 m away, pays nothing wherever the car is:
     # measured from the lane the car is in, staying centred there pays as on the route's lane.
     "default+gap+lane-keeping-lane": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane"],
+    # Issue 37: the headway charge (default+headway) once the gap it charges for is in the vector.
+    "default+gap+lane-keeping-lane+headway": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
+                                              "env.reward.headway_penalty=3"],
     # Issue 37: with the gap features the agent rear-ends less and gets further, then leaves the road
     # in the outer lane of the curve after segment e, which fixed starts rarely reach: half the
     # training episodes start anywhere on the track, in either lane, the traffic placed around them.
