@@ -44,7 +44,7 @@ class RewardConfig:
     lane_keeping_reference: Literal["route", "lane"] = "route"
     """Whose centre lane keeping measures the offset from: the route's lane ('route'), so that in
     the other lane it pays nothing whatever the car does there, or the lane the car is in ('lane'),
-    so that after a lane change it still pays for staying centred (the lane's edge is the road's)."""
+    so that after a lane change it still pays for staying centred, away from the road's edge."""
     lane_keeping_speed_gate: bool = True
     """Lane keeping pays in proportion to speed up to `target_speed` (times min(v / target_speed,
     1)), so standing centred in the lane earns nothing. Off, it pays at any speed: standing still
