@@ -36,7 +36,15 @@ from actors.envs.carla_server import CarlaServer, Ports
 from actors.envs.route import Route
 from common.backends import BackendSpec, register
 from common.config import CarlaConfig, Config, ConfigError, EnvConfig
-from common.driving import CARLA_FPS, FRAME_SIZE, LOOKAHEAD_POINTS, OBSTACLE_RANGE_M, DrivingState, Surroundings
+from common.driving import (
+    CARLA_FPS,
+    FRAME_SIZE,
+    LOOKAHEAD_POINTS,
+    OBSTACLE_RANGE_M,
+    DrivingState,
+    Surroundings,
+    to_ego_frame,
+)
 from common.env import SimulatorFailure
 from replay_server.server import die_with_parent
 
@@ -120,8 +128,7 @@ def _offset_from(lane: Any, position: np.ndarray) -> float:
     line of map waypoint `lane`, which the map puts on its lane's centre."""
     centre = lane.transform.location
     heading = -math.radians(lane.transform.rotation.yaw)
-    dx, dy = position[0] - centre.x, position[1] + centre.y
-    return float(-dx * math.sin(heading) + dy * math.cos(heading))
+    return float(to_ego_frame(position[None], np.array([centre.x, -centre.y]), heading)[0, 1])
 
 
 def to_gray(image: Any) -> tuple[np.ndarray, np.ndarray]:
