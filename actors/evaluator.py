@@ -48,7 +48,7 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
     obs, _ = env.reset(seed=seed)
     if hasattr(policy, "reset"):
         policy.reset()
-    total, steps, invasions, speed, done = 0.0, 0, 0, 0.0, False
+    total, steps, invasions, braked, speed, done = 0.0, 0, 0, 0, 0.0, False
     info: dict = {}
     while not done:
         action = policy(obs)
@@ -56,6 +56,7 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
         total += reward
         steps += 1
         invasions += int(info["lane_invasion"])
+        braked += int(info["aeb"])
         speed += info["speed"]
         done = terminated or truncated
         if frames is not None and steps % stride == 0 and len(frames) < MAX_VIDEO_FRAMES:
@@ -69,7 +70,8 @@ def run_episode(env: DrivingEnv, policy: PolicyFn, seed: int, frames: list | Non
                                        f"route {info['progress']:.0f} m ({info['progress_pct']:.0f}%)",
                                        f"lane invasions {invasions}  return {total:.1f}"])
         frames.extend([last] * video_fps(env))
-    return {"reward": total, "length": steps, "lane_invasions": invasions, "termination": info["termination"],
+    return {"reward": total, "length": steps, "lane_invasions": invasions, "aeb_steps": braked,
+            "termination": info["termination"],
             "collision_kind": info.get("collision_kind") if info["termination"] == "collision" else None,
             "mean_speed": speed / steps, "progress_m": info["progress"], "progress_pct": info["progress_pct"]}
 
@@ -123,6 +125,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
         "eval/collision_rate": reasons.count("collision") / episodes,
         "eval/avg_lane_invasions": float(np.mean([r["lane_invasions"] for r in results])),
         "eval/avg_episode_length": float(np.mean([r["length"] for r in results])),
+        "eval/aeb_steps": sum(r["aeb_steps"] for r in results) / max(sum(r["length"] for r in results), 1),
         "eval/mean_speed": float(np.mean([r["mean_speed"] for r in results])),
         "eval/route_progress_m": float(np.mean([r["progress_m"] for r in results])),
         "eval/route_progress_pct": float(np.mean([r["progress_pct"] for r in results])),

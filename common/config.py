@@ -181,6 +181,17 @@ class EnvConfig:
     """Two more vector features (55 in all): the gap to the vehicle ahead over 20 m (1 when none is
     in range) and the speed at which it closes over 30 m/s, from the obstacle distance that both
     backends measure (CARLA's obstacle sensor). Off, the camera alone shows the traffic."""
+    aeb_gap_m: float = 0.0
+    """Automatic emergency braking, the rule production cars carry, keeping this gap, m, to the
+    vehicle ahead: a step starts with a full brake, whatever the policy chose (its steering stands),
+    when the obstacle distance both backends measure is shorter than what the ego needs to stop
+    this far behind that vehicle if the ego accelerates through the step and only then brakes,
+    while the other brakes as hard from now (RSS's safe longitudinal distance; its speed is the
+    ego's less the closing speed, 0 when it has just come into range). info['aeb'] marks those
+    steps and eval/aeb_steps counts them; the transition keeps the policy's action. 0: off."""
+    aeb_decel_ms2: float = 5.0
+    """Braking, m/s^2, that emergency braking (aeb_gap_m) counts on from both cars, and the ego's
+    acceleration through the step before it: the embedded ego's full brake and full throttle."""
     lookahead_features: LookaheadFeatures = "per_point"
     """How the vector scales each look-ahead point's (x, y). per_point: point k by its own distance
     along the route, k * lookahead_spacing_m, so every point reads as about (cos, sin) of its
@@ -884,6 +895,8 @@ def validate(cfg: Config) -> None:
     _require(a.expl_noise_start >= 0 and a.expl_noise_end >= 0, "actors.expl_noise_* must be >= 0")
     _require(a.expl_noise_decay_steps >= 1, "actors.expl_noise_decay_steps must be >= 1")
     _require(0 < a.action_scaling_limit <= 1, "actors.action_scaling_limit must be in (0, 1]")
+    _require(e.aeb_gap_m >= 0, f"env.aeb_gap_m={e.aeb_gap_m} must be >= 0 (0: no emergency braking)")
+    _require(e.aeb_decel_ms2 > 0, f"env.aeb_decel_ms2={e.aeb_decel_ms2} must be > 0")
     _require(e.reward.target_speed > 0, "env.reward.target_speed must be > 0")
     _require(e.reward.jerk_scale > 0 and e.reward.progress_scale > 0,
              "env.reward.jerk_scale and env.reward.progress_scale must be > 0")

@@ -42,6 +42,11 @@ COLLISION_KINDS = ("rear_end", "from_behind", "side", "other")
 beside it (a lane change or a cut-in), or no vehicle near (a wall, a pole, a pedestrian on CARLA)."""
 COLLISION_REACH_M = 10.0
 """The nearest vehicle further than this from the ego at a collision is not what it hit."""
+AEB_MIN_SPEED_MS = 0.5
+"""Speed, m/s, below which emergency braking (`emergency_brake`) leaves the throttle to the policy:
+it brakes a moving car and lets a stopped one move off, as production systems release a held car
+to its driver. Holding it would hold for good a car stopped short of its margin, unable to pull
+out round the car ahead."""
 OBSTACLE_RANGE_M = 20.0
 """How far ahead `DrivingState.obstacle_distance` looks (CARLA's obstacle sensor's `distance`)."""
 
@@ -125,6 +130,22 @@ def closing_speed(state: DrivingState, prev: DrivingState, dt: float) -> float:
     if not (math.isfinite(state.obstacle_distance) and math.isfinite(prev.obstacle_distance)):
         return 0.0
     return float(np.clip((prev.obstacle_distance - state.obstacle_distance) / dt, -SPEED_NORM, SPEED_NORM))
+
+
+def emergency_brake(state: DrivingState, prev: DrivingState | None, dt: float, cfg: EnvConfig) -> bool:
+    """Whether `EnvConfig.aeb_gap_m` brakes the step after `state` (`prev`: the state a step of `dt`
+    seconds before it, None at the episode's start): the gap to the vehicle ahead is shorter than
+    the ego needs to stop aeb_gap_m behind it after one more step at full throttle, if that vehicle
+    brakes as hard from now. Its speed is the ego's less the closing speed, or 0 when it has just
+    come into range (how fast it goes is not known yet: a cut-in, or the first step)."""
+    if cfg.aeb_gap_m <= 0 or not math.isfinite(state.obstacle_distance) or state.speed < AEB_MIN_SPEED_MS:
+        return False
+    b = cfg.aeb_decel_ms2
+    known = prev is not None and math.isfinite(prev.obstacle_distance)
+    lead = max(state.speed - closing_speed(state, prev, dt), 0.0) if known else 0.0
+    after = state.speed + b * dt
+    needed = (state.speed + after) / 2 * dt + (after ** 2 - lead ** 2) / (2 * b) + cfg.aeb_gap_m
+    return state.obstacle_distance < needed
 
 
 def vector_features(state: DrivingState, cfg: EnvConfig, closing: float = 0.0) -> np.ndarray:

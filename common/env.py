@@ -9,8 +9,9 @@ turns that into the gymnasium env every role uses:
   CARLA; positive throttle_brake accelerates, negative brakes);
 - info: "termination" (one of `TERMINATIONS`, or None while the episode runs), "rewards"
   (the five weighted components; the reward is their sum), "lane_invasion", "collision", "speed", "progress",
-  "obstacle_distance", and on a collision "collision_kind" (one of `COLLISION_KINDS`, from the
-  backend's `surroundings()` at that step).
+  "obstacle_distance", "aeb" (emergency braking, `EnvConfig.aeb_gap_m`, took the throttle this
+  step), and on a collision "collision_kind" (one of `COLLISION_KINDS`, from the backend's
+  `surroundings()` at that step).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common.driving import (
     Surroundings,
     closing_speed,
     collision_kind,
+    emergency_brake,
     reward_components,
     stopped_time,
     termination,
@@ -91,6 +93,7 @@ class DrivingEnv(gym.Env):
         self._state: DrivingState | None = None
         self._steps = 0
         self._stopped_s = 0.0
+        self._brake = False
 
     def _observation(self, state: DrivingState, closing: float = 0.0) -> dict[str, np.ndarray]:
         return {"image": self._frames.copy(), "vector": vector_features(state, self.cfg, closing)}
@@ -102,6 +105,7 @@ class DrivingEnv(gym.Env):
         self._state = state
         self._steps = 0
         self._stopped_s = 0.0
+        self._brake = emergency_brake(state, None, self.backend.dt, self.cfg)
         return self._observation(state), {"termination": None, "speed": state.speed, "progress": state.progress}
 
     def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
@@ -111,6 +115,9 @@ class DrivingEnv(gym.Env):
         if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
             raise ValueError(f"action must be {ACTION_DIM} finite numbers [steer, throttle_brake], got {action!r}")
         action = np.clip(action, -1.0, 1.0)
+        braked = self._brake
+        if braked:
+            action = np.array([action[0], -1.0], dtype=np.float32)
         frame, state = self.backend.step(action)
         self._steps += 1
         self._frames = np.roll(self._frames, -1, axis=0)
@@ -122,6 +129,7 @@ class DrivingEnv(gym.Env):
         )
         reward = float(sum(components.values()))
         closing = closing_speed(state, self._state, self.backend.dt)
+        self._brake = emergency_brake(state, self._state, self.backend.dt, self.cfg)
         self._state = state
         info = {
             "termination": reason,
@@ -132,6 +140,7 @@ class DrivingEnv(gym.Env):
             "progress": state.progress,
             "progress_pct": 100.0 * state.progress / self.cfg.route_length_m,
             "obstacle_distance": state.obstacle_distance,
+            "aeb": braked,
         }
         if state.collision:
             info["collision_kind"] = collision_kind(state.lateral_offset, self.backend.surroundings())

@@ -75,6 +75,7 @@ TAGS: dict[str, str] = {
     "eval/collision_rate": "Fraction of evaluation episodes that ended in a collision.",
     "eval/avg_lane_invasions": "Mean lane markings crossed per evaluation episode.",
     "eval/avg_episode_length": "Mean steps per evaluation episode.",
+    "eval/aeb_steps": "Fraction of the evaluation steps on which emergency braking (env.aeb_gap_m) overrode the policy's throttle.",
     "eval/mean_speed": "Mean speed over the evaluation episodes, m/s.",
     "eval/route_progress_m": "Mean metres driven along the route per evaluation episode.",
     "eval/route_progress_pct": "Mean route progress per evaluation episode, % of env.route_length_m.",

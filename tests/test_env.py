@@ -14,6 +14,7 @@ from common.config import ConfigError, load_config
 from common.driving import (
     DrivingState,
     decode_lookahead,
+    emergency_brake,
     headway_shortfall,
     reward_components,
     stopped_time,
@@ -226,6 +227,28 @@ def test_the_headway_penalty_charges_following_closer_than_the_time_gap():
     close, clear = _state(obstacle_distance=6.0), _state()
     assert reward_components(close, clear, 0.1, None, cfg)["safety"] == pytest.approx(-1.5)
     assert reward_components(close, clear, 0.1, None, load_config().env)["safety"] == 0.0  # off by default
+
+
+def test_emergency_braking_keeps_the_gap_it_needs_to_stop_behind_the_car_ahead():
+    """RSS's safe distance with a 2 m margin, 5 m/s^2 both ways and a 0.1 s step: at 8 m/s behind a
+    car as fast, 0.825 m driven in the step + (8.5^2 - 8^2) / 10 + 2 = 3.65 m."""
+    cfg = load_config(overrides=["env.aeb_gap_m=2"]).env
+    follow = _state(speed=8.0, obstacle_distance=6.0)
+    assert not emergency_brake(follow, follow, 0.1, cfg)
+    close = _state(speed=8.0, obstacle_distance=3.6)
+    assert emergency_brake(close, close, 0.1, cfg)
+    assert emergency_brake(follow, _state(speed=8.0, obstacle_distance=6.5), 0.1, cfg)  # closing at 5 m/s
+    assert not emergency_brake(_state(speed=8.0), follow, 0.1, cfg)  # nothing ahead
+    # Just in range (a cut-in, the first step): its speed is unknown, so it counts as stopped.
+    cut_in = _state(speed=8.0, obstacle_distance=10.0)
+    assert emergency_brake(cut_in, _state(speed=8.0), 0.1, cfg) and emergency_brake(cut_in, None, 0.1, cfg)
+    assert not emergency_brake(_state(speed=8.0, obstacle_distance=10.1), None, 0.1, cfg)
+    # Creeping behind a stopped car at 0.5 m/s: (0.5 + 1.0) / 2 * 0.1 + 1.0^2 / 10 + 2 = 2.175 m.
+    assert emergency_brake(_state(speed=0.5, obstacle_distance=2.1), _state(speed=0.5, obstacle_distance=2.15), 0.1, cfg)
+    assert not emergency_brake(_state(speed=0.5, obstacle_distance=2.2), _state(speed=0.5, obstacle_distance=2.25), 0.1, cfg)
+    # Stopped: the policy may move off (pull out round it), however near the car ahead.
+    assert not emergency_brake(_state(speed=0.0, obstacle_distance=1.0), _state(speed=0.0, obstacle_distance=1.0), 0.1, cfg)
+    assert not emergency_brake(close, close, 0.1, load_config().env)  # off by default
 
 
 def test_brake_reverses_keeps_highway_envs_own_kinematics():

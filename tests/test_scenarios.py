@@ -92,6 +92,29 @@ def test_the_obstacle_distance_is_the_gap_to_the_car_ahead_in_the_egos_lane():
         env.close()
 
 
+def test_emergency_braking_stops_a_driver_blind_to_traffic_behind_the_blocker():
+    """The traffic-blind driver hits scenario 1's blocker at speed (test above). With
+    env.aeb_gap_m the env brakes for it and stops it short of the blocker; stopped, the throttle is
+    the driver's again, and one that keeps it floored only creeps on, braked every other step."""
+    cfg = load_config(overrides=["env.scenario=1", "env.aeb_gap_m=2"])
+    env = make_env(cfg)
+    try:
+        blind = baseline_for(cfg, env.backend.dt)
+        obs, _ = env.reset(seed=0)
+        braked, stopped_at, info = 0, None, {}
+        for _ in range(400):
+            obs, _, terminated, _, info = env.step(blind(obs))
+            braked += info["aeb"]
+            if stopped_at is None and info["speed"] < 0.5 and braked:
+                stopped_at = info["obstacle_distance"]
+            if terminated:
+                break
+        assert 1.0 < stopped_at < 5.0 and braked > 0
+        assert info["collision_kind"] == "rear_end" and info["speed"] < 1.0
+    finally:
+        env.close()
+
+
 def test_gap_features_show_the_gap_and_how_fast_it_closes():
     cfg = load_config(overrides=["env.scenario=1", "env.gap_features=true"])
     env = make_env(cfg)
