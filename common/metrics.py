@@ -138,6 +138,7 @@ class EpisodeStats:
     length: int = 0
     collisions: int = 0
     lane_invasions: int = 0
+    braked: int = 0
     speed_sum: float = 0.0
     progress: float = 0.0
     progress_pct: float = 0.0
@@ -153,6 +154,7 @@ class EpisodeStats:
         self.length += 1
         self.collisions += int(info["collision"])
         self.lane_invasions += int(info["lane_invasion"])
+        self.braked += int(info["aeb"])
         self.speed_sum += info["speed"]
         self.progress, self.progress_pct = info["progress"], info["progress_pct"]
         self.termination = info["termination"]
@@ -165,6 +167,7 @@ class EpisodeStats:
             "train/episode_length": self.length,
             "train/collisions_per_episode": self.collisions,
             "train/lane_invasions_per_episode": self.lane_invasions,
+            "train/aeb_steps": self.braked / max(self.length, 1),
             "train/mean_speed": self.speed_sum / max(self.length, 1),
             "train/route_progress_m": self.progress,
             "train/route_progress_pct": self.progress_pct,
