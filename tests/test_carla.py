@@ -413,17 +413,21 @@ def test_surroundings_report_the_traffic_in_route_coordinates(tmp_path, carla_do
         env.close()
 
 
+def _park_ahead(env, carla, metres: float) -> None:
+    """A car parked (not on autopilot) `metres` ahead of the ego, in its lane."""
+    backend = env.backend
+    ego_tf = backend._ego.get_transform()
+    fwd = ego_tf.get_forward_vector()
+    at = carla.Transform(carla.Location(ego_tf.location.x + metres * fwd.x, ego_tf.location.y + metres * fwd.y, 0.5),
+                         ego_tf.rotation)
+    backend.world.spawn_actor(backend.blueprints.find("vehicle.audi.tt"), at)
+
+
 def test_collision_with_obstacle_seen_first(tmp_path, carla_double):
     env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]"))
     try:
         env.reset(seed=0)
-        backend = env.backend
-        c = carla_double
-        ego_tf = backend._ego.get_transform()
-        fwd = ego_tf.get_forward_vector()
-        ahead = c.Transform(c.Location(ego_tf.location.x + 15 * fwd.x, ego_tf.location.y + 15 * fwd.y, 0.5),
-                            ego_tf.rotation)
-        backend.world.spawn_actor(backend.blueprints.find("vehicle.audi.tt"), ahead)  # parked, not on autopilot
+        _park_ahead(env, carla_double, 15.0)
         seen, info = [], {}
         for _ in range(100):
             _, _, terminated, _, info = env.step(np.array([0.0, 1.0], np.float32))
@@ -433,6 +437,25 @@ def test_collision_with_obstacle_seen_first(tmp_path, carla_double):
         assert info["termination"] == "collision" and info["collision_kind"] == "rear_end"
         assert info["rewards"]["safety"] < -5
         assert any(math.isfinite(d) and d < 20 for d in seen)
+    finally:
+        env.close()
+
+
+def test_emergency_braking_stops_the_ego_short_of_a_parked_car(tmp_path, carla_double):
+    """The test above with env.aeb_gap_m: the same rule as on the embedded simulator, on the
+    obstacle sensor's distance, stops the full-throttle ego before the parked car."""
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]", "env.aeb_gap_m=2"))
+    try:
+        env.reset(seed=0)
+        _park_ahead(env, carla_double, 15.0)
+        braked, info = 0, {}
+        for _ in range(100):
+            _, _, terminated, _, info = env.step(np.array([0.0, 1.0], np.float32))
+            braked += info["aeb"]
+            assert not terminated, info["termination"]
+            if braked and info["speed"] < 0.5:
+                break
+        assert braked and info["speed"] < 0.5 and 0 < info["obstacle_distance"] < 10
     finally:
         env.close()
 
