@@ -72,6 +72,11 @@ class RewardConfig:
     of headway_s (common/driving.py headway_shortfall). 0 turns it off (the default)."""
     headway_s: float = 1.5
     """Time gap, s, to the vehicle ahead (gap over the ego's speed) below which headway_penalty applies."""
+    aeb_penalty: float = 0.0
+    """Safety penalty on a step emergency braking (env.aeb_gap_m) took the throttle on. Without it the
+    brake costs the policy nothing, and it learned to floor the throttle and let the rule brake (half
+    of its steps, results/README.md); charged, the policy's own action is what the transition pays
+    for, as in intervention with a penalty (Saunders et al., 2018). 0: off."""
     jerk_scale: float = 10.0
     """Jerk in m/s^3 at which the comfort penalty reaches -1."""
     progress_scale: float = 1.0

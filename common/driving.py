@@ -223,16 +223,18 @@ def headway_shortfall(state: DrivingState, r: RewardConfig) -> float:
 
 
 def reward_components(
-    state: DrivingState, prev: DrivingState, dt: float, reason: str | None, cfg: EnvConfig
+    state: DrivingState, prev: DrivingState, dt: float, reason: str | None, cfg: EnvConfig, braked: bool = False
 ) -> dict[str, float]:
-    """The five unweighted components for the transition prev -> state.
+    """The five unweighted components for the transition prev -> state (`braked`: emergency
+    braking took the throttle on it, `emergency_brake`).
 
     Jerk uses the acceleration stored in `prev`, the same state the previous step was scored
     on, so it is consistent across steps (the old system mixed two sources). A lane invasion is
     penalised once, in safety; lane keeping only sees the continuous offset (from the route's
     centre or the car's lane's, `r.lane_keeping_reference`) and heading. Safety
     also charges following closer than `r.headway_s` (`headway_shortfall`), every step, and
-    `r.stuck_penalty` on the step that ends the episode as 'stuck'.
+    `r.stuck_penalty` on the step that ends the episode as 'stuck', and `r.aeb_penalty` on a
+    braked step.
     """
     r = cfg.reward
     efficiency = float(np.clip(1.0 - abs(state.speed - r.target_speed) / r.target_speed, -1.0, 1.0))
@@ -252,6 +254,7 @@ def reward_components(
         + r.lane_invasion_penalty * state.lane_invasion
         + r.headway_penalty * headway_shortfall(state, r)
         + r.stuck_penalty * (reason == "stuck")
+        + r.aeb_penalty * braked
     )
     gained = state.progress - prev.progress
     if r.progress_speed_cap:

@@ -125,7 +125,7 @@ class DrivingEnv(gym.Env):
         self._stopped_s = stopped_time(state, self._stopped_s, self.backend.dt, self.cfg)
         terminated, truncated, reason = termination(state, self._steps, self.cfg, self._stopped_s)
         components = weighted_components(
-            reward_components(state, self._state, self.backend.dt, reason, self.cfg), self.cfg.reward
+            reward_components(state, self._state, self.backend.dt, reason, self.cfg, braked), self.cfg.reward
         )
         reward = float(sum(components.values()))
         closing = closing_speed(state, self._state, self.backend.dt)

@@ -249,6 +249,9 @@ def test_emergency_braking_keeps_the_gap_it_needs_to_stop_behind_the_car_ahead()
     # Stopped: the policy may move off (pull out round it), however near the car ahead.
     assert not emergency_brake(_state(speed=0.0, obstacle_distance=1.0), _state(speed=0.0, obstacle_distance=1.0), 0.1, cfg)
     assert not emergency_brake(close, close, 0.1, load_config().env)  # off by default
+    charged = load_config(overrides=["env.aeb_gap_m=2", "env.reward.aeb_penalty=5"]).env
+    assert reward_components(follow, follow, 0.1, None, charged, braked=True)["safety"] == -5.0
+    assert reward_components(follow, follow, 0.1, None, cfg, braked=True)["safety"] == 0.0  # no charge by default
 
 
 def test_brake_reverses_keeps_highway_envs_own_kinematics():

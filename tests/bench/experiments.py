@@ -277,10 +277,12 @@ LEARN_ARMS: dict[str, list[str]] = {
     # Issue 37: emergency braking on the obstacle distance (RSS's safe gap, 2 m margin) under the
     # policy; the traffic-blind PID completes 0.45 of scenario 2's held-out routes with it, 0 without.
     "default+aeb": ["env.aeb_gap_m=2"],
-    # Issue 37: emergency braking where default+gap+lane-keeping-lane's episodes end against the car
-    # ahead, with the gap it brakes on in the vector, so the critic can tell when it will brake.
-    "default+gap+lane-keeping-lane+aeb": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
-                                          "env.aeb_gap_m=2"],
+    # Issue 37: default+aeb's policy floored the throttle and let the rule brake half its steps. Here
+    # each braked step costs 5 (about a step's reward), the gap the rule brakes on is in the vector so
+    # the critic can tell when it will brake, and lane keeping is measured from the car's lane, where
+    # default+gap+lane-keeping-lane's episodes ended against the car ahead.
+    "default+gap+lane-keeping-lane+aeb-5": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
+                                            "env.aeb_gap_m=2", "env.reward.aeb_penalty=5"],
     "default+gap+start-half-anywhere": ["env.gap_features=true", "env.embedded.training_start=anywhere",
                                         "env.embedded.training_start_fraction=0.5"],
     # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
