@@ -283,6 +283,11 @@ LEARN_ARMS: dict[str, list[str]] = {
     # default+gap+lane-keeping-lane's episodes ended against the car ahead.
     "default+gap+lane-keeping-lane+aeb-5": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
                                             "env.aeb_gap_m=2", "env.reward.aeb_penalty=5"],
+    # Issue 37: with the brake charged, default+gap+lane-keeping-lane+aeb-5's seed 1 stopped on a clear
+    # road (stuck 0.70, collisions 0.05): a stop there now costs as much as a collision.
+    "default+gap+lane-keeping-lane+aeb-5+stuck-10": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
+                                                     "env.aeb_gap_m=2", "env.reward.aeb_penalty=5",
+                                                     "env.reward.stuck_penalty=10"],
     "default+gap+start-half-anywhere": ["env.gap_features=true", "env.embedded.training_start=anywhere",
                                         "env.embedded.training_start_fraction=0.5"],
     # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
