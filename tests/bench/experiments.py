@@ -285,6 +285,11 @@ LEARN_ARMS: dict[str, list[str]] = {
                                             "env.aeb_gap_m=2", "env.reward.aeb_penalty=5"],
     # Issue 37: with the brake charged, default+gap+lane-keeping-lane+aeb-5's seed 1 stopped on a clear
     # road (stuck 0.70, collisions 0.05): a stop there now costs as much as a collision.
+    # Issue 37: with stuck charged too, seed 1 left the road at the edge away from the traffic (0.70):
+    # behind a slow car 5 a braked step outweighs the ~1.6 a step earns there, and an exit costs 10
+    # once. A charge under what a slow step earns keeps flooring the throttle a loss, not driving on.
+    "default+gap+lane-keeping-lane+aeb-1": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
+                                            "env.aeb_gap_m=2", "env.reward.aeb_penalty=1"],
     "default+gap+lane-keeping-lane+aeb-5+stuck-10": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
                                                      "env.aeb_gap_m=2", "env.reward.aeb_penalty=5",
                                                      "env.reward.stuck_penalty=10"],
