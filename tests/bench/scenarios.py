@@ -48,8 +48,8 @@ def run_scenario(scenario: int, blocks: int, episodes: int, overrides: tuple[str
 
 def table(results: dict[int, dict[str, dict[int, dict[str, float]]]]) -> list[str]:
     rows = ["| scenario | policy | seed | success | collision | off-road | lane departure | timeout | stuck | "
-            "lane invasions / episode | route progress m (%) | mean speed m/s | return |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "lane invasions / episode | emergency-brake steps | route progress m (%) | mean speed m/s | return |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for scenario, by_policy in results.items():
         for who, by_block in by_policy.items():
             blocks = list(by_block.items())
@@ -59,7 +59,7 @@ def table(results: dict[int, dict[str, dict[int, dict[str, float]]]]) -> list[st
                 rows.append(f"| {scenario} | {POLICIES[who]} | {k} | {g('success_rate'):.2f} | {g('collision_rate'):.2f} | "
                             f"{g('termination_off_road'):.2f} | {g('termination_lane_departure'):.2f} | "
                             f"{g('termination_timeout'):.2f} | "
-                            f"{g('termination_stuck'):.2f} | {g('avg_lane_invasions'):.2f} | "
+                            f"{g('termination_stuck'):.2f} | {g('avg_lane_invasions'):.2f} | {g('aeb_steps'):.2f} | "
                             f"{g('route_progress_m'):.0f} ({g('route_progress_pct'):.0f}%) | {g('mean_speed'):.2f} | "
                             f"{g('mean_reward'):.0f} |")
     return rows
@@ -90,7 +90,8 @@ def main() -> None:
           "drivers are deterministic; the random policy draws uniform actions from a generator seeded with k. The "
           "privileged baseline was tuned on training seeds 0-19 of scenarios 1 and 2 only. Lane invasions: markings "
           "crossed per episode (a lane change and back is 2). Off-road, lane departure (only where the route is one "
-          "lane), timeout and stuck: fractions of episodes that ended so.", "", *table(results), ""]
+          "lane), timeout and stuck: fractions of episodes that ended so. Emergency-brake steps: the share of steps "
+          "env.aeb_gap_m braked (0 when off).", "", *table(results), ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(md))
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     print("\n".join(md))
