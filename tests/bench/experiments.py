@@ -274,6 +274,8 @@ LEARN_ARMS: dict[str, list[str]] = {
     # Issue 37: with the gap features the agent rear-ends less and gets further, then leaves the road
     # in the outer lane of the curve after segment e, which fixed starts rarely reach: half the
     # training episodes start anywhere on the track, in either lane, the traffic placed around them.
+    "default+gap+start-half-anywhere": ["env.gap_features=true", "env.embedded.training_start=anywhere",
+                                        "env.embedded.training_start_fraction=0.5"],
     # Issue 37: emergency braking on the obstacle distance (RSS's safe gap, 2 m margin) under the
     # policy; the traffic-blind PID completes 0.45 of scenario 2's held-out routes with it, 0 without.
     "default+aeb": ["env.aeb_gap_m=2"],
@@ -285,16 +287,14 @@ LEARN_ARMS: dict[str, list[str]] = {
                                             "env.aeb_gap_m=2", "env.reward.aeb_penalty=5"],
     # Issue 37: with the brake charged, default+gap+lane-keeping-lane+aeb-5's seed 1 stopped on a clear
     # road (stuck 0.70, collisions 0.05): a stop there now costs as much as a collision.
+    "default+gap+lane-keeping-lane+aeb-5+stuck-10": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
+                                                     "env.aeb_gap_m=2", "env.reward.aeb_penalty=5",
+                                                     "env.reward.stuck_penalty=10"],
     # Issue 37: with stuck charged too, seed 1 left the road at the edge away from the traffic (0.70):
     # behind a slow car 5 a braked step outweighs the ~1.6 a step earns there, and an exit costs 10
     # once. A charge under what a slow step earns keeps flooring the throttle a loss, not driving on.
     "default+gap+lane-keeping-lane+aeb-1": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
                                             "env.aeb_gap_m=2", "env.reward.aeb_penalty=1"],
-    "default+gap+lane-keeping-lane+aeb-5+stuck-10": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
-                                                     "env.aeb_gap_m=2", "env.reward.aeb_penalty=5",
-                                                     "env.reward.stuck_penalty=10"],
-    "default+gap+start-half-anywhere": ["env.gap_features=true", "env.embedded.training_start=anywhere",
-                                        "env.embedded.training_start_fraction=0.5"],
     # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
     # (its overtakes and the route's far end stay in the replay), and the actor loss clones its
     # actions there (TD3+BC's scaling), so overtakes need not be strung together by Gaussian noise.
