@@ -295,6 +295,10 @@ LEARN_ARMS: dict[str, list[str]] = {
     # once. A charge under what a slow step earns keeps flooring the throttle a loss, not driving on.
     "default+gap+lane-keeping-lane+aeb-1": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
                                             "env.aeb_gap_m=2", "env.reward.aeb_penalty=1"],
+    # Issue 37: charged 1 the policy floored the throttle again (the rule 48 % of steps), charged 5 it
+    # stopped or left the road: the charge between them.
+    "default+gap+lane-keeping-lane+aeb-3": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
+                                            "env.aeb_gap_m=2", "env.reward.aeb_penalty=3"],
     # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
     # (its overtakes and the route's far end stay in the replay), and the actor loss clones its
     # actions there (TD3+BC's scaling), so overtakes need not be strung together by Gaussian noise.
