@@ -122,7 +122,7 @@ def encode(chunk: Chunk) -> bytes:
 
 def decode(data: bytes, vector_dim: int | None = None) -> Chunk:
     """The chunk in `data`; with `vector_dim`, a chunk whose vectors have another length (actors
-    and learner configured with different `env.gap_features`) is a `ChunkError` too."""
+    and learner configured with different `env.gap_features` or `env.traffic_features`) is a `ChunkError` too."""
     if len(data) < HEADER.size:
         raise ChunkError(f"chunk is {len(data)} bytes, shorter than its {HEADER.size}-byte header")
     magic, version, actor_id, episode_id, start_step, t, n, policy_version, frames_nbytes = HEADER.unpack_from(data)
@@ -138,7 +138,7 @@ def decode(data: bytes, vector_dim: int | None = None) -> Chunk:
         head += VECTOR_LEN.size
     if vector_dim is not None and d != vector_dim:
         raise ChunkError(f"chunk vectors have {d} features, this replay's {vector_dim}: actors and learner "
-                         "must agree on env.gap_features")
+                         "must agree on env.gap_features and env.traffic_features")
     if not 1 <= t <= MAX_STEPS or n != expected_frames(start_step, t):
         raise ChunkError(f"chunk claims {t} steps and {n} frames from step {start_step}: inconsistent")
     sizes = [frames_nbytes, (t + 1) * d * 4, t * ACTION_DIM * 4, t * 4, t]

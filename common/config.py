@@ -186,6 +186,11 @@ class EnvConfig:
     """Two more vector features (55 in all): the gap to the vehicle ahead over 20 m (1 when none is
     in range) and the speed at which it closes over 30 m/s, from the obstacle distance that both
     backends measure (CARLA's obstacle sensor). Off, the camera alone shows the traffic."""
+    traffic_features: int = 0
+    """Privileged observation: this many nearest other vehicles (within 40 m along the route) in the
+    vector, 5 features each relative to the ego (present, ahead, beside, relative and lateral speed),
+    from the simulator's truth both backends give the privileged driver; an ablation of perception,
+    not a sensor a car has. 0: off."""
     aeb_gap_m: float = 0.0
     """Automatic emergency braking, the rule production cars carry, keeping this gap, m, to the
     vehicle ahead: a step starts with a full brake, whatever the policy chose (its steering stands),
@@ -869,6 +874,7 @@ def validate(cfg: Config) -> None:
     _require(e.route_length_m > 0, "env.route_length_m must be > 0")
     _require(e.max_lateral_deviation_m > 0, "env.max_lateral_deviation_m must be > 0")
     _require(e.lookahead_spacing_m > 0, "env.lookahead_spacing_m must be > 0")
+    _require(e.traffic_features >= 0, f"env.traffic_features={e.traffic_features} must be >= 0 (0: off)")
     c = cfg.carla
     _require(len(c.traffic) == 3 and min(c.traffic) >= 0,
              f"carla.traffic={c.traffic} must list 3 non-negative counts (scenarios 0, 1, 2)")

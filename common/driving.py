@@ -21,6 +21,7 @@ FRAME_STACK = 4
 LOOKAHEAD_POINTS = 25
 VECTOR_DIM = 3 + 2 * LOOKAHEAD_POINTS  # speed, lateral offset, heading error, look-ahead (x, y)
 GAP_FEATURES = 2  # gap to the vehicle ahead and how fast it closes, with `EnvConfig.gap_features`
+TRAFFIC_FEATURES = 5  # per vehicle of `EnvConfig.traffic_features`: present, ahead, beside, relative speed, lateral speed
 ACTION_DIM = 2  # [steer, throttle_brake], both in [-1, 1]; throttle_brake > 0 accelerates
 ACTION_NAMES = ("steer", "throttle")  # metric suffixes of the two action dimensions
 
@@ -49,6 +50,9 @@ to its driver. Holding it would hold for good a car stopped short of its margin,
 out round the car ahead."""
 OBSTACLE_RANGE_M = 20.0
 """How far ahead `DrivingState.obstacle_distance` looks (CARLA's obstacle sensor's `distance`)."""
+TRAFFIC_RANGE_M = 40.0
+"""Metres ahead or behind along the route within which `traffic_features` lists a vehicle (and the
+scale of its distance)."""
 
 
 @dataclass
@@ -119,8 +123,9 @@ def lookahead_scale(cfg: EnvConfig) -> np.ndarray:
 
 
 def vector_dim(cfg: EnvConfig) -> int:
-    """Length of the vector observation: 53, or 55 with `cfg.gap_features`."""
-    return VECTOR_DIM + GAP_FEATURES * cfg.gap_features
+    """Length of the vector observation: 53, 2 more with `cfg.gap_features`, 5 more per vehicle of
+    `cfg.traffic_features`."""
+    return VECTOR_DIM + GAP_FEATURES * cfg.gap_features + TRAFFIC_FEATURES * cfg.traffic_features
 
 
 def closing_speed(state: DrivingState, prev: DrivingState, dt: float) -> float:
@@ -148,14 +153,40 @@ def emergency_brake(state: DrivingState, prev: DrivingState | None, dt: float, c
     return state.obstacle_distance < needed
 
 
-def vector_features(state: DrivingState, cfg: EnvConfig, closing: float = 0.0) -> np.ndarray:
-    """The (vector_dim(cfg),) float32 vector observation; `closing` is `closing_speed` at this step."""
+def traffic_features(state: DrivingState, around: Surroundings, count: int) -> np.ndarray:
+    """(count * TRAFFIC_FEATURES,) float32: the `count` other vehicles nearest the ego within
+    TRAFFIC_RANGE_M along the route, nearest first, each as highway-env's kinematics observation
+    has it, relative to the ego: 1 (present), metres ahead / TRAFFIC_RANGE_M (negative behind),
+    metres to its left / LATERAL_NORM, its speed less the ego's / SPEED_NORM, and its lateral speed
+    (positive left) / SPEED_NORM; rows of zeros where fewer are in range."""
+    out = np.zeros((count, TRAFFIC_FEATURES), np.float32)
+    v = np.asarray(around.vehicles, dtype=np.float64).reshape(-1, 4)
+    v = v[np.abs(v[:, 0]) < TRAFFIC_RANGE_M]
+    beside = v[:, 1] - state.lateral_offset
+    nearest = np.argsort(np.hypot(v[:, 0], beside), kind="stable")[:count]
+    n = len(nearest)
+    out[:n, 0] = 1.0
+    out[:n, 1] = v[nearest, 0] / TRAFFIC_RANGE_M
+    out[:n, 2] = beside[nearest] / LATERAL_NORM
+    out[:n, 3] = (v[nearest, 2] - state.speed) / SPEED_NORM
+    out[:n, 4] = v[nearest, 3] / SPEED_NORM
+    return out.reshape(-1)
+
+
+def vector_features(state: DrivingState, cfg: EnvConfig, closing: float = 0.0,
+                    around: Surroundings | None = None) -> np.ndarray:
+    """The (vector_dim(cfg),) float32 vector observation; `closing` is `closing_speed` at this step,
+    `around` the backend's `surroundings()` at it (needed with `cfg.traffic_features`)."""
     head = [state.speed / SPEED_NORM, state.lateral_offset / LATERAL_NORM, state.heading_error / math.pi]
     look = (np.asarray(state.lookahead, dtype=np.float32) / lookahead_scale(cfg)).reshape(-1)
     parts = [np.asarray(head, dtype=np.float32), look]
     if cfg.gap_features:
         gap = min(state.obstacle_distance, OBSTACLE_RANGE_M) / OBSTACLE_RANGE_M
         parts.append(np.asarray([gap, closing / SPEED_NORM], dtype=np.float32))
+    if cfg.traffic_features:
+        if around is None:
+            raise ValueError("env.traffic_features needs the surroundings at this step")
+        parts.append(traffic_features(state, around, cfg.traffic_features))
     return np.concatenate(parts).astype(np.float32)
 
 

@@ -96,7 +96,8 @@ class DrivingEnv(gym.Env):
         self._brake = False
 
     def _observation(self, state: DrivingState, closing: float = 0.0) -> dict[str, np.ndarray]:
-        return {"image": self._frames.copy(), "vector": vector_features(state, self.cfg, closing)}
+        around = self.backend.surroundings() if self.cfg.traffic_features else None
+        return {"image": self._frames.copy(), "vector": vector_features(state, self.cfg, closing, around)}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         super().reset(seed=seed)

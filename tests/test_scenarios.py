@@ -6,7 +6,7 @@ import pytest
 from actors.baseline import PurePursuitPID, baseline_for, shift_lookahead
 from actors.envs import make_env
 from actors.evaluator import run_episode
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.driving import LATERAL_NORM, SPEED_NORM, decode_lookahead
 
 
@@ -134,6 +134,36 @@ def test_gap_features_show_the_gap_and_how_fast_it_closes():
         assert np.mean(closing) > 3.0  # the traffic-blind driver closes on the stopped or crawling blocker
     finally:
         env.close()
+
+
+def test_traffic_features_list_the_nearest_vehicles_relative_to_the_ego():
+    """env.traffic_features=4 appends 4 x 5 features: the nearest vehicles from the simulator's
+    truth, nearest first, relative to the ego, zeros where fewer are within 40 m."""
+    cfg = load_config(overrides=["env.scenario=2", "env.traffic_features=4"])
+    env = make_env(cfg)
+    try:
+        obs, _ = env.reset(seed=3)
+        assert env.observation_space["vector"].shape == (73,) and obs["vector"].shape == (73,)
+        obs, _, _, _, info = env.step(np.zeros(2, np.float32))
+        rows = obs["vector"][53:].reshape(4, 5)
+        around = env.backend.surroundings()
+        near = around.vehicles[np.abs(around.vehicles[:, 0]) < 40.0]
+        assert rows[:, 0].sum() == min(len(near), 4) > 0
+        ahead, beside = rows[:, 1] * 40.0, rows[:, 2] * LATERAL_NORM
+        listed = rows[:, 0] == 1
+        assert np.all(np.diff(np.hypot(ahead, beside)[listed]) >= -1e-3)  # nearest first
+        lateral = obs["vector"][1] * LATERAL_NORM
+        first = near[np.argmin(np.hypot(near[:, 0], near[:, 1] - lateral))]
+        assert ahead[0] == pytest.approx(first[0], abs=1e-3) and beside[0] == pytest.approx(first[1] - lateral, abs=1e-3)
+        assert rows[0, 3] * SPEED_NORM == pytest.approx(first[2] - info["speed"], abs=1e-3)
+        assert np.all(rows[~listed] == 0)
+    finally:
+        env.close()
+
+
+def test_traffic_features_must_not_be_negative():
+    with pytest.raises(ConfigError, match="env.traffic_features=-1 must be >= 0"):
+        load_config(overrides=["env.traffic_features=-1"])
 
 
 def test_the_privileged_driver_only_follows_where_the_route_is_one_lane():

@@ -299,6 +299,10 @@ LEARN_ARMS: dict[str, list[str]] = {
     # stopped or left the road: the charge between them.
     "default+gap+lane-keeping-lane+aeb-3": ["env.gap_features=true", "env.reward.lane_keeping_reference=lane",
                                             "env.aeb_gap_m=2", "env.reward.aeb_penalty=3"],
+    # Issue 37: an ablation of perception: the simulator's truth about the 8 nearest vehicles in the
+    # vector (highway-env's kinematics observation). Does the agent master the scenarios when it need
+    # not read the traffic off the frames, or is what it does with the traffic the problem?
+    "default+traffic": ["env.traffic_features=8"],
     # Issue 37: the privileged driver drives a quarter of the training episodes all through the run
     # (its overtakes and the route's far end stay in the replay), and the actor loss clones its
     # actions there (TD3+BC's scaling), so overtakes need not be strung together by Gaussian noise.
