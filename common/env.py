@@ -4,7 +4,8 @@ A backend only ticks a simulator and reports a camera frame plus a `DrivingState
 turns that into the gymnasium env every role uses:
 
 - observation: {"image": uint8 (4, 84, 84) grayscale frames, oldest first,
-                "vector": float32 (53,)}; at reset the stack is the first frame repeated;
+                "vector": float32 (vector_dim(cfg),): 53, more with env.gap_features
+                and env.traffic_features}; at reset the stack is the first frame repeated;
 - action: float32 [steer, throttle_brake] in [-1, 1]^2 (positive steer turns right, as in
   CARLA; positive throttle_brake accelerates, negative brakes);
 - info: "termination" (one of `TERMINATIONS`, or None while the episode runs), "rewards"

@@ -460,6 +460,26 @@ def test_emergency_braking_stops_the_ego_short_of_a_parked_car(tmp_path, carla_d
         env.close()
 
 
+def test_traffic_features_show_a_parked_car_ahead_in_the_egos_lane(tmp_path, carla_double):
+    """env.traffic_features on CARLA: the same rows as on the embedded simulator, from the actors'
+    transforms and velocities."""
+    env = session_env(carla_config(tmp_path, "carla.traffic=[0,0,0]", "env.traffic_features=2"))
+    try:
+        env.reset(seed=0)
+        _park_ahead(env, carla_double, 15.0)
+        obs, _, _, _, info = env.step(np.array([0.0, 0.0], np.float32))
+        assert obs["vector"].shape == (63,)
+        (present, ahead, beside, relative, lateral), empty = obs["vector"][53:].reshape(2, 5)
+        (parked,) = env.backend.surroundings().vehicles
+        assert present == 1 and ahead * 40 == pytest.approx(parked[0], abs=1e-3) == pytest.approx(15.0, abs=0.5)
+        assert beside * 3.5 == pytest.approx(parked[1] - obs["vector"][1] * 3.5, abs=1e-3)
+        assert abs(beside * 3.5) < 1.75  # in the ego's lane (the road curves: off its straight-ahead line)
+        assert relative * 30 == pytest.approx(-info["speed"], abs=0.1) and lateral == pytest.approx(0.0, abs=0.01)
+        assert np.all(empty == 0)
+    finally:
+        env.close()
+
+
 def _place(carla, ego, offset: float, tilt: float = 0.0) -> None:
     """Stands the ego still, `offset` m outside the road's centre line where it is, turned `tilt`
     degrees off the road's direction."""
