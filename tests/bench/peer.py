@@ -2,7 +2,9 @@
 
 `sb3-cnn` sees what our agent sees (MultiInputPolicy with our normalized NatureCNN on the frames,
 concatenated with the 53-d vector, 256-256 heads, separate actor and critic extractors);
-`sb3-vector` sees the 53-d vector only (MlpPolicy, 256-256). Same env, budget, learning start,
+`sb3-vector` sees the 53-d vector only (MlpPolicy, 256-256); `sb3-vector+traffic` the vector with
+the 8 nearest vehicles' true kinematics in it (`env.traffic_features`), the traffic a vector-only
+learner otherwise cannot see. Same env, budget, learning start,
 batch, updates per env step and training seeds as our arms; evaluated with our evaluator on the
 same held-out seeds.
 
@@ -26,7 +28,11 @@ from actors.evaluator import evaluate
 from common.config import Config, load_config
 from common.networks import FEATURE_DIM, NatureCNN
 
-PEERS = ("sb3-cnn", "sb3-vector")
+PEERS: dict[str, tuple[bool, list[str]]] = {
+    "sb3-cnn": (False, []),  # (the vector alone, config overrides)
+    "sb3-vector": (True, []),
+    "sb3-vector+traffic": (True, ["env.traffic_features=8"]),
+}
 
 
 def features_extractor_class() -> type:
@@ -59,7 +65,8 @@ def train_and_evaluate(arm: str, cfg: Config, steps: int, episodes: int, eval_se
 
     t = cfg.td3
     env = make_env(cfg)
-    if arm == "sb3-vector":
+    vector_only = PEERS[arm][0]
+    if vector_only:
         env = VectorOnly(env)
         policy, kwargs = "MlpPolicy", {"net_arch": [256, 256]}
     else:
@@ -78,7 +85,7 @@ def train_and_evaluate(arm: str, cfg: Config, steps: int, episodes: int, eval_se
     model.learn(total_timesteps=steps)
     train_s = time.time() - start
     eval_env = make_env(cfg, slot=1)
-    wrap = (lambda o: o["vector"]) if arm == "sb3-vector" else (lambda o: o)
+    wrap = (lambda o: o["vector"]) if vector_only else (lambda o: o)
     try:
         metrics = evaluate(eval_env, lambda o: model.predict(wrap(o), deterministic=True)[0], episodes, eval_seed)
     finally:
@@ -92,7 +99,7 @@ def train_and_evaluate(arm: str, cfg: Config, steps: int, episodes: int, eval_se
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m tests.bench.peer")
-    p.add_argument("--arm", choices=PEERS, required=True)
+    p.add_argument("--arm", choices=list(PEERS), required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--episodes", type=int, default=20)
@@ -101,7 +108,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(overrides=[*args.overrides, f"seed={args.seed}"])
+    cfg = load_config(overrides=[*args.overrides, *PEERS[args.arm][1], f"seed={args.seed}"])
     result = train_and_evaluate(args.arm, cfg, args.steps, args.episodes, args.eval_seed, args.out)
     print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.items()}))
 
