@@ -97,6 +97,7 @@ class DistributedRun:
         self.evaluator = self._make_evaluator()
         self.eval_future: Any = None
         self.eval_step = 0
+        self.eval_updates = -1  # the learner updates of the weights the last evaluation launched judges
         self.judged: tuple[int, list[torch.Tensor]] | None = None
         """With `learner.stop_at_success`: the agent (updates, every tensor) the evaluation in flight judges."""
         self.reached = False  # an evaluation reached learner.stop_at_success: the run ends on its weights
@@ -246,6 +247,7 @@ class DistributedRun:
         seed = self.cfg.seed + self.cfg.eval.seed_offset
         self.eval_future = self.evaluator.evaluate.remote(self.weights_ref, seed, self.cfg.eval.video)
         self.eval_step = self.core.env_step
+        self.eval_updates = self.published_updates
         return True
 
     def _collect_eval(self, wait: bool) -> bool:
@@ -340,7 +342,9 @@ class DistributedRun:
         if not self.stop_requested and not self.reached:
             self._settle_debt()
             self._collect_eval(wait=True)
-            if self.core.env_step != self.eval_step or not self.core.last_eval:
+            # The last evaluation judges the weights the checkpoint holds, even when the one
+            # launched at the last env step judged the weights before the updates still owed.
+            if self.eval_updates != self.published_updates or not self.core.last_eval:
                 self._launch_eval()
                 self._collect_eval(wait=True)
         if sys.stdout.isatty() and not self.cfg.logging.quiet:
@@ -351,12 +355,12 @@ class DistributedRun:
         """At the end of the budget, the updates still owed for the steps reported, so the run ends
         with `learner.updates_per_step` x its steps like a serial one; the final evaluation and
         checkpoint get the weights they produce."""
-        core, before = self.core, self.core.agent.updates
+        core = self.core
         if self.owed >= 1:
             log.info("budget reached: running the %d updates still owed", int(self.owed))
         while self.owed >= 1 and core.learner.ready(core.env_step):
             self.owed = self._train(self.owed)
-        if core.agent.updates != before:
+        if core.agent.updates != self.published_updates:
             self._publish_new()
 
     def close(self) -> None:

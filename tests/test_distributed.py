@@ -57,6 +57,8 @@ def test_two_actors_feed_the_learner_and_receive_weights(tmp_path):
     assert run.holds > 0
     assert run.core.agent.updates >= 400 - 100
     assert run.owed < 1
+    # The run's last evaluation judged the weights its checkpoint holds, after the owed updates.
+    assert run.eval_updates == run.published_updates == run.core.agent.updates
     ring = run.core.ring
     # transitions from both actors reached the learner
     assert {k[0] for k in ring._episodes} == {0, 1}
