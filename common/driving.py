@@ -92,7 +92,7 @@ class DrivingState:
 @dataclass
 class Surroundings:
     """The simulator's truth about the traffic around the ego, for rule-based drivers (the
-    privileged baseline), never part of an observation. Route coordinates: metres along the route
+    privileged baseline), part of an observation only through `EnvConfig.traffic_features`. Route coordinates: metres along the route
     (positive ahead of the ego) and lateral offset from the route centre (positive left)."""
 
     lanes: np.ndarray

@@ -59,7 +59,8 @@ class DrivingBackend(Protocol):
         """Applies [steer, throttle_brake] for one step; returns the new frame and state."""
 
     def surroundings(self) -> Surroundings:
-        """The other vehicles and the road's lanes, true positions (for the privileged baseline)."""
+        """The other vehicles and the road's lanes, true positions (for the privileged baseline and
+        `EnvConfig.traffic_features`)."""
 
     def render_rgb(self) -> np.ndarray:
         """A larger (H, W, 3) uint8 picture of the scene, for videos a person watches."""

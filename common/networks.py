@@ -83,7 +83,7 @@ def _trunk(trunk_dim: int) -> nn.Module:
 
 
 class ActorHead(nn.Module):
-    """[trunk(CNN features) (50, or 512 without a trunk), vector (53 or 55)] -> 256 -> 256 -> 2, tanh."""
+    """[trunk(CNN features) (50, or 512 without a trunk), vector (`vector_dim`)] -> 256 -> 256 -> 2, tanh."""
 
     def __init__(self, trunk_dim: int = 0, vector_dim: int = VECTOR_DIM) -> None:
         super().__init__()
