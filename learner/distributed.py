@@ -342,9 +342,10 @@ class DistributedRun:
         if not self.stop_requested and not self.reached:
             self._settle_debt()
             self._collect_eval(wait=True)
-            # The last evaluation judges the weights the checkpoint holds, even when the one
-            # launched at the last env step judged the weights before the updates still owed.
-            if self.eval_updates != self.published_updates or not self.core.last_eval:
+            # The run ends with an evaluation at its last env step of the weights the checkpoint
+            # holds, even when one launched at that step judged the weights before the updates owed.
+            if (self.core.env_step != self.eval_step or self.eval_updates != self.published_updates
+                    or not self.core.last_eval):
                 self._launch_eval()
                 self._collect_eval(wait=True)
         if sys.stdout.isatty() and not self.cfg.logging.quiet:
