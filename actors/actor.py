@@ -47,13 +47,15 @@ class Actor:
     (`actors.warmup_actions`); then the policy plus Gaussian noise whose std decays linearly from
     `expl_noise_start` to `expl_noise_end`, times `noise_scale` (distributed actors spread their
     scales, Ape-X style), except in the `actors.guide_fraction` of episodes the warm-up driver
-    still drives."""
+    still drives. With `actors.teacher_labels`, the privileged driver also says what it would do
+    at every step (`last_teacher_action`)."""
 
     def __init__(
         self, policy: Policy, cfg: Config, rng: np.random.Generator, device: torch.device, noise_scale: float = 1.0,
         surroundings: Callable[[], Surroundings] | None = None,
     ) -> None:
-        """`surroundings`: the env's truth (its backend's), for `actors.warmup_actions=privileged`."""
+        """`surroundings`: the env's truth (its backend's), for `actors.warmup_actions=privileged`
+        and `actors.teacher_labels`."""
         self.policy = policy
         self.cfg = cfg.actors
         self.learning_starts = cfg.td3.learning_starts
@@ -63,8 +65,15 @@ class Actor:
         # One Actor per env, so the baseline's PID state is this env's alone.
         # An Actor that only evaluates (no surroundings given) never acts before learning starts.
         warmup = cfg.actors.warmup_actions
-        self.warmup = None if warmup == "uniform" or (warmup == "privileged" and surroundings is None) else \
-            baseline_for(cfg, step_seconds(cfg), surroundings if warmup == "privileged" else None)
+        privileged = None if surroundings is None or not (warmup == "privileged" or cfg.actors.teacher_labels) \
+            else baseline_for(cfg, step_seconds(cfg), surroundings)
+        self.warmup = privileged if warmup == "privileged" else \
+            baseline_for(cfg, step_seconds(cfg)) if warmup == "baseline" else None
+        self.teacher = privileged if cfg.actors.teacher_labels else None
+        """The privileged driver labelling each step (one object with a privileged warm-up driver,
+        so its state advances once a step)."""
+        self.last_teacher_action: np.ndarray | None = None
+        """The teacher's action at the last `select_action`, within the action limit (None: no teacher)."""
         self.guided = False
         """Whether the warm-up driver drives this training episode (`actors.guide_fraction`)."""
         self.last_policy_action: np.ndarray | None = None
@@ -122,6 +131,8 @@ class Actor:
                       policy_action: np.ndarray | None = None) -> np.ndarray:
         """`policy_action`: the policy's action for `observation` when the caller already has it
         (one batched forward over several envs); computed here when not given."""
+        teacher = None if self.teacher is None else self.limit(np.clip(self.teacher(observation), -1.0, 1.0))
+        self.last_teacher_action = teacher
         if self.guided or not self.acts_on_policy(env_step):
             self.last_policy_action = None
             if self.warmup is None:
@@ -130,7 +141,8 @@ class Actor:
                                      "(its backend's) when the Actor is made")
                 action = self.rng.uniform(-1.0, 1.0, ACTION_DIM)
             else:
-                action = self.warmup(observation) + self._noise(env_step)
+                driven = teacher if self.warmup is self.teacher else self.warmup(observation)
+                action = driven + self._noise(env_step)
         else:
             self.last_policy_action = self.policy_action(observation) if policy_action is None else policy_action
             action = self.last_policy_action + self._noise(env_step)
@@ -150,6 +162,8 @@ class Actor:
 
     def on_episode_start(self) -> None:
         self._draw_colored_noise()
+        if self.teacher is not None and self.teacher is not self.warmup:
+            self.teacher.reset()
         if self.warmup is not None:
             self.warmup.reset()
             if self.cfg.guide_fraction > 0:

@@ -34,6 +34,7 @@ class ChunkAdder:
         self._terminated: list[bool] = []
         self._truncated: list[bool] = []
         self._driver: list[bool] = []
+        self._teacher: list[np.ndarray | None] = []
 
     def reset(self, observation: dict[str, np.ndarray]) -> None:
         self.flush()
@@ -44,8 +45,10 @@ class ChunkAdder:
         self._vectors = [observation["vector"].copy()]
 
     def add(self, action: np.ndarray, reward: float, next_observation: dict[str, np.ndarray],
-            terminated: bool, truncated: bool, policy_version: int = 0, driver: bool = False) -> None:
-        """`driver`: the action came from a driver (warm-up or guided episode), not the policy."""
+            terminated: bool, truncated: bool, policy_version: int = 0, driver: bool = False,
+            teacher: np.ndarray | None = None) -> None:
+        """`driver`: the action came from a driver (warm-up or guided episode), not the policy;
+        `teacher`: the privileged driver's action for this step's observation, if labelled."""
         self.policy_version = policy_version
         self._frames.append(next_observation["image"][-1].copy())
         self._vectors.append(next_observation["vector"].copy())
@@ -54,6 +57,7 @@ class ChunkAdder:
         self._terminated.append(bool(terminated))
         self._truncated.append(bool(truncated))
         self._driver.append(bool(driver))
+        self._teacher.append(None if teacher is None else np.asarray(teacher, np.float32))
         if len(self._actions) >= self.chunk_steps or terminated or truncated:
             self.flush()
 
@@ -74,9 +78,10 @@ class ChunkAdder:
             terminated=np.asarray(self._terminated),
             truncated=np.asarray(self._truncated),
             driver=np.asarray(self._driver),
+            teacher=None if any(a is None for a in self._teacher) else np.stack(self._teacher),
         ))
         self._start += t
         # The next chunk starts at k0' = k0 + T and needs f_{k0'-3} .. f_{k0'}.
         self._frames = self._frames[-(min(self._start, FRAME_STACK - 1) + 1):]
         self._vectors = self._vectors[-1:]
-        self._actions, self._rewards, self._terminated, self._truncated, self._driver = [], [], [], [], []
+        self._actions, self._rewards, self._terminated, self._truncated, self._driver, self._teacher = [], [], [], [], [], []

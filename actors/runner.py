@@ -60,7 +60,8 @@ class EpisodeRunner:
             self.stats = EpisodeStats()
             self.obs = self._reset()
             return None
-        self.adder.add(action, reward, obs, terminated, truncated, policy_version, self.actor.driver_acted)
+        self.adder.add(action, reward, obs, terminated, truncated, policy_version, self.actor.driver_acted,
+                       self.actor.last_teacher_action)
         self.stats.add(reward, info, self.actor.last_policy_action)
         self.obs = obs
         if not (terminated or truncated):

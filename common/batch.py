@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 
-OPTIONAL = ("indices", "weight", "driver")
+OPTIONAL = ("indices", "weight", "driver", "driver_action")
 """The fields a batch may lack."""
 
 
@@ -46,8 +46,11 @@ class Batch:
     weight: torch.Tensor | None = None
     """(B,) float32 importance weights of a prioritized sampler; None: uniform, all 1."""
     driver: torch.Tensor | None = None
-    """(B,) float32: 1 where the action came from a driver (warm-up or guided episode), not the
-    policy, what `td3.bc_weight` clones; None: not recorded, all 0."""
+    """(B,) float32: 1 where a driver's action for the observation is known (the action taken in a
+    warm-up or guided episode, or the teacher's label, `actors.teacher_labels`), what
+    `td3.bc_weight` clones; None: not recorded, all 0."""
+    driver_action: torch.Tensor | None = None
+    """(B, 2) float32: that action where `driver` is 1; None: the action taken."""
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray], device: torch.device, **on_device: torch.Tensor) -> "Batch":
@@ -55,6 +58,5 @@ class Batch:
         already there (frame stacks gathered from a copy of the frames on the device)."""
         tensors = {f.name: on_device[f.name] if f.name in on_device else to_device(arrays[f.name], device)
                    for f in fields(cls) if f.name not in OPTIONAL}
-        weight, driver = arrays.get("weight"), arrays.get("driver")
-        return cls(**tensors, indices=arrays.get("indices"), weight=None if weight is None else to_device(weight, device),
-                   driver=None if driver is None else to_device(driver, device))
+        optional = {k: to_device(arrays[k], device) for k in ("weight", "driver", "driver_action") if k in arrays}
+        return cls(**tensors, indices=arrays.get("indices"), **optional)

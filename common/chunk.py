@@ -10,8 +10,9 @@ rows 0..3 give the observation, rows 1..4 the next observation.
 
 Layout (little-endian):
 
-    header   HEADER struct (magic b"AVT3", version, sizes, ids; see `HEADER`), then (version 2)
-             the vector length, uint16 (version 1 chunks have 53)
+    header   HEADER struct (magic b"AVT3", version, sizes, ids; see `HEADER`), then (version 2
+             on) the vector length, uint16 (version 1 chunks have 53), then (version 3) the
+             optional sections present, uint8 (bit 0: teacher)
     frames   lz4 block of n_frames * 84 * 84 uint8, rows as above
     vectors  (T + 1, D) float32: the observation vector of each transition, then the last
              next-observation vector (D = 53, or 55 with env.gap_features)
@@ -20,6 +21,8 @@ Layout (little-endian):
     flags    (T,) uint8: bit 0 terminated (no bootstrap), bit 1 truncated (time limit), bit 2
              the action came from a driver (`actors.warmup_actions`), not the policy (clear in
              chunks written before it existed)
+    teacher  (T, 2) float32, where the sections byte says so: the privileged driver's action for
+             each step's observation (`actors.teacher_labels`), whoever acted
 
 Decoding checks the magic, the version, every size against the bytes present and the
 decompressed frame size before touching the data; anything else is `ChunkError`.
@@ -36,11 +39,13 @@ import numpy as np
 from common.driving import ACTION_DIM, FRAME_SIZE, FRAME_STACK, VECTOR_DIM
 
 MAGIC = b"AVT3"
-VERSION = 2
-READABLE = (1, 2)
+VERSION = 3
+READABLE = (1, 2, 3)
 # magic, version, actor_id, episode_id, start_step, steps, n_frames, policy_version, frames_nbytes
 HEADER = struct.Struct("<4sHIQIHHQI")
 VECTOR_LEN = struct.Struct("<H")  # version 2 on
+SECTIONS = struct.Struct("<B")  # version 3 on
+TEACHER_SECTION = 1
 FRAME_BYTES = FRAME_SIZE * FRAME_SIZE
 MAX_STEPS = 4096  # far above any sane chunk; bounds what a decoder will allocate
 TERMINATED, TRUNCATED, DRIVER = 1, 2, 4
@@ -73,6 +78,9 @@ class Chunk:
     """(T,) bool."""
     driver: np.ndarray | None = None
     """(T,) bool: the action came from a driver (warm-up or guided episode), not the policy; None: none did."""
+    teacher: np.ndarray | None = None
+    """(T, 2) float32: the privileged driver's action for each step's observation
+    (`actors.teacher_labels`); None: not labelled."""
 
     @property
     def steps(self) -> int:
@@ -99,6 +107,8 @@ def encode(chunk: Chunk) -> bytes:
         "vectors": ((t + 1, d), np.float32, chunk.vectors),
         "rewards": ((t,), np.float32, chunk.rewards),
     }
+    if chunk.teacher is not None:
+        shapes["teacher"] = ((t, ACTION_DIM), np.float32, chunk.teacher)
     for name, (shape, dtype, value) in shapes.items():
         if value.shape != shape or value.dtype != dtype:
             raise ChunkError(f"chunk {name} must be {shape} {np.dtype(dtype)}, got {value.shape} {value.dtype}")
@@ -112,11 +122,13 @@ def encode(chunk: Chunk) -> bytes:
     return b"".join([
         header,
         VECTOR_LEN.pack(d),
+        SECTIONS.pack(0 if chunk.teacher is None else TEACHER_SECTION),
         frames,
         np.ascontiguousarray(chunk.vectors, np.float32).tobytes(),
         np.ascontiguousarray(chunk.actions, np.float32).reshape(t, ACTION_DIM).tobytes(),
         chunk.rewards.tobytes(),
         flags.astype(np.uint8).tobytes(),
+        b"" if chunk.teacher is None else np.ascontiguousarray(chunk.teacher).tobytes(),
     ])
 
 
@@ -130,18 +142,25 @@ def decode(data: bytes, vector_dim: int | None = None) -> Chunk:
         raise ChunkError(f"not an av-td3 chunk (magic {magic!r})")
     if version not in READABLE:
         raise ChunkError(f"chunk schema version {version} is not supported (this build reads {READABLE})")
-    head, d = HEADER.size, VECTOR_DIM
+    head, d, sections = HEADER.size, VECTOR_DIM, 0
+    extra = {1: 0, 2: VECTOR_LEN.size, 3: VECTOR_LEN.size + SECTIONS.size}[version]
+    if len(data) < head + extra:
+        raise ChunkError(f"chunk is {len(data)} bytes, shorter than its {head + extra}-byte header")
     if version >= 2:
-        if len(data) < head + VECTOR_LEN.size:
-            raise ChunkError(f"chunk is {len(data)} bytes, shorter than its {head + VECTOR_LEN.size}-byte header")
         (d,) = VECTOR_LEN.unpack_from(data, head)
-        head += VECTOR_LEN.size
+    if version >= 3:
+        (sections,) = SECTIONS.unpack_from(data, head + VECTOR_LEN.size)
+        if sections & ~TEACHER_SECTION:
+            raise ChunkError(f"chunk names optional sections {sections:#x} this build does not know")
+    head += extra
     if vector_dim is not None and d != vector_dim:
         raise ChunkError(f"chunk vectors have {d} features, this replay's {vector_dim}: actors and learner "
                          "must agree on env.gap_features and env.traffic_features")
     if not 1 <= t <= MAX_STEPS or n != expected_frames(start_step, t):
         raise ChunkError(f"chunk claims {t} steps and {n} frames from step {start_step}: inconsistent")
     sizes = [frames_nbytes, (t + 1) * d * 4, t * ACTION_DIM * 4, t * 4, t]
+    if sections & TEACHER_SECTION:
+        sizes.append(t * ACTION_DIM * 4)
     if len(data) != head + sum(sizes):
         raise ChunkError(f"chunk is {len(data)} bytes, its header implies {head + sum(sizes)}")
     offsets = np.cumsum([head, *sizes])
@@ -168,4 +187,5 @@ def decode(data: bytes, vector_dim: int | None = None) -> Chunk:
         terminated=(flags & TERMINATED).astype(bool),
         truncated=(flags & TRUNCATED).astype(bool),
         driver=(flags & DRIVER).astype(bool),
+        teacher=section(5, np.float32, (t, ACTION_DIM)) if sections & TEACHER_SECTION else None,
     )

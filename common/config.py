@@ -370,10 +370,10 @@ class TD3Config:
     """|z| beyond which the pre-tanh penalty applies (tanh(2.5) = 0.987)."""
     bc_weight: float = 0.0
     """Behaviour cloning of the driver's actions in the replay (`actors.warmup_actions`,
-    `actors.guide_fraction`), as TD3+BC (Fujimoto & Gu, 2021) scales it: the actor loss adds
-    bc_weight x mean|Q| x the batch mean of the squared distance from the policy's action to the
-    replayed one on the driver's transitions, so its overtakes are copied, not only found by dQ/da
-    from the policy's own action; 0: off."""
+    `actors.guide_fraction`, or its labels on every step with `actors.teacher_labels`), as TD3+BC
+    (Fujimoto & Gu, 2021) scales it: the actor loss adds bc_weight x mean|Q| x the batch mean of
+    the squared distance from the policy's action to the driver's where it is known, so its
+    overtakes are copied, not only found by dQ/da from the policy's own action; 0: off."""
     bc_q_filter: bool = False
     """Clone a driver's action only where critic 1 values it above the policy's own (Nair et al.,
     2018's Q filter), so cloning fades where the policy is better."""
@@ -530,6 +530,11 @@ class ActorsConfig:
     policy drives. Keeps the driver's drives (overtakes, the route's far end) in the replay through
     the run, not only before the first update (the train/ episode metrics count its episodes too;
     eval/ is the policy's alone); 0: the policy drives every episode."""
+    teacher_labels: bool = False
+    """Label every training step with the privileged driver's action for the observation the
+    actor is in, whoever acts (DAgger, Ross et al., 2011), for `td3.bc_weight` to clone: the
+    driver's choices on the policy's own states, not only on the driver's drives; needs the env's
+    surroundings (both backends give them)."""
     expl_noise_start: float = 0.1
     """Std of the Gaussian exploration noise when learning starts. 0.1 (= the end value, as SB3's
     TD3 peer): the old 0.3, decaying over 100,000 steps, still put a ~0.24 std on steering at
@@ -828,8 +833,11 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= ga <= 1.0, f"actors.guide_fraction={ga} must be in [0, 1]")
     _require(ga == 0 or cfg.actors.warmup_actions != "uniform",
              f"actors.guide_fraction={ga} needs a driver: actors.warmup_actions baseline or privileged, not uniform")
-    _require(t.bc_weight == 0 or cfg.actors.warmup_actions != "uniform",
-             f"td3.bc_weight={t.bc_weight} clones a driver's actions: actors.warmup_actions must be baseline or privileged")
+    _require(t.bc_weight == 0 or cfg.actors.warmup_actions != "uniform" or cfg.actors.teacher_labels,
+             f"td3.bc_weight={t.bc_weight} clones a driver's actions: actors.warmup_actions must be baseline or "
+             "privileged, or actors.teacher_labels on")
+    _require(not cfg.actors.teacher_labels or t.bc_weight > 0,
+             "actors.teacher_labels labels the replay for behaviour cloning: set td3.bc_weight > 0")
     _require(0 <= t.augment_shift <= 16, f"td3.augment_shift={t.augment_shift} must be in [0, 16] pixels")
     _require(t.critic_warmup_updates >= 0, f"td3.critic_warmup_updates={t.critic_warmup_updates} must be >= 0")
     _require(cfg.cnn.trunk_dim >= 0, f"cnn.trunk_dim={cfg.cnn.trunk_dim} must be >= 0 (0: no trunk)")

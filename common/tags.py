@@ -39,8 +39,8 @@ TAGS: dict[str, str] = {
                         "actor-update steps only.",
     "train/pretanh_penalty": "The actor's pre-tanh penalty term (mean relu(|z| - threshold)^2).",
     "train/bc_loss": "With `td3.bc_weight` > 0: batch mean of the squared distance from the policy's action to the "
-                     "replayed one on the cloned transitions (0 for the others).",
-    "train/bc_share": "With `td3.bc_weight` > 0: share of the batch cloned: the driver's transitions (with "
+                     "driver's on the cloned transitions (0 for the others).",
+    "train/bc_share": "With `td3.bc_weight` > 0: share of the batch cloned: the driver's transitions or its labels (with "
                       "`td3.bc_q_filter`, those whose action critic 1 values above the policy's).",
     "debug/q*_mean": "Mean Q of critic 1 or 2 on the sampled batch.",
     "debug/q_target_mean": "Mean TD target r + gamma^k (1 - done) min Q' on the sampled batch.",

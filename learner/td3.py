@@ -290,15 +290,16 @@ class TD3:
 
     def behaviour_cloning(self, batch: Batch, critic_features: Tensor, action: Tensor,
                           q_policy: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean over the batch of the squared distance from `action` to the replayed action, on
-        the transitions a driver acted in, with `td3.bc_q_filter` only where critic 1 values that
-        action above `q_policy`; the share of the batch cloned)."""
+        """(mean over the batch of the squared distance from `action` to the driver's action, on
+        the transitions where it is known (`Batch.driver`), with `td3.bc_q_filter` only where critic
+        1 values that action above `q_policy`; the share of the batch cloned)."""
+        target = batch.action if batch.driver_action is None else batch.driver_action
         with torch.no_grad():
             cloned = batch.driver if batch.driver is not None else torch.zeros_like(q_policy)
             if self.cfg.bc_q_filter:
-                q_replayed = self.critic.heads(critic_features.float(), batch.vector, batch.action)[0]
-                cloned = cloned * (q_replayed > q_policy).float()
-        distance = (action - batch.action).square().sum(dim=1)
+                q_driver = self.critic.heads(critic_features.float(), batch.vector, target)[0]
+                cloned = cloned * (q_driver > q_policy).float()
+        distance = (action - target).square().sum(dim=1)
         return (cloned * distance).mean(), cloned.mean()
 
     def update_actor(self, batch: Batch, critic_features: Tensor | None = None, allowed: Tensor | None = None) -> dict[str, Tensor]:

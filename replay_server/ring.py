@@ -49,7 +49,10 @@ class FrameRing:
         self.reward = np.zeros((n,), np.float32)
         self.done = np.zeros((n,), np.float32)
         self.driver = np.zeros((n,), np.float32)
-        """1 where the action came from a driver (warm-up or guided episode), not the policy."""
+        """1 where a driver's action for the observation is known: the action taken, where a driver
+        acted (warm-up or guided episode), or the teacher's label (`actors.teacher_labels`)."""
+        self.driver_action = np.zeros((n, ACTION_DIM), np.float32)
+        """That action, where `driver` is 1."""
         self.successor = np.full((n,), -1, np.int64)
         self.frames_added = 0  # next frame id
         self.head = 0  # transitions ever added
@@ -75,9 +78,11 @@ class FrameRing:
 
     def add_transition(
         self, frame_ids: np.ndarray, vector: np.ndarray, action: np.ndarray, reward: float, next_vector: np.ndarray, done: bool,
-        driver: bool = False,
+        driver: bool = False, teacher: np.ndarray | None = None,
     ) -> int:
-        """Stores one transition and returns its global index."""
+        """Stores one transition and returns its global index. `driver`: a driver took `action`;
+        `teacher`: the privileged driver's action for this observation, whoever acted (the one
+        cloned where given)."""
         if len(self) == self.capacity:
             self.tail += 1
         i = self.head % self.capacity
@@ -87,7 +92,8 @@ class FrameRing:
         self.reward[i] = reward
         self.next_vector[i] = next_vector
         self.done[i] = float(done)
-        self.driver[i] = float(driver)
+        self.driver[i] = float(driver or teacher is not None)
+        self.driver_action[i] = action if teacher is None else teacher
         self.successor[i] = -1
         self.head += 1
         return self.head - 1
@@ -118,7 +124,8 @@ class FrameRing:
         driver = chunk.driver if chunk.driver is not None else np.zeros(chunk.steps, bool)
         for i in range(chunk.steps):
             current = self.add_transition(stacks[i], chunk.vectors[i], chunk.actions[i], float(chunk.rewards[i]),
-                                          chunk.vectors[i + 1], bool(chunk.terminated[i]), bool(driver[i]))
+                                          chunk.vectors[i + 1], bool(chunk.terminated[i]), bool(driver[i]),
+                                          None if chunk.teacher is None else chunk.teacher[i])
             if previous >= 0:
                 self._link(previous, current)
             previous = current
@@ -160,11 +167,13 @@ class FrameRing:
             "done": self.done[last],
             "discount": discount.astype(np.float32),
             "driver": self.driver[idx],
+            "driver_action": self.driver_action[idx],
         }
 
     # -- persistence (numpy arrays only; loaded with allow_pickle=False) --------------------
     _FRAME_ARRAYS = ("frames",)
-    _TRANSITION_ARRAYS = ("frame_ids", "vector", "next_vector", "action", "reward", "done", "successor", "driver")
+    _TRANSITION_ARRAYS = ("frame_ids", "vector", "next_vector", "action", "reward", "done", "successor", "driver",
+                          "driver_action")
 
     def state(self) -> dict[str, np.ndarray]:
         """The filled part of every array (a fresh ring saves small) plus the counters."""
@@ -183,8 +192,12 @@ class FrameRing:
         filled = {k: min(frames_added, frame_capacity) for k in cls._FRAME_ARRAYS}
         filled |= {k: min(head, capacity) for k in cls._TRANSITION_ARRAYS}
         for k, n in filled.items():
-            if k in ("successor", "driver") and k not in state:
-                continue  # saved before n-step links (no links: 1-step samples) or driver marks (none)
+            if k in ("successor", "driver", "driver_action") and k not in state:
+                # Saved before n-step links (no links: 1-step samples), driver marks (none) or teacher
+                # labels (a driver's action is the one it took).
+                if k == "driver_action":
+                    ring.driver_action[:n] = state["action"]
+                continue
             target = getattr(ring, k)[:n]
             if state[k].shape != target.shape or state[k].dtype != target.dtype:
                 raise ValueError(f"replay state array '{k}' is {state[k].shape} {state[k].dtype}, "

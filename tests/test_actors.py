@@ -142,6 +142,39 @@ def test_guided_episodes_are_driven_by_the_warmup_driver_after_learning_starts()
         load_config(overrides=["td3.bc_weight=0.5"])
 
 
+@pytest.mark.parametrize("warmup", ["uniform", "privileged"])
+def test_teacher_labels_every_step_with_the_privileged_drivers_action(warmup):
+    """With `actors.teacher_labels`, each step's chunk row holds what the privileged driver would do
+    in the state the actor is in, whoever acts (the policy, the warm-up); the driver's state
+    advances once a step, so a privileged warm-up's action is the label plus noise."""
+    cfg = load_config(overrides=["env.scenario=1", "actors.teacher_labels=true", "td3.bc_weight=0.4",
+                                 f"actors.warmup_actions={warmup}", "td3.learning_starts=30",
+                                 "actors.expl_noise_start=0", "actors.expl_noise_end=0"])
+    chunks: list = []
+    env = make_env(cfg, training=True)
+    actor = Actor(policy_for(cfg).eval(), cfg, np.random.default_rng(0), CPU, surroundings=env.backend.surroundings)
+    runner = EpisodeRunner(env, actor, ChunkAdder(actor_id=0, chunk_steps=16, sink=chunks.append), seed=0)
+    reference = baseline_for(cfg, env.backend.dt, env.backend.surroundings)
+    episode = -1
+    try:
+        for step in range(60):
+            if runner.episodes != episode:
+                episode = runner.episodes
+                reference.reset()
+            expected = np.clip(reference(runner.obs), -1.0, 1.0)
+            runner.step(step)
+            np.testing.assert_allclose(actor.last_teacher_action, expected, atol=1e-6)
+        runner.adder.flush()
+    finally:
+        env.close()
+    teacher = np.concatenate([c.teacher for c in chunks])
+    actions = np.concatenate([c.actions for c in chunks])
+    assert teacher.shape == (60, 2) and np.abs(teacher).max() <= 1.0
+    assert np.allclose(actions[:30], teacher[:30], atol=1e-6) == (warmup == "privileged")
+    with pytest.raises(ValueError, match="actors.teacher_labels labels the replay.*td3.bc_weight"):
+        load_config(overrides=["actors.teacher_labels=true"])
+
+
 def test_slots_and_noise_scales_spread_over_every_env_of_the_run():
     cfg = load_config(overrides=["actors.num_actors=3", "actors.envs_per_actor=2"])
     slots = [rollout_slot(cfg, i, j) for i in range(3) for j in range(2)]

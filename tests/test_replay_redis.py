@@ -124,16 +124,26 @@ def test_bad_entries_are_skipped_and_counted(server, recorded):
     assert (c.skipped_undecodable, c.skipped_foreign, c.skipped_oversized, c.chunks) == (4, 1, 1, 1)
 
 
-def test_version_1_chunks_still_decode_and_a_vector_length_mismatch_is_named(recorded):
-    """A replay stored before the vector length entered the header stays readable; a chunk from
-    actors with other env.gap_features than the learner's is refused with the reason."""
+def test_older_chunks_still_decode_and_a_vector_length_mismatch_is_named(recorded):
+    """A replay stored before the vector length (version 1) or the optional sections (version 2)
+    entered the header stays readable; a chunk from actors with other env.gap_features than the
+    learner's is refused with the reason; the teacher section round-trips."""
     transitions, resets = recorded
     chunks: list[Chunk] = []
     send(transitions[:8], resets, chunks.append)
     chunk = chunks[0]
-    v2 = encode(chunk)
-    v1 = v2[:4] + struct.pack("<H", 1) + v2[6:HEADER.size] + v2[HEADER.size + 2:]
-    assert np.array_equal(decode(v1, 53).vectors, chunk.vectors) and len(v1) == len(v2) - 2
+    v3 = encode(chunk)
+    v2 = v3[:4] + struct.pack("<H", 2) + v3[6:HEADER.size + 2] + v3[HEADER.size + 3:]
+    v1 = v3[:4] + struct.pack("<H", 1) + v3[6:HEADER.size] + v3[HEADER.size + 3:]
+    for old in (v1, v2):
+        decoded = decode(old, 53)
+        assert np.array_equal(decoded.vectors, chunk.vectors) and decoded.teacher is None
+    labelled = dataclasses.replace(chunk, teacher=np.full((chunk.steps, 2), 0.25, np.float32))
+    assert np.array_equal(decode(encode(labelled)).teacher, labelled.teacher)
+    unknown = bytearray(v3)
+    unknown[HEADER.size + 2] = 2
+    with pytest.raises(ChunkError, match="optional sections 0x2"):
+        decode(bytes(unknown))
     wide = dataclasses.replace(chunk, vectors=np.ones((chunk.steps + 1, 55), np.float32))
     assert decode(encode(wide), 55).vectors.shape == (chunk.steps + 1, 55)
     with pytest.raises(ChunkError, match="55 features, this replay's 53.*env.gap_features"):

@@ -133,8 +133,30 @@ def test_driver_marks_travel_from_the_adder_to_the_batch_and_an_old_state_has_no
     np.testing.assert_array_equal(ring.gather(idx)["driver"], (idx % 3 == 0).astype(np.float32))
     state = ring.state()
     np.testing.assert_array_equal(FrameRing.from_state(state).gather(idx)["driver"], ring.gather(idx)["driver"])
-    del state["driver"]
+    np.testing.assert_array_equal(ring.gather(idx)["driver_action"], ring.gather(idx)["action"])
+    del state["driver"], state["driver_action"]
     assert not FrameRing.from_state(state).gather(idx)["driver"].any()
+
+
+def test_teacher_labels_travel_from_the_adder_to_the_batch_on_every_transition(recorded):
+    """With `actors.teacher_labels`, every transition carries the teacher's action (the chunk's
+    teacher section): it is what is cloned, on the policy's transitions too, and it survives a save."""
+    transitions, resets = recorded
+    ring = FrameRing(capacity=200)
+    adder = ChunkAdder(actor_id=0, chunk_steps=8, sink=lambda c: ring.add_chunk(decode(encode(c))))
+    resets_left = iter(resets)
+    adder.reset(next(resets_left))
+    labels = np.stack([np.array([k / 100, -k / 100], np.float32) for k in range(len(transitions))])
+    for k, (obs, action, reward, nxt, terminated, truncated) in enumerate(transitions):
+        adder.add(action, float(reward), nxt, terminated, truncated, driver=k % 3 == 0, teacher=labels[k])
+        if terminated or truncated:
+            adder.reset(next(resets_left))
+    adder.flush()
+    idx = np.arange(len(transitions))
+    batch = ring.gather(idx)
+    assert batch["driver"].all(), "every transition has the teacher's action"
+    np.testing.assert_array_equal(batch["driver_action"], labels)
+    np.testing.assert_array_equal(FrameRing.from_state(ring.state()).gather(idx)["driver_action"], labels)
 
 
 def test_empty_ring_refuses_to_sample():

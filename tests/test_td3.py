@@ -323,6 +323,18 @@ def test_behaviour_cloning_pulls_the_actor_to_the_drivers_actions(q_filter):
     assert float(unmarked["train/bc_share"]) == 0.0, "a batch without driver marks clones nothing"
 
 
+def test_teacher_labels_are_cloned_instead_of_the_action_taken():
+    batch = tiny_batch(b=8)
+    batch.driver = torch.ones(8)
+    batch.driver_action = torch.full((8, 2), 0.5)
+    agent = make_agent("td3.actor_encoder=own", "actors.teacher_labels=true", "td3.bc_weight=0.5")
+    with torch.no_grad():
+        action = agent.actor(batch.image, batch.vector)
+    m = agent.update_actor(batch)
+    assert float(m["train/bc_share"]) == 1.0
+    assert float(m["train/bc_loss"]) == pytest.approx(float((action - 0.5).square().sum(1).mean()), rel=1e-5)
+
+
 def test_actor_on_the_critic_encoder_leaves_the_actor_cnn_to_the_critic():
     agent = make_agent("td3.actor_encoder=critic")
     agent.update_actor(tiny_batch())

@@ -319,6 +319,11 @@ LEARN_ARMS: dict[str, list[str]] = {
     "default+guide-bc+stuck-10+qfilter": [*GUIDE, "td3.bc_weight=0.5", "env.reward.stuck_penalty=10",
                                           "td3.bc_q_filter=true"],
     # Issue 37: one update per env step instead of the CPU profile's 0.5 (the CUDA profile's ratio).
+    # Issue 37: DAgger-style (Ross et al., 2011): the privileged driver labels every step with what
+    # it would do in the state the actor is in, and the actor loss clones the label (TD3+BC's
+    # scaling, default+guide-bc's weight). Cloning on the policy's own states, not the driver's
+    # drives: a car stopped behind one that left is told to go, where guide-bc learned to stay.
+    "default+teacher": ["actors.teacher_labels=true", "td3.bc_weight=0.5"],
     "default+utd1": ["learner.updates_per_step=1"],
     "default+start-half-anywhere": ["env.embedded.training_start=anywhere", "env.embedded.training_start_fraction=0.5"],
     # default+pink and default+route-bootstrap were measured on the north-up camera (the default
