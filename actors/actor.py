@@ -131,8 +131,8 @@ class Actor:
                       policy_action: np.ndarray | None = None) -> np.ndarray:
         """`policy_action`: the policy's action for `observation` when the caller already has it
         (one batched forward over several envs); computed here when not given."""
-        teacher = None if self.teacher is None else self.limit(np.clip(self.teacher(observation), -1.0, 1.0))
-        self.last_teacher_action = teacher
+        teacher = None if self.teacher is None else self.teacher(observation)
+        self.last_teacher_action = None if teacher is None else self.limit(np.clip(teacher, -1.0, 1.0))
         if self.guided or not self.acts_on_policy(env_step):
             self.last_policy_action = None
             if self.warmup is None:
